@@ -1,0 +1,425 @@
+//! Configuration: the node daemon's flags and the node file.
+//!
+//! Owns parsing and validation; everything downstream receives domain types and never
+//! re-validates. The node file (YAML) names the node, its trust domain and CA, and describes the
+//! workloads and services the node should know: the whole of Culvert's input on hosts without
+//! Kubernetes, and the demo's and tests' input everywhere.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::Id;
+use crate::state::{self, PeerAuthentication, ServiceSpec, Snapshot, Workload};
+
+/// Default trust domain, as in Istio.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// Default workload certificate lifetime.
+pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Flags and environment of `culvert node`.
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct NodeArgs {
+    /// The node file (YAML): node name, trust domain, CA, workloads, services.
+    #[arg(long, env = "CULVERT_CONFIG")]
+    pub config: PathBuf,
+    /// Unix socket on which pods are registered (by culvert-cni).
+    #[arg(long, env = "CULVERT_CNI_SOCKET", default_value = culvert_cni_proto::DEFAULT_SOCKET_PATH)]
+    pub cni_socket: PathBuf,
+    /// How redirection rules are installed in pods.
+    #[arg(long, env = "CULVERT_REDIRECT", value_enum, default_value_t = RedirectChoice::Auto)]
+    pub redirect: RedirectChoice,
+    /// How long open connections may finish after SIGTERM.
+    #[arg(long, env = "CULVERT_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    #[serde(with = "humantime_serde_secs")]
+    pub drain_timeout: Duration,
+    #[command(flatten)]
+    pub ports: Ports,
+}
+
+/// The per-pod ports, bound inside each enrolled pod's network namespace.
+#[derive(Debug, Clone, Copy, clap::Args, Serialize)]
+pub struct Ports {
+    /// Outbound capture: the target of the nat OUTPUT redirect.
+    #[arg(
+        long = "outbound-port",
+        env = "CULVERT_OUTBOUND_PORT",
+        default_value_t = 15001
+    )]
+    pub outbound: u16,
+    /// Inbound plaintext capture: the target of the nat PREROUTING redirect.
+    #[arg(
+        long = "inbound-plaintext-port",
+        env = "CULVERT_INBOUND_PLAINTEXT_PORT",
+        default_value_t = 15006
+    )]
+    pub inbound_plaintext: u16,
+    /// Inbound HBONE: the only port that crosses the network.
+    #[arg(
+        long = "hbone-port",
+        env = "CULVERT_HBONE_PORT",
+        default_value_t = 15008
+    )]
+    pub hbone: u16,
+}
+
+impl Ports {
+    /// True for ports that must never be a tunnel's target: dialling them would loop.
+    pub fn is_proxy_port(&self, port: u16) -> bool {
+        [self.outbound, self.inbound_plaintext, self.hbone].contains(&port)
+    }
+}
+
+/// Which rule backend to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedirectChoice {
+    /// nftables when the `nft` tool is present, iptables otherwise.
+    Auto,
+    Nftables,
+    Iptables,
+}
+
+mod humantime_serde_secs {
+    pub(super) fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+/// The node file, validated.
+#[derive(Debug)]
+pub struct NodeFile {
+    pub node: String,
+    pub trust_domain: String,
+    pub ca: CaFiles,
+    pub cert_ttl: Duration,
+    pub snapshot: Snapshot,
+}
+
+/// Where the local CA's files are; relative paths in the file are relative to the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub roots: Option<PathBuf>,
+}
+
+/// Why the node file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("in {path}")]
+    Invalid {
+        path: PathBuf,
+        #[source]
+        source: state::Error,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawFile {
+    node: String,
+    #[serde(default)]
+    trust_domain: Option<String>,
+    ca: RawCa,
+    #[serde(default)]
+    cert_ttl: Option<String>,
+    #[serde(default)]
+    peer_authentication: PeerAuthentication,
+    #[serde(default)]
+    workloads: Vec<RawWorkload>,
+    #[serde(default)]
+    services: Vec<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCa {
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default)]
+    roots: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawWorkload {
+    name: String,
+    namespace: String,
+    #[serde(default)]
+    service_account: Option<String>,
+    node: String,
+    #[serde(default)]
+    ips: Vec<IpAddr>,
+    #[serde(default)]
+    enrolled: bool,
+    #[serde(default)]
+    peer_authentication: Option<PeerAuthentication>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawService {
+    name: String,
+    namespace: String,
+    vip: IpAddr,
+    ports: Vec<RawPort>,
+    #[serde(default)]
+    endpoints: Vec<RawEndpoint>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawPort {
+    port: u16,
+    #[serde(default)]
+    target_port: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    ip: IpAddr,
+    #[serde(default = "yes")]
+    ready: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl NodeFile {
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let dir = path.parent().unwrap_or_else(|| Path::new("."));
+        Self::parse(&text, dir).map_err(|e| match e {
+            ParseError::Yaml(source) => Error::Parse {
+                path: path.to_owned(),
+                source,
+            },
+            ParseError::Invalid(source) => Error::Invalid {
+                path: path.to_owned(),
+                source,
+            },
+        })
+    }
+
+    fn parse(text: &str, dir: &Path) -> Result<Self, ParseError> {
+        let raw: RawFile = serde_yaml::from_str(text).map_err(ParseError::Yaml)?;
+        let invalid = |path: &str, value: &dyn std::fmt::Display, reason: String| {
+            ParseError::Invalid(state::Error {
+                path: path.to_owned(),
+                value: value.to_string(),
+                reason,
+            })
+        };
+        if raw.node.is_empty() {
+            return Err(invalid("node", &"\"\"", "a node name is required".into()));
+        }
+        let trust_domain = raw
+            .trust_domain
+            .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned());
+        Id::new(&trust_domain, "x", "x")
+            .map_err(|e| invalid("trustDomain", &trust_domain, e.to_string()))?;
+        let cert_ttl = match raw.cert_ttl {
+            None => DEFAULT_CERT_TTL,
+            Some(text) => match humantime::parse_duration(&text) {
+                Ok(ttl) if ttl >= Duration::from_secs(60) => ttl,
+                Ok(_) => return Err(invalid("certTtl", &text, "must be at least 1m".into())),
+                Err(e) => return Err(invalid("certTtl", &text, e.to_string())),
+            },
+        };
+
+        let mut workloads = Vec::with_capacity(raw.workloads.len());
+        for (i, w) in raw.workloads.into_iter().enumerate() {
+            let service_account = w.service_account.unwrap_or_else(|| "default".to_owned());
+            let identity = Id::new(&trust_domain, &w.namespace, &service_account)
+                .map_err(|e| invalid(&format!("workloads[{i}]"), &w.name, e.to_string()))?;
+            if w.name.is_empty() || w.node.is_empty() {
+                return Err(invalid(
+                    &format!("workloads[{i}]"),
+                    &w.name,
+                    "name and node are required".into(),
+                ));
+            }
+            if w.enrolled && w.ips.is_empty() {
+                return Err(invalid(
+                    &format!("workloads[{i}].ips"),
+                    &"[]",
+                    "an enrolled workload needs an IP".into(),
+                ));
+            }
+            workloads.push(Workload {
+                name: w.name,
+                namespace: w.namespace,
+                service_account,
+                node: w.node,
+                ips: w.ips,
+                enrolled: w.enrolled,
+                peer_authentication: w.peer_authentication,
+                identity,
+            });
+        }
+        let services = raw
+            .services
+            .into_iter()
+            .map(|s| ServiceSpec {
+                name: s.name,
+                namespace: s.namespace,
+                vip: s.vip,
+                ports: s
+                    .ports
+                    .iter()
+                    .map(|p| (p.port, p.target_port.unwrap_or(p.port)))
+                    .collect(),
+                ready_endpoints: s
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.ready)
+                    .map(|e| e.ip)
+                    .collect(),
+            })
+            .collect();
+        let snapshot = Snapshot::build(&trust_domain, raw.peer_authentication, workloads, services)
+            .map_err(ParseError::Invalid)?;
+        Ok(Self {
+            node: raw.node,
+            trust_domain,
+            ca: CaFiles {
+                cert: dir.join(raw.ca.cert),
+                key: dir.join(raw.ca.key),
+                roots: raw.ca.roots.map(|r| dir.join(r)),
+            },
+            cert_ttl,
+            snapshot,
+        })
+    }
+}
+
+enum ParseError {
+    Yaml(serde_yaml::Error),
+    Invalid(state::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node: node-a
+ca: { cert: ca.crt, key: ca.key }
+peerAuthentication: STRICT
+workloads:
+  - { name: client, namespace: demo, serviceAccount: client, node: node-a, ips: [10.244.1.2], enrolled: true }
+  - { name: legacy, namespace: demo, node: node-b, ips: [10.244.2.9], peerAuthentication: PERMISSIVE }
+services:
+  - name: echo
+    namespace: demo
+    vip: 10.96.0.10
+    ports: [{ port: 80, targetPort: 8080 }]
+    endpoints: [{ ip: 10.244.2.9 }, { ip: 10.244.2.10, ready: false }]
+"#;
+
+    fn parse(text: &str) -> Result<NodeFile, String> {
+        NodeFile::parse(text, Path::new("/etc/culvert")).map_err(|e| match e {
+            ParseError::Yaml(e) => e.to_string(),
+            ParseError::Invalid(e) => e.to_string(),
+        })
+    }
+
+    #[test]
+    fn good_file_loads_with_defaults_filled_in() {
+        let file = parse(GOOD).unwrap();
+        assert_eq!(file.node, "node-a");
+        assert_eq!(file.trust_domain, "cluster.local");
+        assert_eq!(file.cert_ttl, DEFAULT_CERT_TTL);
+        assert_eq!(file.ca.cert, Path::new("/etc/culvert/ca.crt"));
+        let legacy = file.snapshot.workload("demo", "legacy").unwrap();
+        assert_eq!(
+            legacy.identity.as_str(),
+            "spiffe://cluster.local/ns/demo/sa/default"
+        );
+        assert!(!legacy.enrolled);
+        assert_eq!(
+            file.snapshot.peer_authentication_of(legacy),
+            PeerAuthentication::Permissive
+        );
+        let client = file.snapshot.workload("demo", "client").unwrap();
+        assert_eq!(
+            file.snapshot.peer_authentication_of(client),
+            PeerAuthentication::Strict
+        );
+        let port = file
+            .snapshot
+            .service("10.96.0.10:80".parse().unwrap())
+            .unwrap();
+        assert_eq!(port.endpoints, ["10.244.2.9".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn errors_name_the_field_and_value() {
+        let cases = [
+            (
+                GOOD.replace("10.244.1.2", "10.244.1.x"),
+                "workloads[0].ips[0]: invalid IP address syntax",
+            ),
+            (
+                GOOD.replace("STRICT", "LOOSE"),
+                "peerAuthentication: unknown variant `LOOSE`",
+            ),
+            (
+                GOOD.replace("serviceAccount: client", "serviceAccount: Client"),
+                r#"workloads[0] = client: service account "Client""#,
+            ),
+            (
+                GOOD.replace("10.244.2.9]", "10.244.1.2]"),
+                "workloads[1].ips[0] = 10.244.1.2: already used by demo/client",
+            ),
+            (
+                GOOD.replace("node: node-a\n", "node: node-a\nnodes: 2\n"),
+                "unknown field `nodes`",
+            ),
+            (
+                GOOD.replace("port: 80,", "port: 0,"),
+                "services[0].ports[0] = 0->8080: port 0",
+            ),
+            (
+                format!("{GOOD}certTtl: 10s\n"),
+                "certTtl = 10s: must be at least 1m",
+            ),
+            (
+                "node: [".to_owned(),
+                "node: invalid type: sequence, expected a string at line 1",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = parse(&text)
+                .err()
+                .unwrap_or_else(|| panic!("accepted; wanted {want}"));
+            assert!(
+                err.contains(want),
+                "error {err:?} does not contain {want:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! A two-node cluster in network namespaces on one machine.
+//!
+//! Each node is a namespace running a real `culvert node` process; nodes are joined by a veth
+//! "wire"; each pod is a namespace attached by veth to its node's bridge. Everything is torn
+//! down on drop. The addresses used exist only inside these namespaces.
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use culvert_cni_proto::{AddPod, DelPod, PodRef, Request, Response};
+
+use crate::redirect::Netns;
+
+/// Bridge on each node that its pods attach to.
+const BRIDGE: &str = "cv0";
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub pods: Vec<PodSpec>,
+    /// Mesh-wide PeerAuthentication (`PERMISSIVE` or `STRICT`).
+    pub mesh_mode: &'static str,
+    /// `(name, vip, port, target port, endpoint pod names)`.
+    pub services: Vec<(String, Ipv4Addr, u16, u16, Vec<String>)>,
+    /// Extra flags for every `culvert node`.
+    pub node_flags: Vec<String>,
+}
+
+/// One pod of the lab.
+#[derive(Debug, Clone)]
+pub struct PodSpec {
+    pub name: String,
+    /// 0 or 1.
+    pub node: usize,
+    pub enrolled: bool,
+    pub service_account: String,
+    pub peer_authentication: Option<&'static str>,
+    /// What the *other* node believes this pod's service account is. Lets a test make a client
+    /// expect an identity the server does not hold.
+    pub remote_service_account: Option<String>,
+}
+
+impl PodSpec {
+    pub fn new(name: &str, node: usize, enrolled: bool) -> Self {
+        Self {
+            name: name.to_owned(),
+            node,
+            enrolled,
+            service_account: name.to_owned(),
+            peer_authentication: None,
+            remote_service_account: None,
+        }
+    }
+}
+
+/// A running node.
+pub struct Node {
+    pub name: String,
+    pub netns: String,
+    /// Address on the inter-node wire.
+    pub wire_ip: Ipv4Addr,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Mutex<Option<Child>>,
+}
+
+/// A pod in the lab.
+pub struct Pod {
+    pub name: String,
+    pub node: usize,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    netns_handle: Netns,
+}
+
+/// The whole lab; dropping it tears everything down.
+pub struct Lab {
+    pub tag: String,
+    pub dir: PathBuf,
+    pub namespace: String,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    culvert: PathBuf,
+    spec: Spec,
+}
+
+impl Lab {
+    /// Builds the namespaces, writes the CA and node files, starts one daemon per node and
+    /// registers every pod with its node. `tag` (≤ 8 chars) prefixes every name created.
+    pub fn start(tag: &str, culvert: &Path, spec: Spec) -> anyhow::Result<Self> {
+        if !nix::unistd::geteuid().is_root() {
+            bail!("the lab needs root: it creates network namespaces and netfilter rules");
+        }
+        let dir = std::env::temp_dir().join(format!("culvert-lab-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let home = crate::redirect::netns::home()?;
+        let mut lab = Self {
+            tag: tag.to_owned(),
+            dir,
+            namespace: "demo".to_owned(),
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            culvert: culvert.to_owned(),
+            spec,
+        };
+        lab.build_nodes()?;
+        lab.build_pods(&home)?;
+        crate::identity::write_root(&lab.dir, "Culvert lab CA")?;
+        for i in 0..lab.nodes.len() {
+            lab.write_node_file(i)?;
+            lab.start_node(i)?;
+        }
+        let names: Vec<String> = lab.pods.iter().map(|p| p.name.clone()).collect();
+        for name in names {
+            let response = lab.register(&name)?;
+            if !matches!(response, Response::Added { .. }) {
+                bail!("registering {name}: {response:?}");
+            }
+        }
+        Ok(lab)
+    }
+
+    fn build_nodes(&mut self) -> anyhow::Result<()> {
+        let tag = &self.tag;
+        for i in 0..2 {
+            let netns = format!("{tag}-n{i}");
+            ip(&["netns", "add", &netns])?;
+            ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+            sysctl(&netns, "net.ipv4.ip_forward=1")?;
+            self.nodes.push(Node {
+                name: format!("node-{}", ["a", "b"][i]),
+                wire_ip: Ipv4Addr::new(192, 0, 2, 1 + i as u8),
+                socket: self.dir.join(format!("node{i}.sock")),
+                config: self.dir.join(format!("node{i}.yaml")),
+                log: self.dir.join(format!("node{i}.log")),
+                netns,
+                child: Mutex::default(),
+            });
+        }
+        // The wire between the nodes.
+        let (a, b) = (format!("{tag}a"), format!("{tag}b"));
+        ip(&["link", "add", &a, "type", "veth", "peer", "name", &b])?;
+        for (i, end) in [a, b].iter().enumerate() {
+            let node = &self.nodes[i];
+            ip(&["link", "set", end, "netns", &node.netns])?;
+            ip(&["-n", &node.netns, "link", "set", end, "name", "wire"])?;
+            ip(&[
+                "-n",
+                &node.netns,
+                "addr",
+                "add",
+                &format!("{}/24", node.wire_ip),
+                "dev",
+                "wire",
+            ])?;
+            ip(&["-n", &node.netns, "link", "set", "wire", "up"])?;
+            ip(&["-n", &node.netns, "link", "add", BRIDGE, "type", "bridge"])?;
+            ip(&[
+                "-n",
+                &node.netns,
+                "addr",
+                "add",
+                &format!("10.244.{}.1/24", i + 1),
+                "dev",
+                BRIDGE,
+            ])?;
+            ip(&["-n", &node.netns, "link", "set", BRIDGE, "up"])?;
+        }
+        for i in 0..2 {
+            let other = &self.nodes[1 - i];
+            let cidr = format!("10.244.{}.0/24", 2 - i);
+            ip(&[
+                "-n",
+                &self.nodes[i].netns,
+                "route",
+                "add",
+                &cidr,
+                "via",
+                &other.wire_ip.to_string(),
+            ])?;
+        }
+        Ok(())
+    }
+
+    fn build_pods(&mut self, home: &Arc<File>) -> anyhow::Result<()> {
+        let mut next_host = [2u8, 2u8];
+        for (k, spec) in self.spec.pods.iter().enumerate() {
+            let node = &self.nodes[spec.node];
+            let netns = format!("{}-p{k}", self.tag);
+            let ipaddr = Ipv4Addr::new(10, 244, spec.node as u8 + 1, next_host[spec.node]);
+            next_host[spec.node] += 1;
+            let host_end = format!("vp{k}");
+            ip(&["netns", "add", &netns])?;
+            ip(&[
+                "-n",
+                &node.netns,
+                "link",
+                "add",
+                &host_end,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &netns,
+            ])?;
+            ip(&[
+                "-n",
+                &node.netns,
+                "link",
+                "set",
+                &host_end,
+                "master",
+                BRIDGE,
+                "up",
+            ])?;
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{ipaddr}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+            ip(&[
+                "-n",
+                &netns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.244.{}.1", spec.node + 1),
+            ])?;
+            let netns_handle = Netns::open(&netns_path(&netns), home.clone())?;
+            self.pods.push(Pod {
+                name: spec.name.clone(),
+                node: spec.node,
+                netns,
+                ip: ipaddr,
+                netns_handle,
+            });
+        }
+        Ok(())
+    }
+
+    fn write_node_file(&self, i: usize) -> anyhow::Result<()> {
+        let mut yaml = format!(
+            "node: {}\nca: {{ cert: ca.crt, key: ca.key }}\npeerAuthentication: {}\nworkloads:\n",
+            self.nodes[i].name, self.spec.mesh_mode
+        );
+        for (pod, spec) in self.pods.iter().zip(&self.spec.pods) {
+            let sa = match &spec.remote_service_account {
+                Some(sa) if spec.node != i => sa,
+                _ => &spec.service_account,
+            };
+            let _ = write!(
+                yaml,
+                "  - {{ name: {}, namespace: {}, serviceAccount: {sa}, node: {}, ips: [{}], enrolled: {}",
+                pod.name, self.namespace, self.nodes[spec.node].name, pod.ip, spec.enrolled
+            );
+            if let Some(mode) = spec.peer_authentication {
+                let _ = write!(yaml, ", peerAuthentication: {mode}");
+            }
+            yaml.push_str(" }\n");
+        }
+        if !self.spec.services.is_empty() {
+            yaml.push_str("services:\n");
+        }
+        for (name, vip, port, target, endpoints) in &self.spec.services {
+            let ips: Vec<String> = endpoints
+                .iter()
+                .map(|e| format!("{{ ip: {} }}", self.pod(e).ip))
+                .collect();
+            let _ = writeln!(
+                yaml,
+                "  - {{ name: {name}, namespace: {}, vip: {vip}, ports: [{{ port: {port}, targetPort: {target} }}], endpoints: [{}] }}",
+                self.namespace,
+                ips.join(", ")
+            );
+        }
+        std::fs::write(&self.nodes[i].config, yaml)?;
+        Ok(())
+    }
+
+    /// Starts (or restarts) node `i`'s daemon and waits for its registration socket.
+    pub fn start_node(&self, i: usize) -> anyhow::Result<()> {
+        let node = &self.nodes[i];
+        let _ = std::fs::remove_file(&node.socket);
+        let log = File::options().create(true).append(true).open(&node.log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &node.netns])
+            .arg(&self.culvert)
+            .args(["--log-format", "json", "node", "--config"])
+            .arg(&node.config)
+            .arg("--cni-socket")
+            .arg(&node.socket)
+            .args(&self.spec.node_flags)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.culvert.display()))?;
+        let mut slot = node.child.lock().expect("lab lock poisoned");
+        *slot = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !node.socket.exists() {
+            if let Some(status) = slot.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!(
+                    "{} exited with {status}; log: {}",
+                    node.name,
+                    node.log.display()
+                );
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("{} did not open its socket within 20s", node.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Stops node `i`'s daemon with `signal` and waits for it to exit.
+    pub fn stop_node(&self, i: usize, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let child = self.nodes[i]
+            .child
+            .lock()
+            .expect("lab lock poisoned")
+            .take();
+        if let Some(mut child) = child {
+            // `ip netns exec` execs the daemon, so the child pid is the daemon's.
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, signal);
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Sends a registration request for pod `name` to its node.
+    pub fn register(&self, name: &str) -> anyhow::Result<Response> {
+        let pod = self.pod(name);
+        let request = Request::AddPod(AddPod {
+            container_id: format!("{}-{}", self.tag, pod.name),
+            netns: netns_path(&pod.netns).display().to_string(),
+            ifname: "eth0".into(),
+            pod: PodRef {
+                namespace: self.namespace.clone(),
+                name: pod.name.clone(),
+                uid: None,
+            },
+            ips: vec![pod.ip.into()],
+        });
+        self.call(pod.node, &request)
+    }
+
+    pub fn unregister(&self, name: &str) -> anyhow::Result<Response> {
+        let pod = self.pod(name);
+        let request = Request::DelPod(DelPod {
+            container_id: format!("{}-{}", self.tag, pod.name),
+        });
+        self.call(pod.node, &request)
+    }
+
+    pub fn call(&self, node: usize, request: &Request) -> anyhow::Result<Response> {
+        let socket = &self.nodes[node].socket;
+        culvert_cni_proto::unix::call(socket, request, Duration::from_secs(30))
+            .with_context(|| format!("calling {}", socket.display()))
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} in the lab"))
+    }
+
+    /// The node's log so far.
+    pub fn log(&self, node: usize) -> String {
+        std::fs::read_to_string(&self.nodes[node].log).unwrap_or_default()
+    }
+
+    /// Starts capturing TCP on node 0's side of the inter-node wire.
+    pub fn capture_wire(&self) -> anyhow::Result<super::wire::Capture> {
+        super::wire::Capture::start(&self.nodes[0].netns, "wire", &self.dir.join("wire.pcap"))
+    }
+}
+
+impl Pod {
+    /// Runs `f` with this pod's network namespace as the calling thread's.
+    pub fn enter<R>(&self, f: impl FnOnce() -> R) -> std::io::Result<R> {
+        self.netns_handle.run(f)
+    }
+
+    /// Connects from inside the pod, as the pod's app would.
+    pub fn connect(&self, to: SocketAddr) -> std::io::Result<TcpStream> {
+        let socket = self.enter(|| {
+            socket2::Socket::new(
+                socket2::Domain::for_address(to),
+                socket2::Type::STREAM,
+                None,
+            )
+        })??;
+        socket.connect_timeout(&to.into(), Duration::from_secs(15))?;
+        Ok(socket.into())
+    }
+
+    /// Binds a listener inside the pod, as the pod's app would.
+    pub fn listen(&self, port: u16) -> std::io::Result<TcpListener> {
+        self.enter(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))?
+    }
+
+    /// Serves echo on `port` from a background thread for as long as the process lives.
+    pub fn serve_echo(&self, port: u16) -> std::io::Result<()> {
+        super::serve(self.listen(port)?, super::echo);
+        Ok(())
+    }
+}
+
+impl Lab {
+    /// Kills the daemons and deletes every namespace; safe to call more than once.
+    pub fn teardown(&self) {
+        for i in 0..self.nodes.len() {
+            let _ = self.stop_node(i, nix::sys::signal::Signal::SIGKILL);
+        }
+        for pod in &self.pods {
+            let _ = ip(&["netns", "del", &pod.netns]);
+        }
+        for node in &self.nodes {
+            let _ = ip(&["netns", "del", &node.netns]);
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+pub fn netns_path(name: &str) -> PathBuf {
+    Path::new("/var/run/netns").join(name)
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let output = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running ip")?;
+    if !output.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn sysctl(netns: &str, setting: &str) -> anyhow::Result<()> {
+    let status = Command::new("ip")
+        .args(["netns", "exec", netns, "sysctl", "-qw", setting])
+        .status()
+        .context("running sysctl")?;
+    if !status.success() {
+        bail!("sysctl {setting} in {netns} failed");
+    }
+    Ok(())
+}

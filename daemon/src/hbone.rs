@@ -1,0 +1,220 @@
+//! HBONE: mutual-TLS HTTP/2 CONNECT tunnels between nodes.
+//!
+//! Owns the client connection pool, the server's CONNECT handling and the byte pump between a
+//! TCP socket and a CONNECT stream. Knows nothing of pods, Kubernetes or redirection: callers
+//! pass a resolved target, the identities involved and a way to create sockets.
+
+mod client;
+mod server;
+
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub use client::{Client, Dialer, Request};
+pub use server::{Handler, Incoming, Server};
+
+use crate::identity::Id;
+
+/// HTTP/2 settings of design.md section 4, shared by both sides.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+pub const MAX_FRAME_SIZE: u32 = 1 << 20;
+/// Streams a server accepts on one connection.
+pub const SERVER_MAX_STREAMS: u32 = 200;
+/// Streams a client puts on one connection before opening another.
+pub const CLIENT_MAX_STREAMS: usize = 100;
+/// Largest request header block a server decodes; bigger ones are answered 431.
+pub const MAX_HEADER_LIST: u32 = 16 << 10;
+pub const PING_INTERVAL: Duration = Duration::from_secs(10);
+pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// Budget for a TCP connect plus TLS handshake, and for dialling the upstream app.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes read from a TCP socket per turn before they are offered to the stream.
+const READ_CHUNK: usize = 64 << 10;
+
+/// The peer node's HBONE endpoint (`podIP:15008`).
+pub type PeerAddr = SocketAddr;
+/// What the tunnel asks the peer to connect to (`:authority`).
+pub type TargetAddr = SocketAddr;
+
+/// Why a tunnel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connecting to {peer}")]
+    Connect {
+        peer: PeerAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("TLS handshake with {peer}")]
+    Handshake {
+        peer: PeerAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{peer} presented {got}, expected {want}")]
+    IdentityMismatch {
+        peer: PeerAddr,
+        got: String,
+        want: Id,
+    },
+    #[error("HTTP/2 with {peer}")]
+    Http2 {
+        peer: PeerAddr,
+        #[source]
+        source: h2::Error,
+    },
+    #[error("{peer} did not negotiate ALPN h2")]
+    Alpn { peer: PeerAddr },
+    #[error("CONNECT {target} answered {status}")]
+    Refused {
+        target: TargetAddr,
+        status: http::StatusCode,
+    },
+    #[error("no certificate for {id}")]
+    NoCertificate { id: Id },
+    #[error("building TLS config")]
+    Tls(#[source] rustls::Error),
+}
+
+/// Low-cardinality cause of a failed tunnel, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    PeerUnreachable,
+    PeerIdentity,
+    PeerProtocol,
+    UpstreamRefused,
+    PolicyDenied,
+    Internal,
+}
+
+impl Error {
+    pub fn reason(&self) -> Reason {
+        match self {
+            Self::Connect { .. } => Reason::PeerUnreachable,
+            Self::Handshake { .. } | Self::IdentityMismatch { .. } => Reason::PeerIdentity,
+            Self::Http2 { .. } | Self::Alpn { .. } => Reason::PeerProtocol,
+            Self::Refused { status, .. } if *status == http::StatusCode::UNAUTHORIZED => {
+                Reason::PolicyDenied
+            }
+            Self::Refused { .. } => Reason::UpstreamRefused,
+            Self::NoCertificate { .. } | Self::Tls(_) => Reason::Internal,
+        }
+    }
+}
+
+/// An open CONNECT stream, either side.
+pub struct Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Held while the stream lives so the pool knows the connection's load.
+    _slot: Option<client::StreamSlot>,
+}
+
+/// What a finished splice moved, and how it ended.
+#[derive(Debug, Default)]
+pub struct Transfer {
+    /// Bytes read from the local socket and sent to the other side.
+    pub sent: u64,
+    /// Bytes received from the other side and written to the local socket.
+    pub received: u64,
+    pub error: Option<io::Error>,
+}
+
+impl Stream {
+    /// Copies bytes both ways between `tcp` and the stream until both directions have ended.
+    ///
+    /// A local half-close becomes END_STREAM and the peer's END_STREAM becomes a TCP FIN, so
+    /// half-closed protocols work. Memory is bounded by the HTTP/2 windows: received data is
+    /// released to the peer only once written to the socket, and data is offered to the stream
+    /// only as fast as the peer grants capacity.
+    pub async fn splice(mut self, tcp: TcpStream) -> Transfer {
+        let (mut rd, mut wr) = tcp.into_split();
+        let (mut sent, mut received) = (0u64, 0u64);
+        let send = &mut self.send;
+        let recv = &mut self.recv;
+        let upstream = async {
+            let mut buf = BytesMut::new();
+            loop {
+                buf.reserve(READ_CHUNK);
+                if rd.read_buf(&mut buf).await? == 0 {
+                    send.send_data(Bytes::new(), true)
+                        .map_err(io::Error::other)?;
+                    return Ok::<_, io::Error>(());
+                }
+                while !buf.is_empty() {
+                    send.reserve_capacity(buf.len());
+                    let granted = poll_fn(|cx| send.poll_capacity(cx))
+                        .await
+                        .ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))?
+                        .map_err(io::Error::other)?;
+                    let chunk = buf.split_to(granted.min(buf.len()));
+                    sent += chunk.len() as u64;
+                    send.send_data(chunk.freeze(), false)
+                        .map_err(io::Error::other)?;
+                }
+            }
+        };
+        let downstream = async {
+            while let Some(chunk) = recv.data().await {
+                let chunk = chunk.map_err(io::Error::other)?;
+                wr.write_all(&chunk).await?;
+                received += chunk.len() as u64;
+                recv.flow_control()
+                    .release_capacity(chunk.len())
+                    .map_err(io::Error::other)?;
+            }
+            wr.shutdown().await
+        };
+        let result = tokio::try_join!(upstream, downstream);
+        let error = result.err();
+        if error.is_some() {
+            self.send.send_reset(h2::Reason::CANCEL);
+        }
+        Transfer {
+            sent,
+            received,
+            error,
+        }
+    }
+}
+
+/// Copies bytes both ways between two TCP sockets, with half-close, counting as [`Transfer`]
+/// does (`sent` is `local` → `remote`).
+pub async fn splice_tcp(local: TcpStream, remote: TcpStream) -> Transfer {
+    let (mut local_rd, mut local_wr) = local.into_split();
+    let (mut remote_rd, mut remote_wr) = remote.into_split();
+    let (mut sent, mut received) = (0u64, 0u64);
+    let up = async {
+        sent = tokio::io::copy(&mut local_rd, &mut remote_wr).await?;
+        remote_wr.shutdown().await
+    };
+    let down = async {
+        received = tokio::io::copy(&mut remote_rd, &mut local_wr).await?;
+        local_wr.shutdown().await
+    };
+    let error = tokio::try_join!(up, down).err();
+    Transfer {
+        sent,
+        received,
+        error,
+    }
+}
+
+/// Applies the socket options of design.md section 4 to a proxy socket.
+pub fn tune(stream: &TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(180))
+        .with_interval(Duration::from_secs(180))
+        .with_retries(9);
+    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+}

@@ -1,0 +1,235 @@
+//! Workload identity: SPIFFE ids, the certificates that prove them, and where those come from.
+//!
+//! Owns the [`Id`] type, the [`Source`] trait for certificate authorities, and the per-node
+//! [`Cache`] that keeps one certificate per local identity fresh. Knows nothing of TLS sessions
+//! or pods: [`crate::tls`] turns cached certificates into rustls configs.
+
+mod ca;
+mod cache;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Serialize, Serializer};
+
+pub use ca::{LocalCa, write_root};
+pub use cache::Cache;
+
+/// A SPIFFE identity of the form `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+///
+/// Cheap to clone: the text is shared.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Id {
+    uri: Arc<str>,
+    /// Byte offsets of the three parts within `uri`.
+    td_end: usize,
+    ns: (usize, usize),
+    sa_start: usize,
+}
+
+/// Why a string is not a SPIFFE identity we accept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("{0:?} does not start with spiffe://")]
+    Scheme(String),
+    #[error("{0:?} is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
+    Shape(String),
+    #[error("{part} {value:?} in {uri:?} has characters outside [a-z0-9.-_]")]
+    Chars {
+        uri: String,
+        part: &'static str,
+        value: String,
+    },
+}
+
+impl Id {
+    pub fn new(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, ParseError> {
+        format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.uri["spiffe://".len()..self.td_end]
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.uri[self.ns.0..self.ns.1]
+    }
+
+    pub fn service_account(&self) -> &str {
+        &self.uri[self.sa_start..]
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.uri
+    }
+}
+
+impl FromStr for Id {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| ParseError::Scheme(s.to_owned()))?;
+        let shape = || ParseError::Shape(s.to_owned());
+        let mut parts = rest.split('/');
+        let (Some(td), Some("ns"), Some(ns), Some("sa"), Some(sa), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(shape());
+        };
+        for (part, value) in [
+            ("trust domain", td),
+            ("namespace", ns),
+            ("service account", sa),
+        ] {
+            if value.is_empty() {
+                return Err(shape());
+            }
+            // Kubernetes names are lowercase DNS labels/subdomains; SPIFFE trust domains allow
+            // the same set plus '_'. Anything else (upper case, '%', '@') is refused rather than
+            // normalised, so two spellings never name one identity.
+            let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "-._".contains(c);
+            if !value.chars().all(ok) {
+                return Err(ParseError::Chars {
+                    uri: s.to_owned(),
+                    part,
+                    value: value.to_owned(),
+                });
+            }
+        }
+        let td_end = "spiffe://".len() + td.len();
+        let ns_start = td_end + "/ns/".len();
+        let ns_end = ns_start + ns.len();
+        Ok(Self {
+            uri: s.into(),
+            td_end,
+            ns: (ns_start, ns_end),
+            sa_start: ns_end + "/sa/".len(),
+        })
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.uri)
+    }
+}
+
+impl fmt::Debug for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Id({})", self.uri)
+    }
+}
+
+impl Serialize for Id {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.uri)
+    }
+}
+
+/// A certificate for one identity, as a certificate authority issued it.
+pub struct Issued {
+    /// Leaf first, then any intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    /// Roots the leaf chains to: the mesh trust bundle (several during a root rotation).
+    pub roots: Vec<CertificateDer<'static>>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+/// Why a certificate could not be obtained.
+///
+/// `Clone` because one failed fetch answers every task waiting for that identity.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error("signing a certificate for {id}")]
+    Sign {
+        id: Id,
+        #[source]
+        source: Arc<rcgen::Error>,
+    },
+    #[error("loading the CA from {path}")]
+    LoadCa {
+        path: String,
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("certificate issued for {id} is unusable")]
+    Unusable {
+        id: Id,
+        #[source]
+        source: Arc<rustls::Error>,
+    },
+}
+
+/// The future a [`Source`] returns.
+pub type IssueFuture<'a> = Pin<Box<dyn Future<Output = Result<Issued, Error>> + Send + 'a>>;
+
+/// A certificate authority that can issue a certificate for an identity.
+///
+/// The node generates the key pair and the authority signs it; keys never leave the node.
+pub trait Source: Send + Sync + 'static {
+    fn issue<'a>(&'a self, id: &'a Id) -> IssueFuture<'a>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_exposes_parts() {
+        let id: Id = "spiffe://cluster.local/ns/demo/sa/client-1"
+            .parse()
+            .unwrap();
+        assert_eq!(id.trust_domain(), "cluster.local");
+        assert_eq!(id.namespace(), "demo");
+        assert_eq!(id.service_account(), "client-1");
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/demo/sa/client-1");
+        assert_eq!(Id::new("cluster.local", "demo", "client-1").unwrap(), id);
+    }
+
+    #[test]
+    fn rejects_everything_that_is_not_exactly_one_shape() {
+        for bad in [
+            "http://cluster.local/ns/a/sa/b",
+            "spiffe://cluster.local/ns/a/sa/",
+            "spiffe://cluster.local/ns//sa/b",
+            "spiffe:///ns/a/sa/b",
+            "spiffe://cluster.local/ns/a/sa/b/extra",
+            "spiffe://cluster.local/sa/b/ns/a",
+            "spiffe://cluster.local/ns/a/sa/B",
+            "spiffe://cluster.local/ns/a%2f/sa/b",
+            "spiffe://cluster.local/ns/a/sa/b?x",
+            "",
+        ] {
+            assert!(bad.parse::<Id>().is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn error_names_the_offending_part() {
+        let err = "spiffe://cluster.local/ns/Demo/sa/b"
+            .parse::<Id>()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"namespace "Demo" in "spiffe://cluster.local/ns/Demo/sa/b" has characters outside [a-z0-9.-_]"#
+        );
+    }
+}

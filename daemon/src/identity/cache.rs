@@ -1,0 +1,272 @@
+//! One certificate per local identity, fetched once, renewed at half life.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::RootCertStore;
+use rustls::sign::CertifiedKey;
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use super::{Error, Id, Issued, Source};
+
+/// Renewal retries start at this delay and double up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// The node's certificates, keyed by identity.
+///
+/// Reads are synchronous (rustls resolves certificates inside the handshake); fetches are
+/// async and single-flight per identity, so a burst of new pods of one service account costs one
+/// signature.
+pub struct Cache {
+    source: Arc<dyn Source>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    certs: RwLock<HashMap<Id, Cert>>,
+    roots: RwLock<Arc<RootCertStore>>,
+    fetching: Mutex<HashMap<Id, Arc<Mutex<()>>>>,
+}
+
+#[derive(Clone)]
+struct Cert {
+    key: Arc<CertifiedKey>,
+    not_before: SystemTime,
+    not_after: SystemTime,
+}
+
+impl Cert {
+    fn renew_at(&self) -> SystemTime {
+        let lifetime = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default();
+        self.not_before + lifetime / 2
+    }
+}
+
+impl Cache {
+    pub fn new(
+        source: Arc<dyn Source>,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            source,
+            provider,
+            certs: RwLock::default(),
+            roots: RwLock::new(Arc::new(RootCertStore::empty())),
+            fetching: Mutex::default(),
+        })
+    }
+
+    /// The current certificate for `id`, if one has been fetched and has not expired.
+    pub fn get(&self, id: &Id) -> Option<Arc<CertifiedKey>> {
+        let certs = self.certs.read().expect("cert cache lock poisoned");
+        let cert = certs.get(id)?;
+        (cert.not_after > SystemTime::now()).then(|| cert.key.clone())
+    }
+
+    /// The mesh trust bundle, as the authority last sent it.
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        self.roots.read().expect("roots lock poisoned").clone()
+    }
+
+    /// Makes sure a valid certificate for `id` is held, fetching it if needed, and keeps it
+    /// renewed from then on until [`Cache::release`].
+    pub async fn ensure(self: &Arc<Self>, id: &Id) -> Result<(), Error> {
+        if self.get(id).is_some() {
+            return Ok(());
+        }
+        let slot = self
+            .fetching
+            .lock()
+            .await
+            .entry(id.clone())
+            .or_default()
+            .clone();
+        let _guard = slot.lock().await;
+        // Another task may have fetched it while this one waited.
+        if self.get(id).is_some() {
+            return Ok(());
+        }
+        let first = !self
+            .certs
+            .read()
+            .expect("cert cache lock poisoned")
+            .contains_key(id);
+        self.fetch(id).await?;
+        if first {
+            tokio::spawn(self.clone().renew(id.clone()));
+        }
+        Ok(())
+    }
+
+    /// Stops renewing `id` and forgets its certificate.
+    pub fn release(&self, id: &Id) {
+        self.certs
+            .write()
+            .expect("cert cache lock poisoned")
+            .remove(id);
+    }
+
+    async fn fetch(&self, id: &Id) -> Result<Cert, Error> {
+        let issued = self.source.issue(id).await?;
+        let cert = self.install(id, issued)?;
+        info!(id = %id, not_after = ?cert.not_after, "certificate issued");
+        Ok(cert)
+    }
+
+    fn install(&self, id: &Id, issued: Issued) -> Result<Cert, Error> {
+        let unusable = |e| Error::Unusable {
+            id: id.clone(),
+            source: Arc::new(e),
+        };
+        let signer = self
+            .provider
+            .key_provider
+            .load_private_key(issued.key)
+            .map_err(unusable)?;
+        let mut roots = RootCertStore::empty();
+        for root in issued.roots {
+            roots.add(root).map_err(unusable)?;
+        }
+        let cert = Cert {
+            key: Arc::new(CertifiedKey::new(issued.chain, signer)),
+            not_before: issued.not_before,
+            not_after: issued.not_after,
+        };
+        *self.roots.write().expect("roots lock poisoned") = Arc::new(roots);
+        self.certs
+            .write()
+            .expect("cert cache lock poisoned")
+            .insert(id.clone(), cert.clone());
+        Ok(cert)
+    }
+
+    /// Renews `id` at half life for as long as it is held; on failure retries with backoff
+    /// while the old certificate keeps serving.
+    async fn renew(self: Arc<Self>, id: Id) {
+        while let Some(cert) = self.held(&id) {
+            let wait = cert
+                .renew_at()
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::sleep(wait).await;
+            let mut backoff = MIN_BACKOFF;
+            loop {
+                if self.held(&id).is_none() {
+                    return;
+                }
+                match self.fetch(&id).await {
+                    Ok(_) => break,
+                    Err(e) => {
+                        warn!(id = %id, retry_in = ?backoff, error = &e as &dyn std::error::Error,
+                            "certificate renewal failed");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                }
+            }
+        }
+    }
+
+    fn held(&self, id: &Id) -> Option<Cert> {
+        self.certs
+            .read()
+            .expect("cert cache lock poisoned")
+            .get(id)
+            .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::identity::{IssueFuture, LocalCa};
+
+    /// Counts issuances and can be told to fail, around a real local CA.
+    struct Counting {
+        ca: LocalCa,
+        issued: AtomicUsize,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl Source for Counting {
+        fn issue<'a>(&'a self, id: &'a Id) -> IssueFuture<'a> {
+            Box::pin(async move {
+                if self.fail.load(Ordering::SeqCst) {
+                    let source: Box<dyn std::error::Error + Send + Sync> = "CA unreachable".into();
+                    return Err(Error::LoadCa {
+                        path: "test".into(),
+                        source: source.into(),
+                    });
+                }
+                self.issued.fetch_add(1, Ordering::SeqCst);
+                self.ca.issue(id).await
+            })
+        }
+    }
+
+    fn cache(test: &str) -> (Arc<Cache>, Arc<Counting>) {
+        let dir = std::env::temp_dir().join(format!("culvert-{test}-{}", std::process::id()));
+        crate::identity::ca::write_root(&dir, "test").unwrap();
+        let ttl = Duration::from_secs(24 * 3600);
+        let ca = LocalCa::load(&dir.join("ca.crt"), &dir.join("ca.key"), None, ttl).unwrap();
+        let source = Arc::new(Counting {
+            ca,
+            issued: AtomicUsize::new(0),
+            fail: false.into(),
+        });
+        (Cache::new(source.clone(), crate::tls::provider()), source)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_requests_for_one_identity_sign_once() {
+        let (cache, source) = cache("single-flight");
+        let id = Id::new("cluster.local", "demo", "a").unwrap();
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let (cache, id) = (cache.clone(), id.clone());
+                tokio::spawn(async move { cache.ensure(&id).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(source.issued.load(Ordering::SeqCst), 1);
+        assert!(cache.get(&id).is_some());
+        assert_eq!(cache.roots().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renews_at_half_life_and_keeps_serving_while_renewal_fails() {
+        let (cache, source) = cache("renewal");
+        let id = Id::new("cluster.local", "demo", "a").unwrap();
+        cache.ensure(&id).await.unwrap();
+        let first = cache.get(&id).unwrap();
+
+        tokio::time::sleep(Duration::from_secs(11 * 3600)).await;
+        assert_eq!(
+            source.issued.load(Ordering::SeqCst),
+            1,
+            "renewed before half life"
+        );
+
+        source.fail.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(3600 + 10)).await;
+        assert!(
+            Arc::ptr_eq(&cache.get(&id).unwrap(), &first),
+            "old cert must keep serving"
+        );
+
+        source.fail.store(false, Ordering::SeqCst);
+        tokio::time::sleep(MAX_BACKOFF).await;
+        assert_eq!(source.issued.load(Ordering::SeqCst), 2);
+        assert!(
+            !Arc::ptr_eq(&cache.get(&id).unwrap(), &first),
+            "renewed cert not installed"
+        );
+    }
+}

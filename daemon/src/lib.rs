@@ -1,0 +1,19 @@
+//! Culvert's node daemon: per-node mTLS (HBONE) tunnels for Kubernetes pods.
+//!
+//! Code map, data path first: [`redirect`] captures a pod's traffic inside its network
+//! namespace; [`proxy`] handles each connection, asking [`state`] where it goes and [`policy`]
+//! whether it may; [`hbone`] carries it between nodes over [`tls`] with certificates from
+//! [`identity`]. [`config`] reads the node file and flags, [`app`] wires it all together,
+//! [`telemetry`] sets up logs and [`demo`] builds a two-node lab in network namespaces.
+
+pub mod app;
+pub mod config;
+pub mod demo;
+pub mod hbone;
+pub mod identity;
+pub mod policy;
+pub mod proxy;
+pub mod redirect;
+pub mod state;
+pub mod telemetry;
+pub mod tls;

@@ -1,0 +1,150 @@
+//! The data plane: each wired pod's three listeners and what happens to their connections.
+//!
+//! Owns connection handling from accept to close: resolving destinations against the state
+//! snapshot, asking policy, carrying bytes over HBONE or plain TCP, and the access log. Never
+//! waits on the control plane and never touches netfilter: sockets come from
+//! [`crate::redirect::Sockets`].
+
+mod conn;
+mod inbound;
+mod outbound;
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::warn;
+
+use crate::config::Ports;
+use crate::identity::{self, Id};
+use crate::redirect::{Listeners, Sockets};
+use crate::state::Store;
+use crate::{hbone, tls};
+
+/// A wired pod, as the data path needs it.
+#[derive(Debug)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub identity: Id,
+    pub ips: Vec<IpAddr>,
+    pub sockets: Sockets,
+}
+
+impl Pod {
+    /// `namespace/name`, for logs.
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    fn owns(&self, ip: IpAddr) -> bool {
+        self.ips.contains(&ip)
+    }
+}
+
+/// Shared by every pod's listeners.
+pub struct Proxy {
+    state: Arc<Store>,
+    certs: Arc<identity::Cache>,
+    hbone: hbone::Client,
+    ports: Ports,
+    /// Fires on daemon shutdown: listeners stop and HBONE peers get GOAWAY.
+    drain: CancellationToken,
+    /// Every connection task, so shutdown can wait for them.
+    tasks: TaskTracker,
+    /// Round-robin position for picking Service endpoints.
+    endpoint_turn: std::sync::atomic::AtomicUsize,
+}
+
+impl Proxy {
+    pub fn new(state: Arc<Store>, certs: Arc<identity::Cache>, ports: Ports) -> Self {
+        Self {
+            state,
+            hbone: hbone::Client::new(certs.clone()),
+            certs,
+            ports,
+            drain: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            endpoint_turn: Default::default(),
+        }
+    }
+
+    /// Starts serving a pod's listeners until `stop` (pod removed) or daemon drain.
+    pub fn serve_pod(
+        self: &Arc<Self>,
+        pod: Arc<Pod>,
+        listeners: Listeners,
+        stop: &CancellationToken,
+    ) -> Result<(), rustls::Error> {
+        let server_config = tls::server_config(&self.certs, &pod.identity)?;
+        let handler = Arc::new(inbound::Hbone {
+            proxy: self.clone(),
+            pod: pod.clone(),
+        });
+        let hbone_server = Arc::new(hbone::Server::new(server_config, handler));
+
+        let (proxy, p) = (self.clone(), pod.clone());
+        self.accept_loop(listeners.outbound, stop, move |stream, peer| {
+            outbound::handle(proxy.clone(), p.clone(), stream, peer)
+        });
+        let (proxy, p) = (self.clone(), pod);
+        self.accept_loop(listeners.inbound_plaintext, stop, move |stream, peer| {
+            inbound::plaintext(proxy.clone(), p.clone(), stream, peer)
+        });
+        let drain = self.drain.clone();
+        self.accept_loop(listeners.hbone, stop, move |stream, peer| {
+            let (server, drain) = (hbone_server.clone(), drain.clone());
+            async move { server.serve(stream, peer, drain).await }
+        });
+        Ok(())
+    }
+
+    /// Stops accepting on every pod, sends GOAWAY to HBONE peers, and waits up to `timeout`
+    /// for open connections to finish. Returns how many were still open.
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        self.drain.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(timeout, self.tasks.wait()).await;
+        self.tasks.len()
+    }
+
+    fn accept_loop<F, Fut>(&self, listener: TcpListener, stop: &CancellationToken, handle: F)
+    where
+        F: Fn(TcpStream, SocketAddr) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let (stop, drain, tasks) = (stop.clone(), self.drain.clone(), self.tasks.clone());
+        self.tasks.spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    () = stop.cancelled() => return,
+                    () = drain.cancelled() => return,
+                };
+                match accepted {
+                    Ok((stream, peer)) => {
+                        tasks.spawn(handle(stream, crate::redirect::canonical(peer)));
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        warn!(error = &e as &dyn std::error::Error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Refuses a plaintext connection with a TCP reset, so the client sees a clear refusal rather
+/// than an orderly close it could mistake for an empty answer.
+fn reset(stream: TcpStream) -> io::Result<()> {
+    stream.set_zero_linger()?;
+    drop(stream);
+    Ok(())
+}

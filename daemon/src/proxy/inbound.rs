@@ -1,0 +1,187 @@
+//! Connections arriving at a pod: plaintext captured on the inbound port, and HBONE streams.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::StatusCode;
+use tokio::net::TcpStream;
+use tracing::{Instrument, info_span};
+
+use super::conn::{Direction, Record, Transport};
+use super::{Pod, Proxy};
+use crate::hbone::{self, CONNECT_TIMEOUT};
+use crate::policy::{self, Decision};
+use crate::redirect::{canonical, original_dst};
+
+/// Why an inbound connection was refused, for the access log.
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    #[error("{0} is not an address of this pod")]
+    NotLocal(SocketAddr),
+    #[error("{0} is a proxy port")]
+    ProxyPort(SocketAddr),
+    #[error("workload unknown to this node")]
+    UnknownWorkload,
+    #[error("denied by policy: {0}")]
+    Policy(&'static str),
+    #[error("connecting to the app at {target}")]
+    Upstream {
+        target: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Plaintext from outside the mesh, captured by the nat PREROUTING redirect.
+pub(super) async fn plaintext(
+    proxy: Arc<Proxy>,
+    pod: Arc<Pod>,
+    client: TcpStream,
+    src: SocketAddr,
+) {
+    let dst = match original_dst(&client) {
+        Ok(dst) => canonical(dst),
+        Err(e) => {
+            tracing::warn!(
+                pod = pod.label(),
+                error = &e as &dyn std::error::Error,
+                "inbound connection without an original destination"
+            );
+            return;
+        }
+    };
+    let span = info_span!("inbound", pod = pod.label(), src.addr = %src, dst.addr = %dst);
+    async move {
+        let mut record = Record::new(Direction::Inbound, &pod.label(), src, dst);
+        record.transport = Transport::Plaintext;
+        record.dst_id = Some(pod.identity.clone());
+        let upstream = match admit_plaintext(&proxy, &pod, dst) {
+            Ok(()) => pod
+                .sockets
+                .connect_as(src.ip(), dst)
+                .await
+                .map_err(|source| Refused::Upstream {
+                    target: dst,
+                    source,
+                }),
+            Err(refused) => Err(refused),
+        };
+        match upstream {
+            Ok(upstream) => {
+                let transfer = hbone::splice_tcp(client, upstream).await;
+                record.finish(Some(&transfer), None);
+            }
+            Err(refused) => {
+                let _ = super::reset(client);
+                record.finish(None, Some(&refused));
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+fn admit_plaintext(proxy: &Proxy, pod: &Pod, dst: SocketAddr) -> Result<(), Refused> {
+    if !pod.owns(dst.ip()) {
+        return Err(Refused::NotLocal(dst));
+    }
+    if proxy.ports.is_proxy_port(dst.port()) {
+        return Err(Refused::ProxyPort(dst));
+    }
+    let snapshot = proxy.state.snapshot();
+    let workload = snapshot
+        .workload(&pod.namespace, &pod.name)
+        .ok_or(Refused::UnknownWorkload)?;
+    match policy::plaintext_inbound(&snapshot, workload) {
+        Decision::Allow => Ok(()),
+        Decision::Deny(reason) => Err(Refused::Policy(reason.as_str())),
+    }
+}
+
+/// HBONE streams arriving at one pod.
+pub(super) struct Hbone {
+    pub proxy: Arc<Proxy>,
+    pub pod: Arc<Pod>,
+}
+
+impl hbone::Handler for Hbone {
+    async fn handle(&self, incoming: hbone::Incoming) {
+        let (src, dst) = (incoming.peer_addr, canonical(incoming.target));
+        let span = info_span!("inbound", pod = self.pod.label(), src.addr = %src, dst.addr = %dst,
+            src.id = %incoming.peer_id);
+        async move {
+            let mut record = Record::new(Direction::Inbound, &self.pod.label(), src, dst);
+            record.transport = Transport::Hbone;
+            record.src_id = Some(incoming.peer_id.clone());
+            record.dst_id = Some(self.pod.identity.clone());
+            if let Err(refused) = self.admit(dst, &incoming.peer_id) {
+                let status = match refused {
+                    Refused::Policy(_) => StatusCode::UNAUTHORIZED,
+                    Refused::UnknownWorkload => StatusCode::SERVICE_UNAVAILABLE,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                incoming.refuse(status);
+                record.finish(None, Some(&refused));
+                return;
+            }
+            // The tunnel's TCP source is the client pod's address: connect from it, so the app
+            // sees its real peer.
+            let connect = self.pod.sockets.connect_as(src.ip(), dst);
+            let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+                Ok(Ok(upstream)) => upstream,
+                Ok(Err(source)) => {
+                    incoming.refuse(StatusCode::SERVICE_UNAVAILABLE);
+                    record.finish(
+                        None,
+                        Some(&Refused::Upstream {
+                            target: dst,
+                            source,
+                        }),
+                    );
+                    return;
+                }
+                Err(_) => {
+                    incoming.refuse(StatusCode::SERVICE_UNAVAILABLE);
+                    let source = std::io::ErrorKind::TimedOut.into();
+                    record.finish(
+                        None,
+                        Some(&Refused::Upstream {
+                            target: dst,
+                            source,
+                        }),
+                    );
+                    return;
+                }
+            };
+            let _ = hbone::tune(&upstream);
+            match incoming.accept() {
+                Ok(stream) => {
+                    let transfer = stream.splice(upstream).await;
+                    record.finish(Some(&transfer), None);
+                }
+                Err(e) => record.finish(None, Some(&e)),
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+}
+
+impl Hbone {
+    fn admit(&self, dst: SocketAddr, src_id: &crate::identity::Id) -> Result<(), Refused> {
+        if !self.pod.owns(dst.ip()) {
+            return Err(Refused::NotLocal(dst));
+        }
+        if self.proxy.ports.is_proxy_port(dst.port()) {
+            return Err(Refused::ProxyPort(dst));
+        }
+        let snapshot = self.proxy.state.snapshot();
+        let workload = snapshot
+            .workload(&self.pod.namespace, &self.pod.name)
+            .ok_or(Refused::UnknownWorkload)?;
+        match policy::hbone_inbound(&snapshot, workload, src_id) {
+            Decision::Allow => Ok(()),
+            Decision::Deny(reason) => Err(Refused::Policy(reason.as_str())),
+        }
+    }
+}

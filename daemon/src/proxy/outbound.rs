@@ -1,0 +1,108 @@
+//! Connections a pod's app makes, captured on the outbound port.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::net::TcpStream;
+use tracing::{Instrument, info_span};
+
+use super::conn::{Direction, Record, Transport};
+use super::{Pod, Proxy};
+use crate::hbone;
+use crate::redirect::{canonical, original_dst};
+use crate::state::{Snapshot, Workload};
+
+/// Where an outbound connection goes, once resolved.
+enum Route {
+    /// An enrolled workload: through an HBONE tunnel to `target`.
+    Mesh {
+        target: SocketAddr,
+        workload: Arc<Workload>,
+    },
+    /// Anything else: plain TCP, straight to `target`.
+    Passthrough { target: SocketAddr },
+}
+
+/// Resolves a Service VIP to one of its ready endpoints, round-robin (in-pod capture sees the
+/// VIP before any kube-proxy would), then decides between the mesh and passthrough.
+fn route(snapshot: &Snapshot, dst: SocketAddr, turn: &AtomicUsize) -> Route {
+    let target = match snapshot.service(dst) {
+        Some(port) if !port.endpoints.is_empty() => {
+            let i = turn.fetch_add(1, Ordering::Relaxed) % port.endpoints.len();
+            SocketAddr::new(port.endpoints[i], port.target_port)
+        }
+        // Not a VIP, or no ready endpoint: dial what the app dialled, as it would without us.
+        _ => dst,
+    };
+    match snapshot.workload_by_ip(target.ip()) {
+        Some(w) if w.enrolled => Route::Mesh {
+            target,
+            workload: w.clone(),
+        },
+        _ => Route::Passthrough { target },
+    }
+}
+
+pub(super) async fn handle(proxy: Arc<Proxy>, pod: Arc<Pod>, app: TcpStream, src: SocketAddr) {
+    let dst = match original_dst(&app) {
+        Ok(dst) => canonical(dst),
+        Err(e) => {
+            tracing::warn!(
+                pod = pod.label(),
+                error = &e as &dyn std::error::Error,
+                "outbound connection without an original destination"
+            );
+            return;
+        }
+    };
+    let span = info_span!("outbound", pod = pod.label(), src.addr = %src, dst.addr = %dst);
+    async move {
+        let _ = hbone::tune(&app);
+        let mut record = Record::new(Direction::Outbound, &pod.label(), src, dst);
+        record.src_id = Some(pod.identity.clone());
+        match route(&proxy.state.snapshot(), dst, &proxy.endpoint_turn) {
+            Route::Mesh { target, workload } => {
+                record.transport = Transport::Hbone;
+                record.dst_id = Some(workload.identity.clone());
+                let request = hbone::Request {
+                    src: &pod.identity,
+                    src_ip: src.ip(),
+                    dst: &workload.identity,
+                    peer: SocketAddr::new(target.ip(), proxy.ports.hbone),
+                    target,
+                    dialer: &pod.sockets,
+                };
+                match proxy.hbone.connect(request).await {
+                    Ok(stream) => {
+                        let transfer = stream.splice(app).await;
+                        record.finish(Some(&transfer), None);
+                    }
+                    Err(e) => {
+                        let _ = super::reset(app);
+                        record.finish(None, Some(&e));
+                    }
+                }
+            }
+            Route::Passthrough { target } => {
+                record.src_id = None;
+                let upstream = match pod.sockets.socket_for(target) {
+                    Ok(socket) => socket.connect(target).await,
+                    Err(e) => Err(e),
+                };
+                match upstream {
+                    Ok(upstream) => {
+                        let transfer = hbone::splice_tcp(app, upstream).await;
+                        record.finish(Some(&transfer), None);
+                    }
+                    Err(e) => {
+                        let _ = super::reset(app);
+                        record.finish(None, Some(&e));
+                    }
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}

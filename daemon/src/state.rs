@@ -1,0 +1,266 @@
+//! The node's view of the cluster: workloads, services and the mesh-wide settings policy reads.
+//!
+//! Owns [`Snapshot`] (immutable, indexed by IP and by name) and [`Store`] (swaps snapshots).
+//! Does no IO: sources (the local file today, Kubernetes later) build snapshots and the data
+//! path reads them without waiting on anything.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::Id;
+
+/// Whether a workload accepts plaintext from outside the mesh (Istio's PeerAuthentication).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PeerAuthentication {
+    /// Plaintext and mTLS are both accepted: Istio's default.
+    #[default]
+    Permissive,
+    /// Only mTLS (HBONE) is accepted.
+    Strict,
+}
+
+/// A pod, as the node knows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub node: String,
+    pub ips: Vec<IpAddr>,
+    /// Whether its traffic is captured and carried over HBONE.
+    pub enrolled: bool,
+    /// Overrides the mesh-wide mode for this workload.
+    pub peer_authentication: Option<PeerAuthentication>,
+    pub identity: Id,
+}
+
+/// One port of a Service VIP and the endpoints behind it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServicePort {
+    pub service: String,
+    pub namespace: String,
+    pub target_port: u16,
+    /// Ready endpoint addresses only.
+    pub endpoints: Vec<IpAddr>,
+}
+
+/// An immutable picture of the cluster; the data path reads one per connection.
+#[derive(Debug, Default, Serialize)]
+pub struct Snapshot {
+    pub trust_domain: String,
+    /// Mesh-wide PeerAuthentication, for workloads that set none.
+    pub peer_authentication: PeerAuthentication,
+    workloads: Vec<Arc<Workload>>,
+    #[serde(skip)]
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    #[serde(skip)]
+    by_name: HashMap<(String, String), Arc<Workload>>,
+    #[serde(skip)]
+    services: HashMap<SocketAddr, Arc<ServicePort>>,
+}
+
+/// Why a set of workloads and services does not make a consistent snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path} = {value}: {reason}")]
+pub struct Error {
+    pub path: String,
+    pub value: String,
+    pub reason: String,
+}
+
+/// A service as a source describes it, before validation.
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub namespace: String,
+    pub vip: IpAddr,
+    /// `(port, target port)` pairs.
+    pub ports: Vec<(u16, u16)>,
+    pub ready_endpoints: Vec<IpAddr>,
+}
+
+impl Snapshot {
+    /// Indexes workloads and services, refusing duplicates that would make lookups ambiguous.
+    /// Errors name the offending entry by its position, as sources number them.
+    pub fn build(
+        trust_domain: &str,
+        peer_authentication: PeerAuthentication,
+        workloads: Vec<Workload>,
+        services: Vec<ServiceSpec>,
+    ) -> Result<Self, Error> {
+        let err = |path: String, value: &dyn std::fmt::Display, reason: String| Error {
+            path,
+            value: value.to_string(),
+            reason,
+        };
+        let mut snapshot = Self {
+            trust_domain: trust_domain.to_owned(),
+            peer_authentication,
+            ..Self::default()
+        };
+        for (i, w) in workloads.into_iter().enumerate() {
+            let w = Arc::new(w);
+            let key = (w.namespace.clone(), w.name.clone());
+            if snapshot.by_name.insert(key, w.clone()).is_some() {
+                let name = format!("{}/{}", w.namespace, w.name);
+                return Err(err(
+                    format!("workloads[{i}].name"),
+                    &name,
+                    "listed twice".into(),
+                ));
+            }
+            for (j, ip) in w.ips.iter().enumerate() {
+                if let Some(other) = snapshot.by_ip.insert(*ip, w.clone()) {
+                    let reason = format!("already used by {}/{}", other.namespace, other.name);
+                    return Err(err(format!("workloads[{i}].ips[{j}]"), ip, reason));
+                }
+            }
+            snapshot.workloads.push(w);
+        }
+        for (i, s) in services.into_iter().enumerate() {
+            if snapshot.by_ip.contains_key(&s.vip) {
+                let reason = "is also a workload address".to_owned();
+                return Err(err(format!("services[{i}].vip"), &s.vip, reason));
+            }
+            for (j, &(port, target_port)) in s.ports.iter().enumerate() {
+                if port == 0 || target_port == 0 {
+                    let value = format!("{port}->{target_port}");
+                    return Err(err(
+                        format!("services[{i}].ports[{j}]"),
+                        &value,
+                        "port 0".into(),
+                    ));
+                }
+                let entry = Arc::new(ServicePort {
+                    service: s.name.clone(),
+                    namespace: s.namespace.clone(),
+                    target_port,
+                    endpoints: s.ready_endpoints.clone(),
+                });
+                let vip = SocketAddr::new(s.vip, port);
+                if snapshot.services.insert(vip, entry).is_some() {
+                    let reason = "VIP and port used by another service".to_owned();
+                    return Err(err(format!("services[{i}].ports[{j}]"), &vip, reason));
+                }
+            }
+        }
+        Ok(snapshot)
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip)
+    }
+
+    pub fn workload(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
+        self.by_name.get(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    pub fn service(&self, vip: SocketAddr) -> Option<&Arc<ServicePort>> {
+        self.services.get(&vip)
+    }
+
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.iter()
+    }
+
+    /// The PeerAuthentication mode in force for `workload`.
+    pub fn peer_authentication_of(&self, workload: &Workload) -> PeerAuthentication {
+        workload
+            .peer_authentication
+            .unwrap_or(self.peer_authentication)
+    }
+}
+
+/// Holds the current snapshot; sources replace it whole.
+#[derive(Debug, Default)]
+pub struct Store {
+    current: RwLock<Arc<Snapshot>>,
+}
+
+impl Store {
+    pub fn new(snapshot: Snapshot) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(snapshot)),
+        }
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.read().expect("state lock poisoned").clone()
+    }
+
+    pub fn replace(&self, snapshot: Snapshot) {
+        *self.current.write().expect("state lock poisoned") = Arc::new(snapshot);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(name: &str, ip: &str) -> Workload {
+        Workload {
+            name: name.into(),
+            namespace: "demo".into(),
+            service_account: name.into(),
+            node: "n1".into(),
+            ips: vec![ip.parse().unwrap()],
+            enrolled: true,
+            peer_authentication: None,
+            identity: Id::new("cluster.local", "demo", name).unwrap(),
+        }
+    }
+
+    #[test]
+    fn indexes_by_ip_name_and_vip() {
+        let svc = ServiceSpec {
+            name: "echo".into(),
+            namespace: "demo".into(),
+            vip: "10.96.0.10".parse().unwrap(),
+            ports: vec![(80, 8080)],
+            ready_endpoints: vec!["10.0.0.2".parse().unwrap()],
+        };
+        let snap = Snapshot::build(
+            "cluster.local",
+            PeerAuthentication::Strict,
+            vec![workload("a", "10.0.0.1"), workload("b", "10.0.0.2")],
+            vec![svc],
+        )
+        .unwrap();
+        assert_eq!(
+            snap.workload_by_ip("10.0.0.2".parse().unwrap())
+                .unwrap()
+                .name,
+            "b"
+        );
+        assert_eq!(
+            snap.workload("demo", "a").unwrap().ips[0].to_string(),
+            "10.0.0.1"
+        );
+        let port = snap.service("10.96.0.10:80".parse().unwrap()).unwrap();
+        assert_eq!((port.target_port, port.endpoints.len()), (8080, 1));
+        assert!(snap.service("10.96.0.10:81".parse().unwrap()).is_none());
+        assert_eq!(
+            snap.peer_authentication_of(&workload("c", "10.0.0.3")),
+            PeerAuthentication::Strict
+        );
+    }
+
+    #[test]
+    fn duplicate_ip_names_both_workloads() {
+        let err = Snapshot::build(
+            "cluster.local",
+            PeerAuthentication::Permissive,
+            vec![workload("a", "10.0.0.1"), workload("b", "10.0.0.1")],
+            vec![],
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "workloads[1].ips[0] = 10.0.0.1: already used by demo/a"
+        );
+    }
+}

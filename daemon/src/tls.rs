@@ -1,0 +1,269 @@
+//! rustls configurations for HBONE, built from the identity cache.
+//!
+//! Owns the wire-level TLS policy of the protocol (TLS 1.3 only, AES-GCM suites, ALPN `h2`, no
+//! SNI, no resumption) and the two verifiers: the client pins the server to one expected SPIFFE
+//! id; the server requires a client certificate from the mesh trust domain and leaves
+//! authorization to policy. Does not open sockets.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ResolvesClientCert, verify_server_cert_signed_by_trust_anchor};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms, aws_lc_rs};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
+    ServerConfig, SignatureScheme,
+};
+
+use crate::identity::{self, Id};
+
+/// ALPN protocol both sides insist on.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// The crypto provider HBONE uses: aws-lc-rs with TLS 1.3 AES-GCM suites only, in the order
+/// ztunnel offers them.
+pub fn provider() -> Arc<CryptoProvider> {
+    let mut provider = aws_lc_rs::default_provider();
+    provider.cipher_suites = vec![
+        aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
+        aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
+    ];
+    Arc::new(provider)
+}
+
+/// Extracts the peer identity from a certificate: its first URI SAN that parses as an [`Id`].
+pub fn identity_of(cert: &CertificateDer<'_>) -> Option<Id> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        x509_parser::extensions::GeneralName::URI(uri) => uri.parse().ok(),
+        _ => None,
+    })
+}
+
+/// The server side of a pod's HBONE listener: presents `id`, requires a mesh client.
+pub fn server_config(
+    certs: &Arc<identity::Cache>,
+    id: &Id,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let provider = provider();
+    let webpki = WebPkiClientVerifier::builder_with_provider(certs.roots(), provider.clone())
+        .build()
+        .map_err(|e| rustls::Error::General(format!("client verifier: {e}")))?;
+    let verifier = SameTrustDomain {
+        inner: webpki,
+        trust_domain: id.trust_domain().to_owned(),
+    };
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(Arc::new(Resolver {
+            certs: certs.clone(),
+            id: id.clone(),
+        }));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    Ok(Arc::new(config))
+}
+
+/// The client side of a tunnel: presents `src`, accepts only a server proving `dst`.
+pub fn client_config(
+    certs: &Arc<identity::Cache>,
+    src: &Id,
+    dst: &Id,
+) -> Result<Arc<ClientConfig>, rustls::Error> {
+    let provider = provider();
+    let verifier = ExpectIdentity {
+        roots: certs.roots(),
+        want: dst.clone(),
+        algorithms: provider.signature_verification_algorithms,
+    };
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(Arc::new(Resolver {
+            certs: certs.clone(),
+            id: src.clone(),
+        }));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.enable_sni = false;
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// Serves the current certificate of one identity, so renewals apply to new handshakes without
+/// rebuilding configs.
+struct Resolver {
+    certs: Arc<identity::Cache>,
+    id: Id,
+}
+
+impl fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Resolver").field("id", &self.id).finish()
+    }
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.certs.get(&self.id)
+    }
+}
+
+impl ResolvesClientCert for Resolver {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.certs.get(&self.id)
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The server presented a valid certificate for another identity than the one expected.
+#[derive(Debug, thiserror::Error)]
+#[error("server presented {got}, expected {want}")]
+pub struct IdentityMismatch {
+    pub got: String,
+    pub want: Id,
+}
+
+/// Client-side verifier: chain to the mesh roots with the server-auth usage, then the URI SAN
+/// must be exactly the expected identity. Server names are not checked: HBONE sends no SNI and
+/// authenticates identities, not hostnames.
+#[derive(Debug)]
+struct ExpectIdentity {
+    roots: Arc<rustls::RootCertStore>,
+    want: Id,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for ExpectIdentity {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        match identity_of(end_entity) {
+            Some(got) if got == self.want => Ok(ServerCertVerified::assertion()),
+            got => {
+                let got = got.map_or_else(|| "no SPIFFE identity".to_owned(), |id| id.to_string());
+                let mismatch = IdentityMismatch {
+                    got,
+                    want: self.want.clone(),
+                };
+                Err(CertificateError::Other(OtherError(Arc::new(mismatch))).into())
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // Only TLS 1.3 is offered; a TLS 1.2 signature means a broken peer.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// Server-side verifier: the standard client-auth chain check, plus a URI SAN in our trust
+/// domain. Which identities may connect is policy's decision, not the handshake's.
+#[derive(Debug)]
+struct SameTrustDomain {
+    inner: Arc<dyn ClientCertVerifier>,
+    trust_domain: String,
+}
+
+/// A client certificate that chains to the mesh roots but names no identity of this mesh.
+#[derive(Debug, thiserror::Error)]
+#[error("client identity {got} is not in trust domain {want}")]
+struct ForeignTrustDomain {
+    got: String,
+    want: String,
+}
+
+impl ClientCertVerifier for SameTrustDomain {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        match identity_of(end_entity) {
+            Some(id) if id.trust_domain() == self.trust_domain => {
+                Ok(ClientCertVerified::assertion())
+            }
+            got => {
+                let got = got.map_or_else(|| "none".to_owned(), |id| id.to_string());
+                let foreign = ForeignTrustDomain {
+                    got,
+                    want: self.trust_domain.clone(),
+                };
+                Err(CertificateError::Other(OtherError(Arc::new(foreign))).into())
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
