@@ -155,8 +155,14 @@ fn scenario(lab: &Lab, bytes: usize) -> anyhow::Result<()> {
         "the plaintext marker was seen on the wire between the nodes"
     );
     ensure!(report.tls13, "no TLS 1.3 handshake was seen on port 15008");
+    ensure!(
+        report.hbone_bytes >= 2 * payload.len(),
+        "the capture is incomplete: {} bytes on 15008, fewer than the {} echoed",
+        report.hbone_bytes,
+        2 * payload.len()
+    );
     println!(
-        "wire node-a <-> node-b  {} TCP segments with payload, {} on port 15008 ({} bytes, TLS 1.3), {} on other ports; plaintext marker seen: no",
+        "wire node-a <-> node-b  {} TCP segments with payload, {} on port 15008 ({} bytes, TLS 1.3), {} on other ports (legacy's refused attempt); plaintext marker seen: no",
         report.segments, report.hbone_segments, report.hbone_bytes, report.other_segments
     );
 

@@ -1,1 +1,186 @@
+//! Test harness shared by the test layers: the lab (re-exported from the daemon, so the demo and
+//! the tests run one topology), apps to run inside pods, and waiting helpers.
 
+#![allow(clippy::unwrap_used, clippy::disallowed_types, clippy::print_stderr)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+pub use culvert::demo::lab::{Lab, PodSpec, Spec};
+pub use culvert::demo::{echo, exchange, serve, wire};
+use sha2::{Digest, Sha256};
+
+/// The `culvert` binary built from this workspace: `$CULVERT_BIN`, or next to the test binary.
+pub fn culvert_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("CULVERT_BIN") {
+        return bin.into();
+    }
+    // target/<profile>/deps/<test> -> target/<profile>/culvert
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("culvert");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p culvert) or set CULVERT_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// Starts a lab named after the test; fails loudly when not root.
+pub fn lab(tag: &str, spec: Spec) -> Lab {
+    Lab::start(tag, &culvert_bin(), spec).unwrap_or_else(|e| panic!("starting the lab: {e:#}"))
+}
+
+/// A spec with default mesh settings and no services.
+pub fn spec(pods: Vec<PodSpec>) -> Spec {
+    Spec {
+        pods,
+        mesh_mode: "PERMISSIVE",
+        services: vec![],
+        node_flags: vec![],
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The JSON access-log lines a node has written so far.
+pub fn access_log(lab: &Lab, node: usize) -> Vec<serde_json::Value> {
+    lab.log(node)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "access")
+        .collect()
+}
+
+/// Waits for an access-log line on `node` matching `pred`.
+pub fn access_line(
+    lab: &Lab,
+    node: usize,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    eventually(
+        "a matching access-log line",
+        Duration::from_secs(10),
+        || access_log(lab, node).into_iter().find(|v| pred(v)),
+    )
+}
+
+/// Deterministic bulk data: byte `i` of the stream is a function of `i` only.
+pub fn pattern(offset: u64, buf: &mut [u8]) {
+    for (k, b) in buf.iter_mut().enumerate() {
+        let i = offset + k as u64;
+        *b = (i ^ (i >> 11) ^ (i >> 23)) as u8;
+    }
+}
+
+const CHUNK: usize = 256 << 10;
+
+/// A bulk-transfer app: `U<len>` uploads `len` bytes and answers their SHA-256; `D<len>` sends
+/// `len` bytes of [`pattern`] and closes.
+pub fn hash_app(mut stream: TcpStream) {
+    let mut header = [0u8; 9];
+    if stream.read_exact(&mut header).is_err() {
+        return;
+    }
+    let len = u64::from_be_bytes(header[1..].try_into().unwrap());
+    let mut buf = vec![0u8; CHUNK];
+    match header[0] {
+        b'U' => {
+            let mut hasher = Sha256::new();
+            let mut left = len;
+            while left > 0 {
+                let want = buf.len().min(left as usize);
+                let Ok(n) = stream.read(&mut buf[..want]) else {
+                    return;
+                };
+                if n == 0 {
+                    return;
+                }
+                hasher.update(&buf[..n]);
+                left -= n as u64;
+            }
+            let _ = stream.write_all(&hasher.finalize());
+        }
+        b'D' => {
+            let mut sent = 0;
+            while sent < len {
+                let n = buf.len().min((len - sent) as usize);
+                pattern(sent, &mut buf[..n]);
+                if stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+                sent += n as u64;
+            }
+        }
+        _ => {}
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+}
+
+/// Uploads `len` bytes of pattern; returns (our hash, the server's hash).
+pub fn upload(mut stream: TcpStream, len: u64) -> ([u8; 32], [u8; 32]) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let mut header = vec![b'U'];
+    header.extend_from_slice(&len.to_be_bytes());
+    stream.write_all(&header).unwrap();
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut sent = 0;
+    while sent < len {
+        let n = buf.len().min((len - sent) as usize);
+        pattern(sent, &mut buf[..n]);
+        hasher.update(&buf[..n]);
+        stream.write_all(&buf[..n]).unwrap();
+        sent += n as u64;
+    }
+    let mut theirs = [0u8; 32];
+    stream.read_exact(&mut theirs).unwrap();
+    (hasher.finalize().into(), theirs)
+}
+
+/// Downloads `len` bytes of pattern; returns (hash of what arrived, hash of what was expected,
+/// bytes received).
+pub fn download(mut stream: TcpStream, len: u64) -> ([u8; 32], [u8; 32], u64) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let mut header = vec![b'D'];
+    header.extend_from_slice(&len.to_be_bytes());
+    stream.write_all(&header).unwrap();
+    let (mut got, mut want) = (Sha256::new(), Sha256::new());
+    let mut buf = vec![0u8; CHUNK];
+    let mut expected = vec![0u8; CHUNK];
+    let mut received = 0u64;
+    loop {
+        let n = stream.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        got.update(&buf[..n]);
+        pattern(received, &mut expected[..n]);
+        want.update(&expected[..n]);
+        received += n as u64;
+    }
+    (got.finalize().into(), want.finalize().into(), received)
+}

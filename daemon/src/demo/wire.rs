@@ -52,20 +52,34 @@ impl Capture {
     }
 
     /// Stops the capture and returns every TCP segment that carried payload.
+    ///
+    /// Fails when the kernel dropped packets. tcpdump can also lag the traffic by a second or
+    /// more; this waits until the file has stopped growing, and callers that need to know the
+    /// capture is complete compare the bytes seen with the bytes they sent.
     pub fn finish(self) -> anyhow::Result<Vec<Segment>> {
-        // Let packets in flight land in the file before stopping.
-        std::thread::sleep(Duration::from_millis(300));
+        let size = |f: &Path| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
+        let (mut last, mut stable) = (size(&self.file), 0);
+        for _ in 0..100 {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = size(&self.file);
+            stable = if now == last { stable + 1 } else { 0 };
+            last = now;
+            if stable == 6 {
+                break;
+            }
+        }
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)?;
         let output = self.child.wait_with_output()?;
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let dropped = stderr
-            .lines()
-            .filter(|l| l.contains("dropped"))
-            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
-            .sum::<u64>();
-        if dropped > 0 {
-            bail!("tcpdump dropped {dropped} packets; the capture is incomplete: {stderr}");
+        let count = |what: &str| {
+            stderr
+                .lines()
+                .find(|l| l.ends_with(what))
+                .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        };
+        if count("packets dropped by kernel") != Some(0) {
+            bail!("incomplete capture: {stderr}");
         }
         let bytes = std::fs::read(&self.file)
             .with_context(|| format!("reading {}", self.file.display()))?;
