@@ -433,3 +433,106 @@ fn iptables_backend_carries_traffic_too() {
     let after = in_pod(&lab, "client", &["iptables-save", "-t", "nat"]).unwrap();
     assert!(!after.contains("CULVERT"), "iptables rules left: {after}");
 }
+
+#[test]
+#[ignore = "needs root: netns"]
+fn sigterm_drains_open_connections_until_the_deadline() {
+    let mut spec = spec(vec![
+        PodSpec::new("client", 0, true),
+        PodSpec::new("server", 1, true),
+    ]);
+    spec.node_flags = vec!["--drain-timeout".into(), "3s".into()];
+    let lab = lab("cvdrain", spec);
+    lab.pod("server").serve_echo(ECHO).unwrap();
+    let mut open = lab
+        .pod("client")
+        .connect(addr(&lab, "server", ECHO))
+        .unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut ping = |open: &mut std::net::TcpStream| -> std::io::Result<()> {
+        use std::io::{Read, Write};
+        open.write_all(b"ping")?;
+        let mut back = [0u8; 4];
+        open.read_exact(&mut back)?;
+        assert_eq!(&back, b"ping");
+        Ok(())
+    };
+    ping(&mut open).unwrap();
+
+    let started = Instant::now();
+    lab.signal_node(1, nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    eventually(
+        "the server's node to start draining",
+        Duration::from_secs(5),
+        || lab.log(1).contains("\"draining\"").then_some(()),
+    );
+    ping(&mut open).expect("an open connection keeps working while the node drains");
+    // New connections to the draining node's pods are refused, never sent in plaintext.
+    let fresh = lab.pod("client").connect(addr(&lab, "server", ECHO));
+    let refused = fresh
+        .map(|s| exchange(s, b"new").map(|b| b.is_empty()).unwrap_or(true))
+        .unwrap_or(true);
+    assert!(
+        refused,
+        "a new connection reached a pod whose node is draining"
+    );
+
+    let status = lab.wait_node(1).unwrap().unwrap();
+    let took = started.elapsed();
+    assert!(status.success(), "daemon exited with {status}");
+    assert!(
+        took >= Duration::from_secs(3),
+        "exited after {took:?}, before the drain deadline"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "exited after {took:?}, long past the 3s deadline"
+    );
+    assert!(
+        lab.log(1).contains("drain deadline passed"),
+        "the leftover connection was not reported"
+    );
+}
+
+#[test]
+#[ignore = "needs root: netns"]
+fn a_reader_that_stops_reading_holds_back_the_writer() {
+    let lab = lab(
+        "cvslow",
+        spec(vec![
+            PodSpec::new("client", 0, true),
+            PodSpec::new("server", 1, true),
+        ]),
+    );
+    // The server app accepts and never reads.
+    let listener = lab.pod("server").listen(ECHO).unwrap();
+    std::thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().take(1).collect();
+        std::thread::sleep(Duration::from_secs(60));
+        drop(held);
+    });
+    let mut stream = lab
+        .pod("client")
+        .connect(addr(&lab, "server", ECHO))
+        .unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let chunk = vec![0u8; 64 << 10];
+    let mut written = 0usize;
+    let limit = 512usize << 20;
+    while written < limit {
+        use std::io::Write;
+        match stream.write(&chunk) {
+            Ok(n) => written += n,
+            Err(_) => break, // timed out: the tunnel stopped taking data
+        }
+    }
+    eprintln!("writer stalled after {} MiB", written >> 20);
+    // Socket buffers on both ends plus the 4 MiB stream window: far below what was offered.
+    assert!(
+        written < 64 << 20,
+        "{written} bytes accepted for a reader that reads nothing"
+    );
+}

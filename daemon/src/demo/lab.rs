@@ -333,18 +333,36 @@ impl Lab {
 
     /// Stops node `i`'s daemon with `signal` and waits for it to exit.
     pub fn stop_node(&self, i: usize, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        self.signal_node(i, signal)?;
+        self.wait_node(i).map(drop)
+    }
+
+    /// Sends `signal` to node `i`'s daemon.
+    pub fn signal_node(&self, i: usize, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        if let Some(child) = self.nodes[i]
+            .child
+            .lock()
+            .expect("lab lock poisoned")
+            .as_ref()
+        {
+            // `ip netns exec` execs the daemon, so the child pid is the daemon's.
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            nix::sys::signal::kill(pid, signal)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for node `i`'s daemon to exit and returns its status.
+    pub fn wait_node(&self, i: usize) -> anyhow::Result<Option<std::process::ExitStatus>> {
         let child = self.nodes[i]
             .child
             .lock()
             .expect("lab lock poisoned")
             .take();
-        if let Some(mut child) = child {
-            // `ip netns exec` execs the daemon, so the child pid is the daemon's.
-            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, signal);
-            child.wait()?;
-        }
-        Ok(())
+        Ok(match child {
+            Some(mut child) => Some(child.wait()?),
+            None => None,
+        })
     }
 
     /// Sends a registration request for pod `name` to its node.
