@@ -218,3 +218,101 @@ pub fn tune(stream: &TcpStream) -> io::Result<()> {
         .with_retries(9);
     socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::net::{TcpListener, TcpSocket};
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::identity::{self, LocalCa};
+
+    /// Accepts every stream and holds it open for a while.
+    struct Hold;
+
+    impl Handler for Hold {
+        async fn handle(&self, incoming: Incoming) {
+            let stream = incoming.accept();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(stream);
+        }
+    }
+
+    struct Loopback;
+
+    impl Dialer for Loopback {
+        fn socket(&self, _peer: PeerAddr) -> io::Result<TcpSocket> {
+            TcpSocket::new_v4()
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_streams_share_one_connection_until_it_holds_100() {
+        let dir = std::env::temp_dir().join(format!("culvert-pool-{}", std::process::id()));
+        identity::write_root(&dir, "test").unwrap();
+        let ca = LocalCa::load(
+            &dir.join("ca.crt"),
+            &dir.join("ca.key"),
+            None,
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        let certs = identity::Cache::new(Arc::new(ca), crate::tls::provider());
+        let (src, dst) = (
+            Id::new("cluster.local", "a", "a").unwrap(),
+            Id::new("cluster.local", "b", "b").unwrap(),
+        );
+        certs.ensure(&src).await.unwrap();
+        certs.ensure(&dst).await.unwrap();
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = listener.local_addr().unwrap();
+        let server = Arc::new(Server::new(
+            crate::tls::server_config(&certs, &dst).unwrap(),
+            Arc::new(Hold),
+        ));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, from) = listener.accept().await.unwrap();
+                counter.fetch_add(1, Ordering::SeqCst);
+                let server = server.clone();
+                tokio::spawn(
+                    async move { server.serve(tcp, from, CancellationToken::new()).await },
+                );
+            }
+        });
+
+        let client = Arc::new(Client::new(certs.clone()));
+        let tasks: Vec<_> = (0..150)
+            .map(|_| {
+                let (client, src, dst) = (client.clone(), src.clone(), dst.clone());
+                tokio::spawn(async move {
+                    let request = Request {
+                        src: &src,
+                        src_ip: peer.ip(),
+                        dst: &dst,
+                        peer,
+                        target: peer,
+                        dialer: &Loopback,
+                    };
+                    client.connect(request).await
+                })
+            })
+            .collect();
+        let mut streams = Vec::new();
+        for task in tasks {
+            streams.push(task.await.unwrap().unwrap());
+        }
+        assert_eq!(streams.len(), 150);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "150 streams need exactly two connections"
+        );
+    }
+}

@@ -536,3 +536,65 @@ fn a_reader_that_stops_reading_holds_back_the_writer() {
         "{written} bytes accepted for a reader that reads nothing"
     );
 }
+
+#[test]
+#[ignore = "needs root: netns"]
+fn sighup_applies_a_new_mode_and_keeps_the_old_config_when_the_new_one_is_broken() {
+    let lab = lab(
+        "cvhup",
+        spec(vec![
+            PodSpec::new("legacy", 0, false),
+            PodSpec::new("server", 1, true),
+        ]),
+    );
+    lab.pod("server").serve_echo(ECHO).unwrap();
+    let plaintext_allowed = || {
+        lab.pod("legacy")
+            .connect(addr(&lab, "server", ECHO))
+            .and_then(|s| exchange(s, b"hello"))
+            .is_ok_and(|back| back == b"hello")
+    };
+    assert!(plaintext_allowed(), "PERMISSIVE by default");
+
+    let config = &lab.nodes[1].config;
+    let original = std::fs::read_to_string(config).unwrap();
+    std::fs::write(
+        config,
+        original.replace(
+            "peerAuthentication: PERMISSIVE",
+            "peerAuthentication: STRICT",
+        ),
+    )
+    .unwrap();
+    lab.signal_node(1, nix::sys::signal::Signal::SIGHUP)
+        .unwrap();
+    eventually("the reload", Duration::from_secs(5), || {
+        lab.log(1).contains("configuration reloaded").then_some(())
+    });
+    assert!(
+        !plaintext_allowed(),
+        "the mesh-wide STRICT mode did not apply"
+    );
+
+    std::fs::write(
+        config,
+        original.replace("ips: [10.244.2.2]", "ips: [10.244.2.x]"),
+    )
+    .unwrap();
+    lab.signal_node(1, nix::sys::signal::Signal::SIGHUP)
+        .unwrap();
+    let error = eventually("the failed reload", Duration::from_secs(5), || {
+        lab.log(1)
+            .lines()
+            .find(|l| l.contains("reload failed"))
+            .map(str::to_owned)
+    });
+    assert!(
+        error.contains("workloads[1].ips[0]"),
+        "the error does not name the field: {error}"
+    );
+    assert!(
+        !plaintext_allowed(),
+        "a broken file replaced the working configuration"
+    );
+}
