@@ -449,7 +449,7 @@ fn sigterm_drains_open_connections_until_the_deadline() {
         .connect(addr(&lab, "server", ECHO))
         .unwrap();
     open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut ping = |open: &mut std::net::TcpStream| -> std::io::Result<()> {
+    let ping = |open: &mut std::net::TcpStream| -> std::io::Result<()> {
         use std::io::{Read, Write};
         open.write_all(b"ping")?;
         let mut back = [0u8; 4];
