@@ -134,7 +134,7 @@ impl Lab {
             let netns = format!("{tag}-n{i}");
             ip(&["netns", "add", &netns])?;
             ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-            sysctl(&netns, "net.ipv4.ip_forward=1")?;
+            enable_forwarding(&netns)?;
             self.nodes.push(Node {
                 name: format!("node-{}", ["a", "b"][i]),
                 wire_ip: Ipv4Addr::new(192, 0, 2, 1 + i as u8),
@@ -486,13 +486,21 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sysctl(netns: &str, setting: &str) -> anyhow::Result<()> {
+/// Turns on IPv4 forwarding in a node namespace (through /proc: `sysctl` is not always installed).
+fn enable_forwarding(netns: &str) -> anyhow::Result<()> {
     let status = Command::new("ip")
-        .args(["netns", "exec", netns, "sysctl", "-qw", setting])
+        .args([
+            "netns",
+            "exec",
+            netns,
+            "sh",
+            "-c",
+            "echo 1 > /proc/sys/net/ipv4/ip_forward",
+        ])
         .status()
-        .context("running sysctl")?;
+        .context("running sh")?;
     if !status.success() {
-        bail!("sysctl {setting} in {netns} failed");
+        bail!("enabling IPv4 forwarding in {netns} failed");
     }
     Ok(())
 }
