@@ -141,6 +141,24 @@ impl Proxy {
     }
 }
 
+/// Copies between `client` and a dialled `upstream` and logs the outcome; when the dial failed,
+/// resets `client` and logs why.
+async fn carry_plain<E>(record: conn::Record, client: TcpStream, upstream: Result<TcpStream, E>)
+where
+    E: std::error::Error + 'static,
+{
+    match upstream {
+        Ok(upstream) => {
+            let transfer = hbone::splice_tcp(client, upstream).await;
+            record.finish(Some(&transfer), None);
+        }
+        Err(e) => {
+            let _ = reset(client);
+            record.finish(None, Some(&e));
+        }
+    }
+}
+
 /// Refuses a plaintext connection with a TCP reset, so the client sees a clear refusal rather
 /// than an orderly close it could mistake for an empty answer.
 fn reset(stream: TcpStream) -> io::Result<()> {

@@ -127,6 +127,11 @@ impl ResolvesClientCert for Resolver {
     }
 }
 
+/// A certificate refused for a reason of ours, kept typed so callers can tell which.
+fn reject(reason: impl std::error::Error + Send + Sync + 'static) -> rustls::Error {
+    CertificateError::Other(OtherError(Arc::new(reason))).into()
+}
+
 /// The server presented a valid certificate for another identity than the one expected.
 #[derive(Debug, thiserror::Error)]
 #[error("server presented {got}, expected {want}")]
@@ -166,11 +171,10 @@ impl ServerCertVerifier for ExpectIdentity {
             Some(got) if got == self.want => Ok(ServerCertVerified::assertion()),
             got => {
                 let got = got.map_or_else(|| "no SPIFFE identity".to_owned(), |id| id.to_string());
-                let mismatch = IdentityMismatch {
+                Err(reject(IdentityMismatch {
                     got,
                     want: self.want.clone(),
-                };
-                Err(CertificateError::Other(OtherError(Arc::new(mismatch))).into())
+                }))
             }
         }
     }
@@ -236,11 +240,10 @@ impl ClientCertVerifier for SameTrustDomain {
             }
             got => {
                 let got = got.map_or_else(|| "none".to_owned(), |id| id.to_string());
-                let foreign = ForeignTrustDomain {
+                Err(reject(ForeignTrustDomain {
                     got,
                     want: self.trust_domain.clone(),
-                };
-                Err(CertificateError::Other(OtherError(Arc::new(foreign))).into())
+                }))
             }
         }
     }

@@ -66,16 +66,7 @@ pub(super) async fn plaintext(
                 }),
             Err(refused) => Err(refused),
         };
-        match upstream {
-            Ok(upstream) => {
-                let transfer = hbone::splice_tcp(client, upstream).await;
-                record.finish(Some(&transfer), None);
-            }
-            Err(refused) => {
-                let _ = super::reset(client);
-                record.finish(None, Some(&refused));
-            }
-        }
+        super::carry_plain(record, client, upstream).await;
     }
     .instrument(span)
     .await;
@@ -127,22 +118,13 @@ impl hbone::Handler for Hbone {
             // The tunnel's TCP source is the client pod's address: connect from it, so the app
             // sees its real peer.
             let connect = self.pod.sockets.connect_as(src.ip(), dst);
-            let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-                Ok(Ok(upstream)) => upstream,
-                Ok(Err(source)) => {
+            let upstream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+                .await
+                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+            let upstream = match upstream {
+                Ok(upstream) => upstream,
+                Err(source) => {
                     incoming.refuse(StatusCode::SERVICE_UNAVAILABLE);
-                    record.finish(
-                        None,
-                        Some(&Refused::Upstream {
-                            target: dst,
-                            source,
-                        }),
-                    );
-                    return;
-                }
-                Err(_) => {
-                    incoming.refuse(StatusCode::SERVICE_UNAVAILABLE);
-                    let source = std::io::ErrorKind::TimedOut.into();
                     record.finish(
                         None,
                         Some(&Refused::Upstream {

@@ -60,10 +60,10 @@ pub(super) async fn handle(proxy: Arc<Proxy>, pod: Arc<Pod>, app: TcpStream, src
     async move {
         let _ = hbone::tune(&app);
         let mut record = Record::new(Direction::Outbound, &pod.label(), src, dst);
-        record.src_id = Some(pod.identity.clone());
         match route(&proxy.state.snapshot(), dst, &proxy.endpoint_turn) {
             Route::Mesh { target, workload } => {
                 record.transport = Transport::Hbone;
+                record.src_id = Some(pod.identity.clone());
                 record.dst_id = Some(workload.identity.clone());
                 let request = hbone::Request {
                     src: &pod.identity,
@@ -85,21 +85,12 @@ pub(super) async fn handle(proxy: Arc<Proxy>, pod: Arc<Pod>, app: TcpStream, src
                 }
             }
             Route::Passthrough { target } => {
-                record.src_id = None;
+                // Plain TCP proves no identity, so the record names none.
                 let upstream = match pod.sockets.socket_for(target) {
                     Ok(socket) => socket.connect(target).await,
                     Err(e) => Err(e),
                 };
-                match upstream {
-                    Ok(upstream) => {
-                        let transfer = hbone::splice_tcp(app, upstream).await;
-                        record.finish(Some(&transfer), None);
-                    }
-                    Err(e) => {
-                        let _ = super::reset(app);
-                        record.finish(None, Some(&e));
-                    }
-                }
+                super::carry_plain(record, app, upstream).await;
             }
         }
     }
