@@ -103,3 +103,73 @@ async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
         .await
         .unwrap_or_else(|_| Err("request not received within 10s".to_owned()))
 }
+
+#[cfg(test)]
+mod tests {
+    use culvert_cni_proto::{PodStatus, Request};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    struct Empty;
+
+    impl Registry for Empty {
+        async fn add(&self, _req: AddPod) -> Response {
+            Response::Added { enrolled: false }
+        }
+        async fn del(&self, _req: DelPod) -> Response {
+            Response::Removed
+        }
+        fn list(&self) -> Response {
+            Response::Pods {
+                pods: Vec::<PodStatus>::new(),
+            }
+        }
+    }
+
+    async fn send_raw(path: &Path, bytes: &[u8]) -> Response {
+        let mut stream = UnixStream::connect(path).await.unwrap();
+        stream.write_all(bytes).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut prefix = [0u8; 4];
+        stream.read_exact(&mut prefix).await.unwrap();
+        let mut payload = vec![0u8; frame_len(prefix).unwrap()];
+        stream.read_exact(&mut payload).await.unwrap();
+        decode(&payload).unwrap()
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_a_reason_and_the_server_keeps_serving() {
+        let path =
+            std::env::temp_dir().join(format!("culvert-cni-test-{}.sock", std::process::id()));
+        let listener = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "registration socket must be root-only");
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, Arc::new(Empty), stop.clone()));
+
+        let oversized = (culvert_cni_proto::MAX_FRAME as u32 + 1).to_be_bytes();
+        let mut garbage = 5u32.to_be_bytes().to_vec();
+        garbage.extend_from_slice(b"\xff{}{x");
+        let mut other_version = Vec::new();
+        let body = br#"{"version":9,"body":{"type":"list_pods"}}"#;
+        other_version.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        other_version.extend_from_slice(body);
+        for (bytes, want) in [
+            (&oversized[..], "exceeds the 1048576-byte limit"),
+            (&garbage[..], "malformed message"),
+            (&other_version[..], "peer speaks protocol version 9"),
+            (&[0, 0][..], "reading request"),
+        ] {
+            match send_raw(&path, bytes).await {
+                Response::Nack { reason } => {
+                    assert!(reason.contains(want), "{reason:?} lacks {want:?}")
+                }
+                other => panic!("{want}: answered {other:?}"),
+            }
+        }
+        let listed = send_raw(&path, &culvert_cni_proto::encode(&Request::ListPods)).await;
+        assert_eq!(listed, Response::Pods { pods: vec![] });
+        stop.cancel();
+    }
+}
