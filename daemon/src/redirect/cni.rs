@@ -168,7 +168,7 @@ mod tests {
                 other => panic!("{want}: answered {other:?}"),
             }
         }
-        let listed = send_raw(&path, &culvert_cni_proto::encode(&Request::ListPods)).await;
+        let listed = send_raw(&path, &encode(&Request::ListPods)).await;
         assert_eq!(listed, Response::Pods { pods: vec![] });
         stop.cancel();
     }
