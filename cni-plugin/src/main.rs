@@ -1,22 +1,46 @@
-//! `culvert-cni`: the CNI plugin that hands pods to the node daemon.
-//!
-//! Not implemented yet: the CNI issue builds it on `culvert-cni-proto`. Until then it answers
-//! VERSION and fails every other command with a CNI error, so a runtime never mistakes it for
-//! a working plugin.
+//! `culvert-cni` entry point: environment and stdin in, result or error JSON on stdout.
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::process::ExitCode;
 
-fn main() -> std::process::ExitCode {
-    let command = std::env::args().nth(1).unwrap_or_default();
-    let reply = if command == "VERSION" {
-        serde_json::json!({"cniVersion": "1.0.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0"]})
-    } else {
-        serde_json::json!({"cniVersion": "1.0.0", "code": 100, "msg": "culvert-cni is not implemented yet"})
+use culvert_cni::{Inputs, answer_version, run};
+
+// stdout is the CNI protocol channel: the result or the error, nothing else.
+#[allow(clippy::print_stdout)]
+fn main() -> ExitCode {
+    let env = |name| std::env::var(name).ok();
+    let mut inputs = Inputs {
+        command: env("CNI_COMMAND"),
+        container_id: env("CNI_CONTAINERID"),
+        netns: env("CNI_NETNS"),
+        ifname: env("CNI_IFNAME"),
+        args: env("CNI_ARGS"),
+        stdin: Vec::new(),
     };
-    let _ = writeln!(std::io::stdout(), "{reply}");
-    if command == "VERSION" {
-        std::process::ExitCode::SUCCESS
-    } else {
-        std::process::ExitCode::FAILURE
+    if let Err(e) = std::io::stdin().read_to_end(&mut inputs.stdin) {
+        inputs.stdin.clear();
+        eprintln_log(&format!("reading stdin: {e}"));
     }
+    let (output, status) = match run(&inputs) {
+        Ok(Some(result)) => (Some(result), ExitCode::SUCCESS),
+        Ok(None) => (None, ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln_log(&format!("{} ({}): {}", e.msg, e.code, e.details));
+            (
+                Some(e.to_json(&answer_version(&inputs.stdin))),
+                ExitCode::FAILURE,
+            )
+        }
+    };
+    if let Some(output) = output {
+        println!("{output}");
+    }
+    let _ = std::io::stdout().flush();
+    status
+}
+
+/// Logs go to stderr: the runtime keeps them, and they never mix with the result.
+#[allow(clippy::print_stderr)]
+fn eprintln_log(line: &str) {
+    eprintln!("culvert-cni: {line}");
 }

@@ -17,7 +17,10 @@
 //!   enrolled. Repeating an `AddPod` for a wired pod re-applies its rules and is answered the same.
 //! - [`Request::DelPod`]: the sandbox is going away. Always answered `Removed`, even for a pod the
 //!   daemon never saw: DEL must never fail.
-//! - [`Request::ListPods`]: the pods the daemon has wired, for operators and tests.
+//! - [`Request::CheckPod`]: whether a pod the runtime believes wired still has its rules and
+//!   listeners; answered `Checked` or `Nack` with what is missing.
+//! - [`Request::Gc`]: every sandbox not in `keep` is unwired (CNI GC); answered `Removed`.
+//! - [`Request::ListPods`]: the pods the daemon has wired, for operators, tests and CNI STATUS.
 //!
 //! A registrar that loses its connection simply retries the whole request: every request is
 //! idempotent.
@@ -31,6 +34,11 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Where the node daemon listens on the host.
 pub const DEFAULT_SOCKET_PATH: &str = "/var/run/culvert/cni.sock";
+
+/// Where the daemon records which pods are enrolled, for the plugin to consult when the daemon
+/// does not answer. Under /var/lib so that it survives a reboot, as the pods' redirection
+/// must be restored after one.
+pub const DEFAULT_STATE_FILE: &str = "/var/lib/culvert/enrollment.json";
 
 /// Largest frame either side accepts, in bytes (length prefix excluded).
 pub const MAX_FRAME: usize = 1 << 20;
@@ -48,7 +56,22 @@ pub struct Envelope<T> {
 pub enum Request {
     AddPod(AddPod),
     DelPod(DelPod),
+    CheckPod(CheckPod),
+    Gc(Gc),
     ListPods,
+}
+
+/// Is this sandbox wired as it should be?
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckPod {
+    pub container_id: String,
+    pub pod: PodRef,
+}
+
+/// Unwire every sandbox except these (the runtime's valid attachments).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gc {
+    pub keep: Vec<String>,
 }
 
 /// A pod sandbox that now has its network.
@@ -91,6 +114,8 @@ pub enum Response {
     },
     /// The pod is no longer wired (or never was).
     Removed,
+    /// The pod is wired and its rules and listeners are in place, or it is not enrolled.
+    Checked,
     Pods {
         pods: Vec<PodStatus>,
     },
@@ -110,6 +135,30 @@ pub struct PodStatus {
     pub identity: String,
     /// Redirection backend in use for this pod (`nftables` or `iptables`).
     pub backend: String,
+}
+
+/// Which pods are enrolled, as the daemon last knew it: the fail-closed input of the plugin.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrollment {
+    /// Namespaces whose pods are enrolled unless they opt out.
+    pub namespaces: Vec<String>,
+    /// `namespace/name` of pods enrolled although their namespace is not.
+    #[serde(default)]
+    pub pods_in: Vec<String>,
+    /// `namespace/name` of pods that opted out of an enrolled namespace.
+    #[serde(default)]
+    pub pods_out: Vec<String>,
+}
+
+impl Enrollment {
+    /// Whether a pod is (or, for a pod not yet known by name, may be) enrolled.
+    pub fn covers(&self, namespace: &str, name: &str) -> bool {
+        let pod = format!("{namespace}/{name}");
+        if self.pods_in.contains(&pod) {
+            return true;
+        }
+        self.namespaces.iter().any(|n| n == namespace) && !self.pods_out.contains(&pod)
+    }
 }
 
 /// Why a frame could not be read.
@@ -302,6 +351,20 @@ mod tests {
                 Err(DecodeError::Json(_))
             ));
         }
+    }
+
+    #[test]
+    fn enrollment_follows_namespace_then_pod_overrides() {
+        let e = Enrollment {
+            namespaces: vec!["shop".into()],
+            pods_in: vec!["tools/probe".into()],
+            pods_out: vec!["shop/legacy".into()],
+        };
+        assert!(e.covers("shop", "cart"));
+        assert!(!e.covers("shop", "legacy"));
+        assert!(e.covers("tools", "probe"));
+        assert!(!e.covers("tools", "other"));
+        assert!(!Enrollment::default().covers("shop", "cart"));
     }
 
     #[test]

@@ -144,6 +144,8 @@ struct RawFile {
     #[serde(default)]
     peer_authentication: PeerAuthentication,
     #[serde(default)]
+    enrolled_namespaces: std::collections::BTreeSet<String>,
+    #[serde(default)]
     workloads: Vec<RawWorkload>,
     #[serde(default)]
     services: Vec<RawService>,
@@ -169,7 +171,7 @@ struct RawWorkload {
     #[serde(default)]
     ips: Vec<IpAddr>,
     #[serde(default)]
-    enrolled: bool,
+    enrolled: Option<bool>,
     #[serde(default)]
     peer_authentication: Option<PeerAuthentication>,
 }
@@ -262,20 +264,14 @@ impl NodeFile {
                     "name and node are required".into(),
                 ));
             }
-            if w.enrolled && w.ips.is_empty() {
-                return Err(invalid(
-                    &format!("workloads[{i}].ips"),
-                    &"[]",
-                    "an enrolled workload needs an IP".into(),
-                ));
-            }
             workloads.push(Workload {
                 name: w.name,
                 namespace: w.namespace,
                 service_account,
                 node: w.node,
                 ips: w.ips,
-                enrolled: w.enrolled,
+                enrolled: false,
+                enrollment: w.enrolled,
                 peer_authentication: w.peer_authentication,
                 identity,
             });
@@ -300,8 +296,14 @@ impl NodeFile {
                     .collect(),
             })
             .collect();
-        let snapshot = Snapshot::build(&trust_domain, raw.peer_authentication, workloads, services)
-            .map_err(ParseError::Invalid)?;
+        let snapshot = Snapshot::build(
+            &trust_domain,
+            raw.peer_authentication,
+            raw.enrolled_namespaces,
+            workloads,
+            services,
+        )
+        .map_err(ParseError::Invalid)?;
         Ok(Self {
             node: raw.node,
             trust_domain,

@@ -55,11 +55,19 @@ mod tests {
             node: "n1".into(),
             ips: vec!["10.0.0.1".parse().unwrap()],
             enrolled: true,
+            enrollment: Some(true),
             peer_authentication: own,
             identity: Id::new("cluster.local", "demo", "server").unwrap(),
         };
         (
-            Snapshot::build("cluster.local", mesh, vec![w.clone()], vec![]).unwrap(),
+            Snapshot::build(
+                "cluster.local",
+                mesh,
+                Default::default(),
+                vec![w.clone()],
+                vec![],
+            )
+            .unwrap(),
             w,
         )
     }

@@ -109,6 +109,32 @@ impl crate::hbone::Dialer for Sockets {
     }
 }
 
+/// TCP ports in LISTEN state inside the pod's namespace, from the kernel's own table.
+pub fn listening_ports(netns: &Netns) -> io::Result<Vec<u16>> {
+    let tables = netns.run(|| {
+        // thread-self: /proc/self/net would show the namespace of the process's main thread.
+        ["tcp", "tcp6"].map(|t| std::fs::read_to_string(format!("/proc/thread-self/net/{t}")))
+    })?;
+    let mut ports = Vec::new();
+    for table in tables {
+        for line in table?.lines().skip(1) {
+            let mut fields = line.split_whitespace();
+            let (Some(local), Some(state)) = (fields.nth(1), fields.nth(1)) else {
+                continue;
+            };
+            // State 0A is LISTEN; the local address ends in :PORT, in hex.
+            let port = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if let (Some(port), "0A") = (port, state) {
+                ports.push(port);
+            }
+        }
+    }
+    Ok(ports)
+}
+
 /// The destination a redirected connection was originally sent to.
 pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     // Listeners are dual-stack, so IPv4 clients arrive as v4-mapped addresses.

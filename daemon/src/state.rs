@@ -31,8 +31,11 @@ pub struct Workload {
     pub service_account: String,
     pub node: String,
     pub ips: Vec<IpAddr>,
-    /// Whether its traffic is captured and carried over HBONE.
+    /// Whether its traffic is captured and carried over HBONE: its own setting if it has one,
+    /// else its namespace's.
     pub enrolled: bool,
+    /// The workload's own setting (Kubernetes: the pod label), if any.
+    pub enrollment: Option<bool>,
     /// Overrides the mesh-wide mode for this workload.
     pub peer_authentication: Option<PeerAuthentication>,
     pub identity: Id,
@@ -54,6 +57,8 @@ pub struct Snapshot {
     pub trust_domain: String,
     /// Mesh-wide PeerAuthentication, for workloads that set none.
     pub peer_authentication: PeerAuthentication,
+    /// Namespaces whose workloads are enrolled unless they opt out.
+    pub enrolled_namespaces: std::collections::BTreeSet<String>,
     workloads: Vec<Arc<Workload>>,
     #[serde(skip)]
     by_ip: HashMap<IpAddr, Arc<Workload>>,
@@ -86,9 +91,11 @@ pub struct ServiceSpec {
 impl Snapshot {
     /// Indexes workloads and services, refusing duplicates that would make lookups ambiguous.
     /// Errors name the offending entry by its position, as sources number them.
+    /// Workloads' `enrolled` is computed here from their own setting and the namespace's.
     pub fn build(
         trust_domain: &str,
         peer_authentication: PeerAuthentication,
+        enrolled_namespaces: std::collections::BTreeSet<String>,
         workloads: Vec<Workload>,
         services: Vec<ServiceSpec>,
     ) -> Result<Self, Error> {
@@ -100,9 +107,17 @@ impl Snapshot {
         let mut snapshot = Self {
             trust_domain: trust_domain.to_owned(),
             peer_authentication,
+            enrolled_namespaces,
             ..Self::default()
         };
-        for (i, w) in workloads.into_iter().enumerate() {
+        for (i, mut w) in workloads.into_iter().enumerate() {
+            w.enrolled = w
+                .enrollment
+                .unwrap_or_else(|| snapshot.enrolled_namespaces.contains(&w.namespace));
+            if w.enrolled && w.ips.is_empty() {
+                let reason = "an enrolled workload needs an IP".to_owned();
+                return Err(err(format!("workloads[{i}].ips"), &"[]", reason));
+            }
             let w = Arc::new(w);
             let key = (w.namespace.clone(), w.name.clone());
             if snapshot.by_name.insert(key, w.clone()).is_some() {
@@ -167,6 +182,27 @@ impl Snapshot {
         self.workloads.iter()
     }
 
+    /// What the CNI plugin needs to fail closed while the daemon is away.
+    pub fn enrollment(&self) -> culvert_cni_proto::Enrollment {
+        let name = |w: &Workload| format!("{}/{}", w.namespace, w.name);
+        let in_ns = |w: &Workload| self.enrolled_namespaces.contains(&w.namespace);
+        culvert_cni_proto::Enrollment {
+            namespaces: self.enrolled_namespaces.iter().cloned().collect(),
+            pods_in: self
+                .workloads
+                .iter()
+                .filter(|w| w.enrolled && !in_ns(w))
+                .map(|w| name(w))
+                .collect(),
+            pods_out: self
+                .workloads
+                .iter()
+                .filter(|w| !w.enrolled && in_ns(w))
+                .map(|w| name(w))
+                .collect(),
+        }
+    }
+
     /// The PeerAuthentication mode in force for `workload`.
     pub fn peer_authentication_of(&self, workload: &Workload) -> PeerAuthentication {
         workload
@@ -208,7 +244,8 @@ mod tests {
             service_account: name.into(),
             node: "n1".into(),
             ips: vec![ip.parse().unwrap()],
-            enrolled: true,
+            enrolled: false,
+            enrollment: Some(true),
             peer_authentication: None,
             identity: Id::new("cluster.local", "demo", name).unwrap(),
         }
@@ -226,6 +263,7 @@ mod tests {
         let snap = Snapshot::build(
             "cluster.local",
             PeerAuthentication::Strict,
+            Default::default(),
             vec![workload("a", "10.0.0.1"), workload("b", "10.0.0.2")],
             vec![svc],
         )
@@ -250,10 +288,41 @@ mod tests {
     }
 
     #[test]
+    fn enrollment_follows_the_namespace_unless_the_workload_says_otherwise() {
+        let mut opted_out = workload("legacy", "10.0.0.2");
+        opted_out.enrollment = Some(false);
+        let mut follows = workload("web", "10.0.0.3");
+        follows.enrollment = None;
+        let mut elsewhere = workload("probe", "10.0.0.4");
+        elsewhere.namespace = "tools".into();
+        let snap = Snapshot::build(
+            "cluster.local",
+            PeerAuthentication::Permissive,
+            ["demo".to_owned()].into(),
+            vec![opted_out, follows, elsewhere],
+            vec![],
+        )
+        .unwrap();
+        assert!(!snap.workload("demo", "legacy").unwrap().enrolled);
+        assert!(snap.workload("demo", "web").unwrap().enrolled);
+        assert!(snap.workload("tools", "probe").unwrap().enrolled);
+        let e = snap.enrollment();
+        assert_eq!(
+            (e.namespaces, e.pods_in, e.pods_out),
+            (
+                vec!["demo".to_owned()],
+                vec!["tools/probe".to_owned()],
+                vec!["demo/legacy".to_owned()],
+            )
+        );
+    }
+
+    #[test]
     fn duplicate_ip_names_both_workloads() {
         let err = Snapshot::build(
             "cluster.local",
             PeerAuthentication::Permissive,
+            Default::default(),
             vec![workload("a", "10.0.0.1"), workload("b", "10.0.0.1")],
             vec![],
         )

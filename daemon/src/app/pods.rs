@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
-use culvert_cni_proto::{AddPod, DelPod, PodRef, PodStatus, Response};
+use culvert_cni_proto::{AddPod, CheckPod, DelPod, Gc, PodRef, PodStatus, Response};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -149,16 +149,67 @@ impl Pods {
             .context("installing redirection rules")
     }
 
+    /// Verifies that an enrolled pod is wired: known here, rules present, listeners listening.
+    async fn check_pod(&self, req: CheckPod) -> anyhow::Result<()> {
+        let snapshot = self.state.snapshot();
+        let enrolled = snapshot
+            .workload(&req.pod.namespace, &req.pod.name)
+            .is_some_and(|w| w.enrolled);
+        let Some(pod) = self.lookup(&req.container_id) else {
+            if enrolled {
+                bail!("pod {} is enrolled but not wired", label(&req.pod));
+            }
+            return Ok(());
+        };
+        let netns = pod.sockets.netns().clone();
+        let (backend, ports) = (self.backend, self.ports);
+        tokio::task::spawn_blocking(move || {
+            if !rules::present(&netns, backend)? {
+                bail!("redirection rules are missing");
+            }
+            let listening = crate::redirect::listening_ports(&netns)?;
+            for port in [ports.outbound, ports.inbound_plaintext, ports.hbone] {
+                if !listening.contains(&port) {
+                    bail!("nothing listens on port {port}");
+                }
+            }
+            Ok(())
+        })
+        .await
+        .context("check task")?
+        .with_context(|| format!("pod {}", label(&req.pod)))
+    }
+
     async fn del_pod(&self, req: DelPod) {
         let _serial = self.serial.lock().await;
-        let Some(wired) = self
+        let removed = self
             .wired
             .lock()
             .expect("pods lock poisoned")
-            .remove(&req.container_id)
-        else {
-            return;
+            .remove(&req.container_id);
+        if let Some(wired) = removed {
+            self.unwire(wired).await;
+        }
+    }
+
+    /// Unwires every pod whose sandbox the runtime no longer lists.
+    async fn gc_pods(&self, keep: &[String]) {
+        let _serial = self.serial.lock().await;
+        let stale: Vec<Wired> = {
+            let mut wired = self.wired.lock().expect("pods lock poisoned");
+            let ids: Vec<String> = wired
+                .keys()
+                .filter(|id| !keep.contains(id))
+                .cloned()
+                .collect();
+            ids.iter().filter_map(|id| wired.remove(id)).collect()
         };
+        for wired in stale {
+            self.unwire(wired).await;
+        }
+    }
+
+    async fn unwire(&self, wired: Wired) {
         wired.stop.cancel();
         let netns = wired.pod.sockets.netns().clone();
         let backend = self.backend;
@@ -211,6 +262,20 @@ impl cni::Registry for Pods {
 
     async fn del(&self, req: DelPod) -> Response {
         self.del_pod(req).await;
+        Response::Removed
+    }
+
+    async fn check(&self, req: CheckPod) -> Response {
+        match self.check_pod(req).await {
+            Ok(()) => Response::Checked,
+            Err(e) => Response::Nack {
+                reason: format!("{e:#}"),
+            },
+        }
+    }
+
+    async fn gc(&self, req: Gc) -> Response {
+        self.gc_pods(&req.keep).await;
         Response::Removed
     }
 

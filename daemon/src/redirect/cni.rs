@@ -7,7 +7,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use culvert_cni_proto::{AddPod, DelPod, Request, Response, decode, encode, frame_len};
+use culvert_cni_proto::{
+    AddPod, CheckPod, DelPod, Gc, Request, Response, decode, encode, frame_len,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
@@ -22,6 +24,10 @@ pub trait Registry: Send + Sync + 'static {
     fn add(&self, req: AddPod) -> impl Future<Output = Response> + Send;
     /// Unwires the pod; never fails.
     fn del(&self, req: DelPod) -> impl Future<Output = Response> + Send;
+    /// Verifies an enrolled pod's rules and listeners.
+    fn check(&self, req: CheckPod) -> impl Future<Output = Response> + Send;
+    /// Unwires every pod not listed.
+    fn gc(&self, req: Gc) -> impl Future<Output = Response> + Send;
     fn list(&self) -> Response;
 }
 
@@ -70,6 +76,8 @@ async fn handle<R: Registry>(mut stream: UnixStream, registry: Arc<R>) {
     let response = match read_request(&mut stream).await {
         Ok(Request::AddPod(add)) => registry.add(add).await,
         Ok(Request::DelPod(del)) => registry.del(del).await,
+        Ok(Request::CheckPod(check)) => registry.check(check).await,
+        Ok(Request::Gc(gc)) => registry.gc(gc).await,
         Ok(Request::ListPods) => registry.list(),
         Err(reason) => {
             debug!(%reason, "bad registration request");
@@ -118,6 +126,12 @@ mod tests {
             Response::Added { enrolled: false }
         }
         async fn del(&self, _req: DelPod) -> Response {
+            Response::Removed
+        }
+        async fn check(&self, _req: CheckPod) -> Response {
+            Response::Checked
+        }
+        async fn gc(&self, _req: Gc) -> Response {
             Response::Removed
         }
         fn list(&self) -> Response {
