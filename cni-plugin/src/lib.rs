@@ -362,9 +362,13 @@ fn del(inputs: &Inputs, config: &Config) {
     let Ok(container_id) = container_id(inputs) else {
         return;
     };
+    let request = Request::DelPod(DelPod {
+        container_id,
+        pod: pod_ref(inputs.args.as_deref()),
+    });
     let _ = call(
         &config.socket,
-        &Request::DelPod(DelPod { container_id }),
+        &request,
         config.timeout.min(Duration::from_secs(10)),
     );
 }

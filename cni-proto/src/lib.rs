@@ -102,6 +102,9 @@ pub struct PodRef {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DelPod {
     pub container_id: String,
+    /// Lets the daemon find a pod it rewired on its own (after a restart) under another id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
 }
 
 /// The daemon's answer.

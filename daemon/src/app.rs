@@ -36,15 +36,23 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     let state = Arc::new(Store::new(file.snapshot));
     let proxy = Arc::new(Proxy::new(state.clone(), certs.clone(), args.ports));
     let home = netns::home().context("opening the daemon's own network namespace")?;
-    let pods = Arc::new(pods::Pods::new(
-        file.node.clone(),
-        state.clone(),
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating the state directory {}", args.state_dir.display()))?;
+    write_enrollment(&args.state_dir, &state)?;
+    let pods = Arc::new(pods::Pods::new(pods::Deps {
+        node: file.node.clone(),
+        state: state.clone(),
         certs,
-        proxy.clone(),
+        proxy: proxy.clone(),
         backend,
-        args.ports,
+        ports: args.ports,
         home,
-    ));
+        state_dir: args.state_dir.clone(),
+        netns_dirs: args.netns_dirs.clone(),
+    }));
+    // Pods that run already (daemon restart, node reboot) are rewired before registrations are
+    // served: until then the plugin fails closed for them.
+    pods.reconcile().await;
 
     let listener = cni::bind(&args.cni_socket).with_context(|| {
         format!(
@@ -53,7 +61,11 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         )
     })?;
     let stop_registrations = CancellationToken::new();
-    tokio::spawn(cni::serve(listener, pods, stop_registrations.clone()));
+    tokio::spawn(cni::serve(
+        listener,
+        pods.clone(),
+        stop_registrations.clone(),
+    ));
     info!(socket = %args.cni_socket.display(), "ready");
 
     let mut term = signal(SignalKind::terminate())?;
@@ -63,7 +75,11 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(&args, &file.node, &file.trust_domain, &file.ca, &state),
+            _ = hup.recv() => {
+                if reload(&args, &file.node, &file.trust_domain, &file.ca, &state) {
+                    pods.reconcile().await;
+                }
+            }
         }
     }
 
@@ -83,15 +99,16 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Re-reads the node file. Workloads, services and the mesh-wide mode apply at once; the node
-/// name, trust domain and CA need a restart and are refused here.
+/// Re-reads the node file; returns whether the state changed. Workloads, services, enrollment
+/// and the mesh-wide mode apply at once; the node name, trust domain and CA need a restart and
+/// are refused here.
 fn reload(
     args: &NodeArgs,
     node: &str,
     trust_domain: &str,
     ca: &crate::config::CaFiles,
     state: &Store,
-) {
+) -> bool {
     let file = match NodeFile::load(&args.config) {
         Ok(file) => file,
         Err(e) => {
@@ -99,7 +116,7 @@ fn reload(
                 error = format!("{:#}", anyhow::Error::from(e)),
                 "reload failed; keeping the previous configuration"
             );
-            return;
+            return false;
         }
     };
     let fixed = [
@@ -112,10 +129,33 @@ fn reload(
             field,
             "reload failed: changing this field needs a restart; keeping the previous configuration"
         );
-        return;
+        return false;
     }
     state.replace(file.snapshot);
+    if let Err(e) = write_enrollment(&args.state_dir, state) {
+        error!(
+            error = format!("{e:#}"),
+            "recording enrollment for the CNI plugin"
+        );
+    }
     info!("configuration reloaded");
+    true
+}
+
+/// Records which pods are enrolled, for the CNI plugin to fail closed on while the daemon is
+/// away (restart, upgrade, crash, reboot).
+fn write_enrollment(state_dir: &std::path::Path, state: &Store) -> anyhow::Result<()> {
+    let path = state_dir.join("enrollment.json");
+    let json =
+        serde_json::to_vec_pretty(&state.snapshot().enrollment()).expect("enrollment serializes");
+    write_atomically(&path, &json).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Replaces `path` with `contents` so that readers see the old or the new file, never a mix.
+fn write_atomically(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents)?;
+    std::fs::rename(&tmp, path)
 }
 
 fn choose_backend(choice: RedirectChoice) -> Backend {

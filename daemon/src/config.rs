@@ -35,6 +35,19 @@ pub struct NodeArgs {
     #[arg(long, env = "CULVERT_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     #[serde(with = "humantime_serde_secs")]
     pub drain_timeout: Duration,
+    /// Where the daemon keeps what must survive restarts and reboots: the enrollment state the
+    /// CNI plugin reads when the daemon is away, and the wired sandboxes.
+    #[arg(long, env = "CULVERT_STATE_DIR", default_value = "/var/lib/culvert")]
+    pub state_dir: PathBuf,
+    /// Directories where the container runtime keeps pod network namespaces; searched (with
+    /// every process's namespace) to find running pods when the daemon starts.
+    #[arg(
+        long = "netns-dir",
+        env = "CULVERT_NETNS_DIRS",
+        value_delimiter = ',',
+        default_value = "/var/run/netns"
+    )]
+    pub netns_dirs: Vec<PathBuf>,
     #[command(flatten)]
     pub ports: Ports,
 }

@@ -243,6 +243,11 @@ impl Lab {
                 "via",
                 &format!("10.244.{}.1", spec.node + 1),
             ])?;
+            // Each node sees only its own pods' namespaces: labs running side by side reuse the
+            // same pod addresses, and a daemon finds running pods by address.
+            let node_dir = self.dir.join(format!("netns-n{}", spec.node));
+            std::fs::create_dir_all(&node_dir)?;
+            std::os::unix::fs::symlink(netns_path(&netns), node_dir.join(&netns))?;
             let netns_handle = Netns::open(&netns_path(&netns), home.clone())?;
             self.pods.push(Pod {
                 name: spec.name.clone(),
@@ -306,6 +311,10 @@ impl Lab {
             .arg(&node.config)
             .arg("--cni-socket")
             .arg(&node.socket)
+            .arg("--state-dir")
+            .arg(self.dir.join(format!("state-n{i}")))
+            .arg("--netns-dir")
+            .arg(self.dir.join(format!("netns-n{i}")))
             .args(&self.spec.node_flags)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -384,8 +393,10 @@ impl Lab {
 
     pub fn unregister(&self, name: &str) -> anyhow::Result<Response> {
         let pod = self.pod(name);
+        let container_id = format!("{}-{}", self.tag, pod.name);
         let request = Request::DelPod(DelPod {
-            container_id: format!("{}-{}", self.tag, pod.name),
+            container_id,
+            pod: None,
         });
         self.call(pod.node, &request)
     }

@@ -49,6 +49,64 @@ impl Netns {
     }
 }
 
+/// Finds the network namespaces on this host and the addresses in each: the entries of `dirs`
+/// (the runtime's netns directory) and every process's namespace under /proc. Used to find
+/// running pods by IP when the daemon starts or a workload becomes enrolled. Blocking.
+pub fn scan(
+    dirs: &[std::path::PathBuf],
+    home: &Arc<File>,
+) -> Vec<(std::path::PathBuf, Vec<std::net::IpAddr>)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut candidates: Vec<std::path::PathBuf> = Vec::new();
+    for dir in dirs {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            candidates.extend(entries.flatten().map(|e| e.path()));
+        }
+    }
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        let pids = procs.flatten().filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        });
+        candidates.extend(pids.map(|e| e.path().join("ns/net")));
+    }
+    let own = home.metadata().map(|m| (m.dev(), m.ino())).ok();
+    let mut seen = std::collections::HashSet::new();
+    let mut found = Vec::new();
+    for path in candidates {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        let id = (meta.dev(), meta.ino());
+        if Some(id) == own || !seen.insert(id) {
+            continue;
+        }
+        let Ok(netns) = Netns::open(&path, home.clone()) else {
+            continue;
+        };
+        let Ok(Ok(addrs)) = netns.run(nix::ifaddrs::getifaddrs) else {
+            continue;
+        };
+        let ips: Vec<std::net::IpAddr> = addrs
+            .filter_map(|a| {
+                let addr = a.address?;
+                let ip = match (addr.as_sockaddr_in(), addr.as_sockaddr_in6()) {
+                    (Some(v4), _) => std::net::IpAddr::V4(v4.ip()),
+                    (_, Some(v6)) => std::net::IpAddr::V6(v6.ip()),
+                    _ => return None,
+                };
+                (!ip.is_loopback()).then_some(ip)
+            })
+            .collect();
+        if !ips.is_empty() {
+            found.push((path, ips));
+        }
+    }
+    found
+}
+
 /// Switches the thread back to the daemon's namespace when dropped, even on unwind.
 struct Return<'a>(&'a File);
 
