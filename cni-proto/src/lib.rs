@@ -315,6 +315,26 @@ mod tests {
             add_pod(),
             Request::DelPod(DelPod {
                 container_id: "x".into(),
+                pod: None,
+            }),
+            Request::DelPod(DelPod {
+                container_id: "y".into(),
+                pod: Some(PodRef {
+                    namespace: "a".into(),
+                    name: "b".into(),
+                    uid: None,
+                }),
+            }),
+            Request::CheckPod(CheckPod {
+                container_id: "z".into(),
+                pod: PodRef {
+                    namespace: "a".into(),
+                    name: "b".into(),
+                    uid: Some("u".into()),
+                },
+            }),
+            Request::Gc(Gc {
+                keep: vec!["x".into()],
             }),
             Request::ListPods,
         ] {
