@@ -10,6 +10,7 @@
 #![allow(clippy::print_stdout)]
 
 pub mod lab;
+pub mod runtime;
 pub mod wire;
 
 use std::io::{Read, Write};
@@ -81,10 +82,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             },
         ],
         mesh_mode: "PERMISSIVE",
+        enrolled_namespaces: vec![],
         services: vec![],
         node_flags: vec![],
     };
-    println!("culvert demo: building two nodes with three pods in network namespaces...");
+    println!(
+        "culvert demo: two nodes, three pods wired by a CNI chain (bridge, host-local, culvert-cni)..."
+    );
     let lab = Arc::new(Lab::start("cvdemo", &culvert, spec)?);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

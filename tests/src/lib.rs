@@ -26,7 +26,7 @@ pub fn culvert_bin() -> PathBuf {
         .join("culvert");
     assert!(
         bin.exists(),
-        "{} is missing: build it first (cargo build -p culvert) or set CULVERT_BIN",
+        "{} is missing: build it first (cargo build --workspace --bins) or set CULVERT_BIN",
         bin.display()
     );
     bin
@@ -42,6 +42,7 @@ pub fn spec(pods: Vec<PodSpec>) -> Spec {
     Spec {
         pods,
         mesh_mode: "PERMISSIVE",
+        enrolled_namespaces: vec![],
         services: vec![],
         node_flags: vec![],
     }

@@ -1,24 +1,28 @@
 //! A two-node cluster in network namespaces on one machine.
 //!
 //! Each node is a namespace running a real `culvert node` process; nodes are joined by a veth
-//! "wire"; each pod is a namespace attached by veth to its node's bridge. Everything is torn
-//! down on drop. The addresses used exist only inside these namespaces.
+//! "wire". Each pod is a namespace that gets its network the way a Kubernetes pod does: the
+//! node's runtime runs a CNI chain (the reference `bridge` and `host-local` plugins, then
+//! `culvert-cni`) for it. Everything is torn down on drop. The addresses used exist only inside
+//! these namespaces.
 
 use std::fmt::Write as _;
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, bail, ensure};
 use culvert_cni_proto::{AddPod, DelPod, PodRef, Request, Response};
+use serde_json::json;
 
+use super::runtime::{Runtime, Sandbox};
 use crate::redirect::Netns;
 
-/// Bridge on each node that its pods attach to.
-const BRIDGE: &str = "cv0";
+/// Where Debian's containernetworking-plugins put the reference plugins.
+pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -26,7 +30,9 @@ pub struct Spec {
     pub pods: Vec<PodSpec>,
     /// Mesh-wide PeerAuthentication (`PERMISSIVE` or `STRICT`).
     pub mesh_mode: &'static str,
-    /// `(name, vip, port, target port, endpoint pod names)`.
+    /// Namespaces whose pods are enrolled unless they say otherwise.
+    pub enrolled_namespaces: Vec<String>,
+    /// `(name, vip, port, target port, endpoint pod names)`, in namespace `demo`.
     pub services: Vec<(String, Ipv4Addr, u16, u16, Vec<String>)>,
     /// Extra flags for every `culvert node`.
     pub node_flags: Vec<String>,
@@ -36,25 +42,42 @@ pub struct Spec {
 #[derive(Debug, Clone)]
 pub struct PodSpec {
     pub name: String,
+    pub namespace: String,
     /// 0 or 1.
     pub node: usize,
-    pub enrolled: bool,
+    /// The pod's own enrollment setting; `None` follows its namespace.
+    pub enrolled: Option<bool>,
     pub service_account: String,
     pub peer_authentication: Option<&'static str>,
     /// What the *other* node believes this pod's service account is. Lets a test make a client
     /// expect an identity the server does not hold.
     pub remote_service_account: Option<String>,
+    /// Run the CNI ADD at start; otherwise the pod's namespace exists, unconnected, until
+    /// [`Lab::cni_add`].
+    pub attach: bool,
 }
 
 impl PodSpec {
+    /// A pod of namespace `demo` with its own enrollment setting.
     pub fn new(name: &str, node: usize, enrolled: bool) -> Self {
         Self {
             name: name.to_owned(),
+            namespace: "demo".to_owned(),
             node,
-            enrolled,
+            enrolled: Some(enrolled),
             service_account: name.to_owned(),
             peer_authentication: None,
             remote_service_account: None,
+            attach: true,
+        }
+    }
+
+    /// A pod that follows its namespace's enrollment.
+    pub fn in_namespace(name: &str, node: usize, namespace: &str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            enrolled: None,
+            ..Self::new(name, node, false)
         }
     }
 }
@@ -68,15 +91,20 @@ pub struct Node {
     pub socket: PathBuf,
     pub config: PathBuf,
     pub log: PathBuf,
+    pub state_dir: PathBuf,
+    pub runtime: Runtime,
     child: Mutex<Option<Child>>,
 }
 
 /// A pod in the lab.
 pub struct Pod {
     pub name: String,
+    pub namespace: String,
     pub node: usize,
     pub netns: String,
+    /// The address the node files give it; host-local must assign the same (checked on ADD).
     pub ip: Ipv4Addr,
+    pub sandbox: Sandbox,
     netns_handle: Netns,
 }
 
@@ -84,7 +112,6 @@ pub struct Pod {
 pub struct Lab {
     pub tag: String,
     pub dir: PathBuf,
-    pub namespace: String,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
     culvert: PathBuf,
@@ -92,60 +119,107 @@ pub struct Lab {
 }
 
 impl Lab {
-    /// Builds the namespaces, writes the CA and node files, starts one daemon per node and
-    /// registers every pod with its node. `tag` (≤ 8 chars) prefixes every name created.
+    /// Builds the namespaces, writes the CA and node files, starts one daemon per node, and
+    /// runs the CNI ADD for every pod marked `attach`. `tag` (≤ 8 chars) prefixes every name
+    /// created. `culvert-cni` must sit next to `culvert`.
     pub fn start(tag: &str, culvert: &Path, spec: Spec) -> anyhow::Result<Self> {
         if !nix::unistd::geteuid().is_root() {
             bail!("the lab needs root: it creates network namespaces and netfilter rules");
         }
+        let plugin = culvert.with_file_name("culvert-cni");
+        ensure!(
+            plugin.exists(),
+            "{} is missing: build it (cargo build -p culvert-cni)",
+            plugin.display()
+        );
+        let bridge = Path::new(REFERENCE_PLUGINS).join("bridge");
+        ensure!(
+            bridge.exists(),
+            "{} is missing: install containernetworking-plugins",
+            bridge.display()
+        );
         let dir = std::env::temp_dir().join(format!("culvert-lab-{tag}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let home = crate::redirect::netns::home()?;
         let mut lab = Self {
             tag: tag.to_owned(),
             dir,
-            namespace: "demo".to_owned(),
             nodes: Vec::new(),
             pods: Vec::new(),
             culvert: culvert.to_owned(),
             spec,
         };
-        lab.build_nodes()?;
-        lab.build_pods(&home)?;
+        lab.build_nodes(&plugin)?;
+        lab.build_pods()?;
         crate::identity::write_root(&lab.dir, "Culvert lab CA")?;
         for i in 0..lab.nodes.len() {
             lab.write_node_file(i)?;
             lab.start_node(i)?;
         }
-        let names: Vec<String> = lab.pods.iter().map(|p| p.name.clone()).collect();
-        for name in names {
-            let response = lab.register(&name)?;
-            if !matches!(response, Response::Added { .. }) {
-                bail!("registering {name}: {response:?}");
-            }
+        let attach: Vec<String> = lab
+            .spec
+            .pods
+            .iter()
+            .filter(|p| p.attach)
+            .map(|p| p.name.clone())
+            .collect();
+        for name in attach {
+            lab.cni_add(&name)
+                .with_context(|| format!("CNI ADD for {name}"))?;
         }
         Ok(lab)
     }
 
-    fn build_nodes(&mut self) -> anyhow::Result<()> {
+    fn build_nodes(&mut self, plugin: &Path) -> anyhow::Result<()> {
         let tag = &self.tag;
         for i in 0..2 {
             let netns = format!("{tag}-n{i}");
             ip(&["netns", "add", &netns])?;
             ip(&["-n", &netns, "link", "set", "lo", "up"])?;
             enable_forwarding(&netns)?;
+            let conflist = json!({
+                "cniVersion": "1.0.0",
+                "name": format!("lab-n{i}"),
+                "plugins": [
+                    {
+                        "type": "bridge",
+                        "bridge": "cv0",
+                        "isGateway": true,
+                        "ipMasq": false,
+                        "ipam": {
+                            "type": "host-local",
+                            "ranges": [[{"subnet": format!("10.244.{}.0/24", i + 1)}]],
+                            "routes": [{"dst": "0.0.0.0/0"}],
+                            "dataDir": self.dir.join(format!("ipam-n{i}")),
+                        },
+                    },
+                    {
+                        "type": "culvert-cni",
+                        "socket": self.dir.join(format!("node{i}.sock")),
+                        "stateFile": self.dir.join(format!("state-n{i}/enrollment.json")),
+                        "timeoutSeconds": 20,
+                    },
+                ],
+            });
+            let plugin_dir = plugin.parent().context("plugin path")?.to_owned();
             self.nodes.push(Node {
                 name: format!("node-{}", ["a", "b"][i]),
                 wire_ip: Ipv4Addr::new(192, 0, 2, 1 + i as u8),
                 socket: self.dir.join(format!("node{i}.sock")),
                 config: self.dir.join(format!("node{i}.yaml")),
                 log: self.dir.join(format!("node{i}.log")),
+                state_dir: self.dir.join(format!("state-n{i}")),
+                runtime: Runtime {
+                    conflist,
+                    cni_path: vec![plugin_dir, PathBuf::from(REFERENCE_PLUGINS)],
+                    cache_dir: self.dir.join(format!("cni-cache-n{i}")),
+                    host_netns: netns.clone(),
+                },
                 netns,
                 child: Mutex::default(),
             });
         }
-        // The wire between the nodes.
+        // The wire between the nodes, and routes to each other's pod range across it.
         let (a, b) = (format!("{tag}a"), format!("{tag}b"));
         ip(&["link", "add", &a, "type", "veth", "peer", "name", &b])?;
         for (i, end) in [a, b].iter().enumerate() {
@@ -162,20 +236,9 @@ impl Lab {
                 "wire",
             ])?;
             ip(&["-n", &node.netns, "link", "set", "wire", "up"])?;
-            ip(&["-n", &node.netns, "link", "add", BRIDGE, "type", "bridge"])?;
-            ip(&[
-                "-n",
-                &node.netns,
-                "addr",
-                "add",
-                &format!("10.244.{}.1/24", i + 1),
-                "dev",
-                BRIDGE,
-            ])?;
-            ip(&["-n", &node.netns, "link", "set", BRIDGE, "up"])?;
         }
         for i in 0..2 {
-            let other = &self.nodes[1 - i];
+            let other = self.nodes[1 - i].wire_ip.to_string();
             let cidr = format!("10.244.{}.0/24", 2 - i);
             ip(&[
                 "-n",
@@ -184,77 +247,43 @@ impl Lab {
                 "add",
                 &cidr,
                 "via",
-                &other.wire_ip.to_string(),
+                &other,
             ])?;
         }
         Ok(())
     }
 
-    fn build_pods(&mut self, home: &Arc<File>) -> anyhow::Result<()> {
+    fn build_pods(&mut self) -> anyhow::Result<()> {
+        let home = crate::redirect::netns::home()?;
+        // host-local hands out addresses in order from .2; the node files are written with the
+        // same addresses, and every ADD checks that they match.
         let mut next_host = [2u8, 2u8];
         for (k, spec) in self.spec.pods.iter().enumerate() {
-            let node = &self.nodes[spec.node];
             let netns = format!("{}-p{k}", self.tag);
             let ipaddr = Ipv4Addr::new(10, 244, spec.node as u8 + 1, next_host[spec.node]);
             next_host[spec.node] += 1;
-            let host_end = format!("vp{k}");
             ip(&["netns", "add", &netns])?;
-            ip(&[
-                "-n",
-                &node.netns,
-                "link",
-                "add",
-                &host_end,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &netns,
-            ])?;
-            ip(&[
-                "-n",
-                &node.netns,
-                "link",
-                "set",
-                &host_end,
-                "master",
-                BRIDGE,
-                "up",
-            ])?;
-            ip(&[
-                "-n",
-                &netns,
-                "addr",
-                "add",
-                &format!("{ipaddr}/24"),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-            ip(&[
-                "-n",
-                &netns,
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("10.244.{}.1", spec.node + 1),
-            ])?;
             // Each node sees only its own pods' namespaces: labs running side by side reuse the
             // same pod addresses, and a daemon finds running pods by address.
             let node_dir = self.dir.join(format!("netns-n{}", spec.node));
             std::fs::create_dir_all(&node_dir)?;
             std::os::unix::fs::symlink(netns_path(&netns), node_dir.join(&netns))?;
-            let netns_handle = Netns::open(&netns_path(&netns), home.clone())?;
+            let container_id = format!("{}{k}c0ffee", self.tag);
+            let sandbox = Sandbox::kubernetes(
+                &container_id,
+                &netns_path(&netns),
+                &spec.namespace,
+                &spec.name,
+            );
             self.pods.push(Pod {
                 name: spec.name.clone(),
+                namespace: spec.namespace.clone(),
                 node: spec.node,
+                netns_handle: Netns::open(&netns_path(&netns), home.clone())?,
                 netns,
                 ip: ipaddr,
-                netns_handle,
+                sandbox,
             });
         }
         Ok(())
@@ -262,8 +291,10 @@ impl Lab {
 
     fn write_node_file(&self, i: usize) -> anyhow::Result<()> {
         let mut yaml = format!(
-            "node: {}\nca: {{ cert: ca.crt, key: ca.key }}\npeerAuthentication: {}\nworkloads:\n",
-            self.nodes[i].name, self.spec.mesh_mode
+            "node: {}\nca: {{ cert: ca.crt, key: ca.key }}\npeerAuthentication: {}\nenrolledNamespaces: [{}]\nworkloads:\n",
+            self.nodes[i].name,
+            self.spec.mesh_mode,
+            self.spec.enrolled_namespaces.join(", ")
         );
         for (pod, spec) in self.pods.iter().zip(&self.spec.pods) {
             let sa = match &spec.remote_service_account {
@@ -272,9 +303,12 @@ impl Lab {
             };
             let _ = write!(
                 yaml,
-                "  - {{ name: {}, namespace: {}, serviceAccount: {sa}, node: {}, ips: [{}], enrolled: {}",
-                pod.name, self.namespace, self.nodes[spec.node].name, pod.ip, spec.enrolled
+                "  - {{ name: {}, namespace: {}, serviceAccount: {sa}, node: {}, ips: [{}]",
+                pod.name, pod.namespace, self.nodes[spec.node].name, pod.ip
             );
+            if let Some(enrolled) = spec.enrolled {
+                let _ = write!(yaml, ", enrolled: {enrolled}");
+            }
             if let Some(mode) = spec.peer_authentication {
                 let _ = write!(yaml, ", peerAuthentication: {mode}");
             }
@@ -290,8 +324,7 @@ impl Lab {
                 .collect();
             let _ = writeln!(
                 yaml,
-                "  - {{ name: {name}, namespace: {}, vip: {vip}, ports: [{{ port: {port}, targetPort: {target} }}], endpoints: [{}] }}",
-                self.namespace,
+                "  - {{ name: {name}, namespace: demo, vip: {vip}, ports: [{{ port: {port}, targetPort: {target} }}], endpoints: [{}] }}",
                 ips.join(", ")
             );
         }
@@ -312,7 +345,7 @@ impl Lab {
             .arg("--cni-socket")
             .arg(&node.socket)
             .arg("--state-dir")
-            .arg(self.dir.join(format!("state-n{i}")))
+            .arg(&node.state_dir)
             .arg("--netns-dir")
             .arg(self.dir.join(format!("netns-n{i}")))
             .args(&self.spec.node_flags)
@@ -332,9 +365,11 @@ impl Lab {
                     node.log.display()
                 );
             }
-            if std::time::Instant::now() > deadline {
-                bail!("{} did not open its socket within 20s", node.name);
-            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "{} did not open its socket within 20s",
+                node.name
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
@@ -348,12 +383,8 @@ impl Lab {
 
     /// Sends `signal` to node `i`'s daemon.
     pub fn signal_node(&self, i: usize, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
-        if let Some(child) = self.nodes[i]
-            .child
-            .lock()
-            .expect("lab lock poisoned")
-            .as_ref()
-        {
+        let child = self.nodes[i].child.lock().expect("lab lock poisoned");
+        if let Some(child) = child.as_ref() {
             // `ip netns exec` execs the daemon, so the child pid is the daemon's.
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
             nix::sys::signal::kill(pid, signal)?;
@@ -374,15 +405,41 @@ impl Lab {
         })
     }
 
-    /// Sends a registration request for pod `name` to its node.
+    /// Runs the CNI ADD for pod `name` through its node's chain, and checks that host-local
+    /// gave it the address the node files say.
+    pub fn cni_add(&self, name: &str) -> anyhow::Result<serde_json::Value> {
+        let pod = self.pod(name);
+        let result = self.nodes[pod.node].runtime.add(&pod.sandbox)?;
+        let assigned = result["ips"][0]["address"].as_str().unwrap_or_default();
+        ensure!(
+            assigned == format!("{}/24", pod.ip),
+            "host-local assigned {assigned} to {name}; the node files say {}",
+            pod.ip
+        );
+        Ok(result)
+    }
+
+    /// Runs the CNI DEL for pod `name` through its node's chain.
+    pub fn cni_del(&self, name: &str) -> anyhow::Result<()> {
+        let pod = self.pod(name);
+        self.nodes[pod.node].runtime.del(&pod.sandbox)
+    }
+
+    /// Runs the CNI CHECK for pod `name` through its node's chain.
+    pub fn cni_check(&self, name: &str) -> anyhow::Result<()> {
+        let pod = self.pod(name);
+        self.nodes[pod.node].runtime.check(&pod.sandbox)
+    }
+
+    /// Sends an `AddPod` for pod `name` straight to its node's socket, as a plugin retry would.
     pub fn register(&self, name: &str) -> anyhow::Result<Response> {
         let pod = self.pod(name);
         let request = Request::AddPod(AddPod {
-            container_id: format!("{}-{}", self.tag, pod.name),
+            container_id: pod.sandbox.container_id.clone(),
             netns: netns_path(&pod.netns).display().to_string(),
             ifname: "eth0".into(),
             pod: PodRef {
-                namespace: self.namespace.clone(),
+                namespace: pod.namespace.clone(),
                 name: pod.name.clone(),
                 uid: None,
             },
@@ -391,11 +448,12 @@ impl Lab {
         self.call(pod.node, &request)
     }
 
+    /// Sends a `DelPod` for pod `name` straight to its node's socket: the daemon unwires the
+    /// pod and leaves its network alone.
     pub fn unregister(&self, name: &str) -> anyhow::Result<Response> {
         let pod = self.pod(name);
-        let container_id = format!("{}-{}", self.tag, pod.name);
         let request = Request::DelPod(DelPod {
-            container_id,
+            container_id: pod.sandbox.container_id.clone(),
             pod: None,
         });
         self.call(pod.node, &request)
@@ -422,6 +480,19 @@ impl Lab {
     /// Starts capturing TCP on node 0's side of the inter-node wire.
     pub fn capture_wire(&self) -> anyhow::Result<super::wire::Capture> {
         super::wire::Capture::start(&self.nodes[0].netns, "wire", &self.dir.join("wire.pcap"))
+    }
+
+    /// Kills the daemons and deletes every namespace; safe to call more than once.
+    pub fn teardown(&self) {
+        for i in 0..self.nodes.len() {
+            let _ = self.stop_node(i, nix::sys::signal::Signal::SIGKILL);
+        }
+        for pod in &self.pods {
+            let _ = ip(&["netns", "del", &pod.netns]);
+        }
+        for node in &self.nodes {
+            let _ = ip(&["netns", "del", &node.netns]);
+        }
     }
 }
 
@@ -453,21 +524,6 @@ impl Pod {
     pub fn serve_echo(&self, port: u16) -> std::io::Result<()> {
         super::serve(self.listen(port)?, super::echo);
         Ok(())
-    }
-}
-
-impl Lab {
-    /// Kills the daemons and deletes every namespace; safe to call more than once.
-    pub fn teardown(&self) {
-        for i in 0..self.nodes.len() {
-            let _ = self.stop_node(i, nix::sys::signal::Signal::SIGKILL);
-        }
-        for pod in &self.pods {
-            let _ = ip(&["netns", "del", &pod.netns]);
-        }
-        for node in &self.nodes {
-            let _ = ip(&["netns", "del", &node.netns]);
-        }
     }
 }
 
