@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::disallowed_types, clippy::print_stderr)]
 
 mod hostile;
+mod lifecycle;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;

@@ -126,7 +126,7 @@ impl Pods {
                     .find(|s| {
                         s.pod.namespace == pod.namespace
                             && s.pod.name == pod.name
-                            && s.netns == netns
+                            && netns::same(Path::new(&s.netns), path)
                     })
                     .map_or_else(
                         || format!("reconciled.{}.{}", pod.namespace, pod.name),

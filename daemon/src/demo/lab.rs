@@ -255,8 +255,7 @@ impl Lab {
 
     fn build_pods(&mut self) -> anyhow::Result<()> {
         let home = crate::redirect::netns::home()?;
-        // host-local hands out addresses in order from .2; the node files are written with the
-        // same addresses, and every ADD checks that they match.
+        // Pods ask host-local for the addresses the node files give them; every ADD checks it.
         let mut next_host = [2u8, 2u8];
         for (k, spec) in self.spec.pods.iter().enumerate() {
             let netns = format!("{}-p{k}", self.tag);
@@ -275,6 +274,7 @@ impl Lab {
                 &netns_path(&netns),
                 &spec.namespace,
                 &spec.name,
+                ipaddr,
             );
             self.pods.push(Pod {
                 name: spec.name.clone(),
@@ -403,6 +403,28 @@ impl Lab {
             Some(mut child) => Some(child.wait()?),
             None => None,
         })
+    }
+
+    /// Sets which namespaces are enrolled: rewrites both node files, sends SIGHUP, and waits
+    /// until both daemons have applied it.
+    pub fn set_enrolled_namespaces(&mut self, namespaces: &[&str]) -> anyhow::Result<()> {
+        self.spec.enrolled_namespaces = namespaces.iter().map(|n| (*n).to_owned()).collect();
+        let reloads = |i: usize| self.log(i).matches("configuration reloaded").count();
+        for i in 0..self.nodes.len() {
+            let before = reloads(i);
+            self.write_node_file(i)?;
+            self.signal_node(i, nix::sys::signal::Signal::SIGHUP)?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while reloads(i) == before {
+                ensure!(
+                    std::time::Instant::now() < deadline,
+                    "{} did not reload",
+                    self.nodes[i].name
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
     }
 
     /// Runs the CNI ADD for pod `name` through its node's chain, and checks that host-local

@@ -50,26 +50,46 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    pub fn kubernetes(container_id: &str, netns: &Path, namespace: &str, name: &str) -> Self {
+    /// A Kubernetes pod's sandbox. `ip` is passed as host-local's `IP` argument so that a
+    /// retried ADD gets the same address (containerd would not send it; the lab needs stable
+    /// addresses because its node files list them).
+    pub fn kubernetes(
+        container_id: &str,
+        netns: &Path,
+        namespace: &str,
+        name: &str,
+        ip: std::net::Ipv4Addr,
+    ) -> Self {
         Self {
             container_id: container_id.to_owned(),
             netns: netns.to_owned(),
             ifname: "eth0".to_owned(),
             args: format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={container_id};K8S_POD_UID=uid-{name}"
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={container_id};K8S_POD_UID=uid-{name};IP={ip}"
             ),
         }
     }
 }
 
 impl Runtime {
-    /// ADD through every plugin; caches and returns the final result. On failure nothing is
-    /// cached (the kubelet then tears the sandbox down and retries later).
+    /// ADD through every plugin; caches and returns the final result. On failure the runtime
+    /// tears down what the earlier plugins set up (a DEL, as containerd does) and caches nothing;
+    /// the kubelet retries later.
     pub fn add(&self, sandbox: &Sandbox) -> anyhow::Result<Value> {
         let mut prev: Option<Value> = None;
         for plugin in self.plugins()? {
-            let result = self.exec("ADD", plugin, sandbox, prev.as_ref())?;
-            prev = Some(result.context("ADD returned no result")?);
+            let result = self
+                .exec("ADD", plugin, sandbox, prev.as_ref())
+                .and_then(|r| r.context("ADD returned no result"));
+            match result {
+                Ok(result) => prev = Some(result),
+                Err(e) => {
+                    for plugin in self.plugins()?.iter().rev() {
+                        let _ = self.exec("DEL", plugin, sandbox, None);
+                    }
+                    return Err(e);
+                }
+            }
         }
         let result = prev.context("empty conflist")?;
         std::fs::create_dir_all(&self.cache_dir)?;

@@ -41,11 +41,11 @@ impl Netns {
 
     /// Whether `other` names the same namespace as this one.
     pub fn same_as(&self, other: &Path) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        match (self.pod.metadata(), std::fs::metadata(other)) {
-            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-            _ => false,
-        }
+        self.pod
+            .metadata()
+            .ok()
+            .zip(std::fs::metadata(other).ok())
+            .is_some_and(|(a, b)| same_file(&a, &b))
     }
 }
 
@@ -105,6 +105,19 @@ pub fn scan(
         }
     }
     found
+}
+
+/// Whether two paths name one namespace (one can be a bind mount or a symlink of the other).
+pub fn same(a: &Path, b: &Path) -> bool {
+    std::fs::metadata(a)
+        .ok()
+        .zip(std::fs::metadata(b).ok())
+        .is_some_and(|(a, b)| same_file(&a, &b))
+}
+
+fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a.dev() == b.dev() && a.ino() == b.ino()
 }
 
 /// Switches the thread back to the daemon's namespace when dropped, even on unwind.

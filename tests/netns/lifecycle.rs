@@ -1,0 +1,447 @@
+//! Enrollment lifecycle through the real CNI chain: no enrolled pod ever runs unredirected,
+//! across daemon outages, restarts, simulated reboots and enrollment changes.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use culvert::demo::runtime::PluginError;
+use culvert_cni_proto::{Request, Response};
+use culvert_tests::*;
+
+const ECHO: u16 = 8080;
+
+fn addr(lab: &Lab, pod: &str, port: u16) -> SocketAddr {
+    SocketAddr::from((lab.pod(pod).ip, port))
+}
+
+fn echo(lab: &Lab, from: &str, to: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    exchange(lab.pod(from).connect(to)?, payload)
+}
+
+fn in_pod(lab: &Lab, pod: &str, cmd: &[&str]) -> Option<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.pod(pod).netns])
+        .args(cmd)
+        .output()
+        .unwrap();
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// (nft tables named culvert, fwmark rules, listeners on the outbound port) in a pod.
+fn copies(lab: &Lab, pod: &str) -> (usize, usize, usize) {
+    let nft = in_pod(lab, pod, &["nft", "list", "tables"]).unwrap();
+    let rules = in_pod(lab, pod, &["ip", "rule"]).unwrap();
+    let listeners = in_pod(lab, pod, &["ss", "-Htln", "sport", "= :15001"]).unwrap();
+    (
+        nft.matches("inet culvert").count(),
+        rules.matches("fwmark 0x111/0xfff").count(),
+        listeners.lines().count(),
+    )
+}
+
+fn plugin_error(e: &anyhow::Error) -> &PluginError {
+    e.downcast_ref::<PluginError>()
+        .unwrap_or_else(|| panic!("not a plugin error: {e:#}"))
+}
+
+fn wired(lab: &Lab, node: usize) -> Vec<String> {
+    match lab.call(node, &Request::ListPods).unwrap() {
+        Response::Pods { pods } => pods
+            .into_iter()
+            .map(|p| format!("{}/{}", p.pod.namespace, p.pod.name))
+            .collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+#[ignore = "needs root: netns"]
+fn first_connections_after_add_are_already_redirected() {
+    let late = |name: &str, node| PodSpec {
+        attach: false,
+        ..PodSpec::new(name, node, true)
+    };
+    let lab = lab(
+        "cvfirst",
+        spec(vec![
+            late("client", 0),
+            PodSpec::new("outsider", 0, false),
+            PodSpec::new("server", 1, true),
+            PodSpec {
+                peer_authentication: Some("STRICT"),
+                ..late("fresh", 1)
+            },
+        ]),
+    );
+    lab.pod("server").serve_echo(ECHO).unwrap();
+    let capture = lab.capture_wire().unwrap();
+    let marker = b"FIRST-CONNECTION-MARKER-91e";
+
+    lab.cni_add("client").unwrap();
+    let back = echo(&lab, "client", addr(&lab, "server", ECHO), marker)
+        .expect("first outbound connection");
+    assert_eq!(back, marker);
+
+    lab.cni_add("fresh").unwrap();
+    lab.pod("fresh").serve_echo(ECHO).unwrap();
+    let knock = echo(&lab, "outsider", addr(&lab, "fresh", ECHO), b"knock");
+    assert!(
+        knock.map(|b| b.is_empty()).unwrap_or(true),
+        "first inbound plaintext reached a STRICT pod"
+    );
+    assert_eq!(
+        echo(&lab, "client", addr(&lab, "fresh", ECHO), marker).unwrap(),
+        marker
+    );
+
+    let segments = capture.finish().unwrap();
+    assert!(
+        !wire::contains(&segments, marker),
+        "a first connection left in plaintext"
+    );
+    assert!(wire::Report::of(&segments, 15008).hbone_bytes >= 4 * marker.len());
+    let line = access_line(&lab, 1, |v| {
+        v["transport"] == "hbone" && v["pod"] == "demo/server"
+    });
+    assert_eq!(line["src.id"], "spiffe://cluster.local/ns/demo/sa/client");
+}
+
+#[test]
+#[ignore = "needs root: netns"]
+fn add_fails_closed_while_the_daemon_is_down_and_succeeds_once_it_is_back() {
+    let mut spec = spec(vec![
+        PodSpec {
+            attach: false,
+            ..PodSpec::in_namespace("cart", 0, "shop")
+        },
+        PodSpec {
+            attach: false,
+            ..PodSpec::in_namespace("web", 0, "plain")
+        },
+        PodSpec::in_namespace("server", 1, "shop"),
+    ]);
+    spec.enrolled_namespaces = vec!["shop".into()];
+    let lab = lab("cvclosed", spec);
+    lab.stop_node(0, nix::sys::signal::Signal::SIGTERM).unwrap();
+
+    let err = lab
+        .cni_add("cart")
+        .expect_err("an enrolled pod started with its node's daemon down");
+    let err = plugin_error(&err);
+    assert_eq!(
+        (err.plugin.as_str(), err.code),
+        ("culvert-cni", 11),
+        "{err}"
+    );
+    assert!(
+        err.msg.contains("unreachable") && err.msg.contains("shop/cart is enrolled"),
+        "{err}"
+    );
+    assert!(
+        in_pod(&lab, "cart", &["ip", "-4", "addr", "show", "eth0"]).is_none(),
+        "failed ADD left a network"
+    );
+
+    lab.cni_add("web")
+        .expect("a pod of an unenrolled namespace is never blocked");
+
+    lab.start_node(0).unwrap();
+    lab.cni_add("cart")
+        .expect("the retried ADD succeeds once the daemon is back");
+    assert!(wired(&lab, 0).contains(&"shop/cart".to_owned()));
+    lab.pod("server").serve_echo(ECHO).unwrap();
+    assert_eq!(
+        echo(&lab, "cart", addr(&lab, "server", ECHO), b"hi").unwrap(),
+        b"hi"
+    );
+    access_line(&lab, 1, |v| {
+        v["transport"] == "hbone" && v["src.id"] == "spiffe://cluster.local/ns/shop/sa/cart"
+    });
+}
+
+#[test]
+#[ignore = "needs root: netns"]
+fn restart_after_sigkill_rewires_every_pod_once_and_never_leaks() {
+    let lab = lab(
+        "cvkill",
+        spec(vec![
+            PodSpec::new("client", 0, true),
+            PodSpec::new("peer", 0, true),
+            PodSpec::new("server", 1, true),
+        ]),
+    );
+    lab.pod("server").serve_echo(ECHO).unwrap();
+    lab.pod("peer").serve_echo(ECHO).unwrap();
+    let to = addr(&lab, "server", ECHO);
+    assert_eq!(echo(&lab, "client", to, b"before").unwrap(), b"before");
+    let marker = b"DOWNTIME-MARKER-4c1";
+    let capture = lab.capture_wire().unwrap();
+
+    let killed = Instant::now();
+    lab.stop_node(0, nix::sys::signal::Signal::SIGKILL).unwrap();
+    // While the daemon is gone the rules stay: connections are refused, not sent around it.
+    for _ in 0..5 {
+        let attempt = echo(&lab, "client", to, marker);
+        assert!(
+            attempt.map(|b| b.is_empty()).unwrap_or(true),
+            "traffic flowed with the daemon dead"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let restarting = Instant::now();
+    lab.start_node(0).unwrap();
+    let back = eventually("traffic after the restart", Duration::from_secs(20), || {
+        echo(&lab, "client", to, marker)
+            .ok()
+            .filter(|b| b == marker)
+    });
+    let (unreachable, after_start) = (killed.elapsed(), restarting.elapsed());
+    assert_eq!(back, marker);
+    eprintln!(
+        "SIGKILL restart: client unreachable for {unreachable:.0?} in all, {after_start:.0?} of it from daemon start to the first successful connection"
+    );
+
+    for pod in ["client", "peer"] {
+        assert_eq!(
+            copies(&lab, pod),
+            (1, 1, 1),
+            "{pod}: (nft tables, ip rules, listeners)"
+        );
+    }
+    assert_eq!(
+        echo(&lab, "client", addr(&lab, "peer", ECHO), b"same node").unwrap(),
+        b"same node"
+    );
+    let segments = capture.finish().unwrap();
+    assert!(
+        !wire::contains(&segments, marker),
+        "plaintext left the node around the restart"
+    );
+    // The runtime's ids survived the restart, so a later DEL finds the pod.
+    let ids: Vec<String> = match lab.call(0, &Request::ListPods).unwrap() {
+        Response::Pods { pods } => pods.into_iter().map(|p| p.container_id).collect(),
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        ids.contains(&lab.pod("client").sandbox.container_id),
+        "{ids:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs root: netns"]
+fn node_reboot_never_lets_an_enrolled_pod_send_plaintext() {
+    let lab = lab(
+        "cvboot",
+        spec(vec![
+            PodSpec::new("client", 0, true),
+            PodSpec::new("server", 1, true),
+        ]),
+    );
+    lab.pod("server").serve_echo(ECHO).unwrap();
+    let to = addr(&lab, "server", ECHO);
+    let capture = lab.capture_wire().unwrap();
+
+    // The reboot: daemon gone with its runtime state and every rule; pod namespaces and the
+    // enrollment state file survive (in a real reboot the runtime recreates the sandboxes).
+    lab.stop_node(0, nix::sys::signal::Signal::SIGKILL).unwrap();
+    for cmd in [
+        &["nft", "delete", "table", "inet", "culvert"][..],
+        &["ip", "rule", "del", "fwmark", "0x111/0xfff"],
+    ] {
+        in_pod(&lab, "client", cmd).unwrap();
+    }
+    std::fs::remove_file(lab.nodes[0].state_dir.join("pods.json")).unwrap();
+    assert!(lab.nodes[0].state_dir.join("enrollment.json").exists());
+    lab.cni_del("client").unwrap();
+
+    // The runtime recreates the sandbox before the daemon is back: refused, so the app never
+    // starts without redirection.
+    let err = lab
+        .cni_add("client")
+        .expect_err("sandbox created with the daemon down");
+    assert_eq!(plugin_error(&err).code, 11);
+
+    lab.start_node(0).unwrap();
+    lab.cni_add("client").expect("ADD after the daemon is back");
+    // Only now does the app run; its first connection is already redirected.
+    let marker = b"AFTER-REBOOT-MARKER-77";
+    assert_eq!(echo(&lab, "client", to, marker).unwrap(), marker);
+    assert_eq!(copies(&lab, "client"), (1, 1, 1));
+    let segments = capture.finish().unwrap();
+    assert!(
+        !wire::contains(&segments, marker),
+        "plaintext after the reboot"
+    );
+    assert!(wire::Report::of(&segments, 15008).tls13);
+}
+
+#[test]
+#[ignore = "needs root: netns"]
+fn enrollment_flip_wires_unwires_and_rewires_a_running_pod() {
+    let mut spec = spec(vec![
+        PodSpec::in_namespace("cart", 0, "shop"),
+        PodSpec::new("server", 1, true),
+    ]);
+    spec.enrolled_namespaces = vec!["shop".into()];
+    let mut lab = lab("cvflip", spec);
+    lab.pod("server").serve_echo(ECHO).unwrap();
+    let to = addr(&lab, "server", ECHO);
+    let through = |lab: &Lab, marker: &[u8]| {
+        let capture = lab.capture_wire().unwrap();
+        assert_eq!(echo(lab, "cart", to, marker).unwrap(), marker);
+        let segments = capture.finish().unwrap();
+        wire::contains(&segments, marker)
+    };
+
+    assert_eq!(copies(&lab, "cart"), (1, 1, 1));
+    assert!(
+        !through(&lab, b"ENROLLED-MARKER-1"),
+        "enrolled pod sent plaintext"
+    );
+
+    lab.set_enrolled_namespaces(&[]).unwrap();
+    assert_eq!(
+        copies(&lab, "cart"),
+        (0, 0, 0),
+        "released pod keeps rules or listeners"
+    );
+    assert!(!wired(&lab, 0).contains(&"shop/cart".to_owned()));
+    assert!(
+        through(&lab, b"RELEASED-MARKER-2"),
+        "a released pod's traffic should be plain TCP"
+    );
+
+    lab.set_enrolled_namespaces(&["shop"]).unwrap();
+    assert_eq!(copies(&lab, "cart"), (1, 1, 1));
+    assert!(
+        !through(&lab, b"ENROLLED-AGAIN-MARKER-3"),
+        "re-enrolled pod sent plaintext"
+    );
+}
+
+#[test]
+#[ignore = "needs root: netns"]
+fn del_never_fails() {
+    let lab = lab(
+        "cvdel2",
+        spec(vec![
+            PodSpec::new("twice", 0, true),
+            PodSpec::new("gone", 0, true),
+            PodSpec::new("nocache", 0, true),
+        ]),
+    );
+    lab.cni_del("twice").unwrap();
+    lab.cni_del("twice").expect("a second DEL");
+
+    Command::new("ip")
+        .args(["netns", "del", &lab.pod("gone").netns])
+        .status()
+        .unwrap();
+    lab.cni_del("gone").expect("DEL with the namespace gone");
+
+    let nocache = lab.pod("nocache");
+    lab.nodes[0].runtime.forget(&nocache.sandbox);
+    lab.cni_del("nocache").expect("DEL with no prevResult");
+    assert_eq!(wired(&lab, 0), Vec::<String>::new());
+}
+
+#[test]
+#[ignore = "needs root: netns"]
+fn check_reports_a_pod_whose_rules_were_removed() {
+    let lab = lab(
+        "cvcheck",
+        spec(vec![
+            PodSpec::new("client", 0, true),
+            PodSpec::new("legacy", 0, false),
+        ]),
+    );
+    lab.cni_check("client")
+        .expect("CHECK of a freshly wired pod");
+    lab.cni_check("legacy")
+        .expect("CHECK of a pod that is not enrolled");
+    in_pod(
+        &lab,
+        "client",
+        &["nft", "delete", "table", "inet", "culvert"],
+    )
+    .unwrap();
+    let err = lab
+        .cni_check("client")
+        .expect_err("CHECK passed with the rules gone");
+    let err = plugin_error(&err);
+    assert_eq!(err.code, 100);
+    assert!(
+        err.details.contains("redirection rules are missing"),
+        "{err}"
+    );
+    assert_eq!(
+        lab.register("client").unwrap(),
+        Response::Added { enrolled: true }
+    );
+    lab.cni_check("client")
+        .expect("CHECK after the rules were restored");
+}
+
+/// The plugin's stdout contract, run as the runtime runs it. Needs no root.
+#[test]
+fn plugin_answers_bad_input_with_spec_errors_on_stdout() {
+    let plugin = culvert_bin().with_file_name("culvert-cni");
+    let run = |env: &[(&str, &str)], stdin: &[u8]| {
+        use std::io::Write;
+        let mut child = Command::new(&plugin)
+            .env_clear()
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+        (out.status.success(), json)
+    };
+    let add = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "abc"),
+        ("CNI_NETNS", "/var/run/netns/x"),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    type Env<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(Env<'_>, &[u8], u64, &str); 4] = [
+        (&add, b"\x00garbage", 6, "not valid JSON"),
+        (
+            &add,
+            br#"{"cniVersion":"9.9.9","name":"n","type":"culvert-cni"}"#,
+            1,
+            "9.9.9",
+        ),
+        (
+            &add[..2],
+            br#"{"cniVersion":"1.0.0","name":"n","type":"culvert-cni"}"#,
+            4,
+            "CNI_NETNS",
+        ),
+        (&[("CNI_COMMAND", "LAUNCH")], b"{}", 4, "LAUNCH"),
+    ];
+    for (env, stdin, code, says) in cases {
+        let (ok, json) = run(env, stdin);
+        assert!(!ok, "exit status 0 for an error");
+        assert_eq!(json["code"], code, "{json}");
+        assert!(json["msg"].as_str().unwrap().contains(says), "{json}");
+        assert!(json["cniVersion"].is_string(), "{json}");
+    }
+    let (ok, json) = run(&[("CNI_COMMAND", "VERSION")], br#"{"cniVersion":"0.3.1"}"#);
+    assert!(ok);
+    assert_eq!(json["cniVersion"], "0.3.1");
+    assert_eq!(json["supportedVersions"].as_array().unwrap().len(), 5);
+}
