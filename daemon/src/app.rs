@@ -6,6 +6,7 @@
 mod pods;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
@@ -15,7 +16,7 @@ use tracing::{error, info, warn};
 use crate::config::{NodeArgs, NodeFile, RedirectChoice};
 use crate::identity::{self, LocalCa};
 use crate::proxy::Proxy;
-use crate::redirect::{Backend, cni, netns};
+use crate::redirect::{Backend, cni, install, netns};
 use crate::state::Store;
 use crate::tls;
 
@@ -54,6 +55,11 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     // served: until then the plugin fails closed for them.
     pods.reconcile().await;
 
+    let stop_installer = CancellationToken::new();
+    if args.cni.install {
+        install_cni(&args, stop_installer.clone())?;
+    }
+
     let listener = cni::bind(&args.cni_socket).with_context(|| {
         format!(
             "binding the registration socket {}",
@@ -85,6 +91,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
 
     info!(timeout = ?args.drain_timeout, "draining");
     stop_registrations.cancel();
+    stop_installer.cancel();
     let _ = std::fs::remove_file(&args.cni_socket);
     let left = proxy.drain(args.drain_timeout).await;
     if left > 0 {
@@ -140,6 +147,34 @@ fn reload(
     }
     info!("configuration reloaded");
     true
+}
+
+/// Installs the plugin binary and keeps its entry in the primary CNI configuration.
+fn install_cni(args: &NodeArgs, stop: CancellationToken) -> anyhow::Result<()> {
+    let source = match &args.cni.cni_plugin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?.with_file_name(install::PLUGIN),
+    };
+    let installed = install::install_binary(&source, &args.cni.cni_bin_dir)?;
+    info!(binary = %installed.display(), "culvert-cni installed");
+    let entry = serde_json::json!({
+        "type": install::PLUGIN,
+        "socket": args.cni_socket,
+        "stateFile": args.state_dir.join("enrollment.json"),
+    });
+    // Insert once now, so pods created right after start already get the plugin; then keep it.
+    match install::insert(&args.cni.cni_conf_dir, &entry)? {
+        install::Outcome::NoPrimary => warn!(dir = %args.cni.cni_conf_dir.display(),
+            "no CNI configuration yet; culvert-cni goes in once the primary CNI writes one"),
+        outcome => info!(?outcome, "culvert-cni is in the CNI configuration"),
+    }
+    tokio::spawn(install::watch(
+        args.cni.cni_conf_dir.clone(),
+        entry,
+        Duration::from_secs(1),
+        stop,
+    ));
+    Ok(())
 }
 
 /// Records which pods are enrolled, for the CNI plugin to fail closed on while the daemon is

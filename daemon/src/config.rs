@@ -50,6 +50,27 @@ pub struct NodeArgs {
     pub netns_dirs: Vec<PathBuf>,
     #[command(flatten)]
     pub ports: Ports,
+    #[command(flatten)]
+    pub cni: CniInstall,
+}
+
+/// Where the node's CNI plugins and configuration live, for installing culvert-cni.
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct CniInstall {
+    /// Install culvert-cni into the host's CNI directories and keep it in the primary
+    /// configuration while running. It stays installed when the daemon stops, so enrolled pods
+    /// keep failing closed until the daemon returns; `culvert cni-uninstall` removes it.
+    #[arg(long = "install-cni", env = "CULVERT_INSTALL_CNI")]
+    pub install: bool,
+    /// The host's CNI plugin directory.
+    #[arg(long, env = "CULVERT_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+    /// The host's CNI configuration directory.
+    #[arg(long, env = "CULVERT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// The culvert-cni binary to install; default: next to this executable.
+    #[arg(long, env = "CULVERT_CNI_PLUGIN")]
+    pub cni_plugin: Option<PathBuf>,
 }
 
 /// The per-pod ports, bound inside each enrolled pod's network namespace.

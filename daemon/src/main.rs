@@ -34,6 +34,14 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Remove culvert-cni from the host's CNI configuration and plugin directory (undoing
+    /// `culvert node --install-cni`).
+    CniUninstall {
+        #[arg(long, default_value = "/opt/cni/bin")]
+        cni_bin_dir: PathBuf,
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
+    },
     /// Build two simulated nodes with pods in network namespaces, send traffic between them
     /// over mTLS, report what happened, and tear it all down. Needs root.
     Demo(culvert::demo::Args),
@@ -50,6 +58,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Node(args) => runtime().and_then(|rt| rt.block_on(culvert::app::run(args))),
         Command::LocalCa { out } => culvert::identity::write_root(&out, "Culvert local CA"),
+        Command::CniUninstall {
+            cni_bin_dir,
+            cni_conf_dir,
+        } => culvert::redirect::install::uninstall(&cni_conf_dir, &cni_bin_dir)
+            .map(|changed| tracing::info!(files = ?changed, "culvert-cni uninstalled"))
+            .map_err(Into::into),
         Command::Demo(args) => culvert::demo::run(args),
     };
     match result {

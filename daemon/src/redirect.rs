@@ -5,6 +5,7 @@
 //! decide what traffic means: it hands accepted sockets and original destinations to the proxy.
 
 pub mod cni;
+pub mod install;
 pub mod netns;
 pub mod rules;
 

@@ -344,7 +344,7 @@ fn del_never_fails() {
     lab.cni_del("gone").expect("DEL with the namespace gone");
 
     let nocache = lab.pod("nocache");
-    lab.nodes[0].runtime.forget(&nocache.sandbox);
+    lab.nodes[0].runtime.forget(&nocache.sandbox).unwrap();
     lab.cni_del("nocache").expect("DEL with no prevResult");
     assert_eq!(wired(&lab, 0), Vec::<String>::new());
 }
@@ -444,4 +444,73 @@ fn plugin_answers_bad_input_with_spec_errors_on_stdout() {
     assert!(ok);
     assert_eq!(json["cniVersion"], "0.3.1");
     assert_eq!(json["supportedVersions"].as_array().unwrap().len(), 5);
+}
+
+#[test]
+#[ignore = "needs root: netns"]
+fn installer_keeps_the_plugin_in_the_chain_and_uninstall_restores_the_original() {
+    let lab = lab(
+        "cvinst",
+        spec(vec![
+            PodSpec {
+                attach: false,
+                ..PodSpec::new("client", 0, true)
+            },
+            PodSpec::new("server", 1, true),
+        ]),
+    );
+    let node = &lab.nodes[0];
+    let primary = node
+        .runtime
+        .conf_dir
+        .join(culvert::demo::lab::PRIMARY_CONFIG);
+    let plugin_types = || -> Vec<String> {
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&primary).unwrap()).unwrap();
+        config["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["type"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(plugin_types(), ["bridge", "culvert-cni"]);
+    let installed = node.runtime.cni_path[0].join("culvert-cni");
+    assert!(installed.exists(), "plugin binary not installed");
+
+    // The primary CNI rewrites its file without us: the daemon puts the entry back.
+    let mut original: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&primary).unwrap()).unwrap();
+    original["plugins"].as_array_mut().unwrap().pop();
+    std::fs::write(&primary, serde_json::to_vec_pretty(&original).unwrap()).unwrap();
+    eventually("the entry to come back", Duration::from_secs(5), || {
+        (plugin_types() == ["bridge", "culvert-cni"]).then_some(())
+    });
+    lab.cni_add("client").unwrap();
+    assert!(
+        wired(&lab, 0).contains(&"demo/client".to_owned()),
+        "the re-inserted plugin did not wire the pod"
+    );
+
+    // A stopping daemon leaves the entry, so enrolled pods keep failing closed until it returns.
+    lab.stop_node(0, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert_eq!(plugin_types(), ["bridge", "culvert-cni"]);
+
+    let out = Command::new(culvert_bin())
+        .arg("cni-uninstall")
+        .arg("--cni-conf-dir")
+        .arg(&node.runtime.conf_dir)
+        .arg("--cni-bin-dir")
+        .arg(&node.runtime.cni_path[0])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let restored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&primary).unwrap()).unwrap();
+    assert_eq!(restored, original);
+    assert!(!installed.exists(), "plugin binary left behind");
 }

@@ -23,6 +23,8 @@ use crate::redirect::Netns;
 
 /// Where Debian's containernetworking-plugins put the reference plugins.
 pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+/// The primary CNI's configuration file in each node's conf dir.
+pub const PRIMARY_CONFIG: &str = "10-bridge.conflist";
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -149,7 +151,7 @@ impl Lab {
             culvert: culvert.to_owned(),
             spec,
         };
-        lab.build_nodes(&plugin)?;
+        lab.build_nodes()?;
         lab.build_pods()?;
         crate::identity::write_root(&lab.dir, "Culvert lab CA")?;
         for i in 0..lab.nodes.len() {
@@ -170,38 +172,37 @@ impl Lab {
         Ok(lab)
     }
 
-    fn build_nodes(&mut self, plugin: &Path) -> anyhow::Result<()> {
+    fn build_nodes(&mut self) -> anyhow::Result<()> {
         let tag = &self.tag;
         for i in 0..2 {
             let netns = format!("{tag}-n{i}");
             ip(&["netns", "add", &netns])?;
             ip(&["-n", &netns, "link", "set", "lo", "up"])?;
             enable_forwarding(&netns)?;
-            let conflist = json!({
+            // The primary CNI's configuration; the node's daemon inserts culvert-cni itself.
+            let conf_dir = self.dir.join(format!("net.d-n{i}"));
+            std::fs::create_dir_all(&conf_dir)?;
+            let primary = json!({
                 "cniVersion": "1.0.0",
                 "name": format!("lab-n{i}"),
-                "plugins": [
-                    {
-                        "type": "bridge",
-                        "bridge": "cv0",
-                        "isGateway": true,
-                        "ipMasq": false,
-                        "ipam": {
-                            "type": "host-local",
-                            "ranges": [[{"subnet": format!("10.244.{}.0/24", i + 1)}]],
-                            "routes": [{"dst": "0.0.0.0/0"}],
-                            "dataDir": self.dir.join(format!("ipam-n{i}")),
-                        },
+                "plugins": [{
+                    "type": "bridge",
+                    "bridge": "cv0",
+                    "isGateway": true,
+                    "ipMasq": false,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": format!("10.244.{}.0/24", i + 1)}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],
+                        "dataDir": self.dir.join(format!("ipam-n{i}")),
                     },
-                    {
-                        "type": "culvert-cni",
-                        "socket": self.dir.join(format!("node{i}.sock")),
-                        "stateFile": self.dir.join(format!("state-n{i}/enrollment.json")),
-                        "timeoutSeconds": 20,
-                    },
-                ],
+                }],
             });
-            let plugin_dir = plugin.parent().context("plugin path")?.to_owned();
+            std::fs::write(
+                conf_dir.join(PRIMARY_CONFIG),
+                serde_json::to_vec_pretty(&primary)?,
+            )?;
+            let bin_dir = self.dir.join(format!("bin-n{i}"));
             self.nodes.push(Node {
                 name: format!("node-{}", ["a", "b"][i]),
                 wire_ip: Ipv4Addr::new(192, 0, 2, 1 + i as u8),
@@ -210,8 +211,8 @@ impl Lab {
                 log: self.dir.join(format!("node{i}.log")),
                 state_dir: self.dir.join(format!("state-n{i}")),
                 runtime: Runtime {
-                    conflist,
-                    cni_path: vec![plugin_dir, PathBuf::from(REFERENCE_PLUGINS)],
+                    conf_dir,
+                    cni_path: vec![bin_dir, PathBuf::from(REFERENCE_PLUGINS)],
                     cache_dir: self.dir.join(format!("cni-cache-n{i}")),
                     host_netns: netns.clone(),
                 },
@@ -348,6 +349,13 @@ impl Lab {
             .arg(&node.state_dir)
             .arg("--netns-dir")
             .arg(self.dir.join(format!("netns-n{i}")))
+            .arg("--install-cni")
+            .arg("--cni-conf-dir")
+            .arg(&node.runtime.conf_dir)
+            .arg("--cni-bin-dir")
+            .arg(&node.runtime.cni_path[0])
+            .arg("--cni-plugin")
+            .arg(self.culvert.with_file_name("culvert-cni"))
             .args(&self.spec.node_flags)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, bail, ensure};
 use serde_json::{Value, json};
 
 /// A CNI error a plugin returned.
@@ -30,10 +30,11 @@ impl std::fmt::Display for PluginError {
 
 impl std::error::Error for PluginError {}
 
-/// One node's runtime: its conflist, where plugins live, where results are cached, and the
-/// namespace plugins run in (the node's "host" namespace).
+/// One node's runtime: its CNI configuration directory, where plugins live, where results are
+/// cached, and the namespace plugins run in (the node's "host" namespace).
 pub struct Runtime {
-    pub conflist: Value,
+    /// Read before every operation, as libcni does: the first valid file is the network.
+    pub conf_dir: PathBuf,
     pub cni_path: Vec<PathBuf>,
     pub cache_dir: PathBuf,
     pub host_netns: String,
@@ -76,16 +77,17 @@ impl Runtime {
     /// tears down what the earlier plugins set up (a DEL, as containerd does) and caches nothing;
     /// the kubelet retries later.
     pub fn add(&self, sandbox: &Sandbox) -> anyhow::Result<Value> {
+        let network = self.network()?;
         let mut prev: Option<Value> = None;
-        for plugin in self.plugins()? {
+        for plugin in plugins(&network)? {
             let result = self
-                .exec("ADD", plugin, sandbox, prev.as_ref())
+                .exec(&network, "ADD", plugin, sandbox, prev.as_ref())
                 .and_then(|r| r.context("ADD returned no result"));
             match result {
                 Ok(result) => prev = Some(result),
                 Err(e) => {
-                    for plugin in self.plugins()?.iter().rev() {
-                        let _ = self.exec("DEL", plugin, sandbox, None);
+                    for plugin in plugins(&network)?.iter().rev() {
+                        let _ = self.exec(&network, "DEL", plugin, sandbox, None);
                     }
                     return Err(e);
                 }
@@ -93,50 +95,68 @@ impl Runtime {
         }
         let result = prev.context("empty conflist")?;
         std::fs::create_dir_all(&self.cache_dir)?;
-        std::fs::write(self.cache_file(sandbox), serde_json::to_vec(&result)?)?;
+        std::fs::write(
+            self.cache_file(&network, sandbox),
+            serde_json::to_vec(&result)?,
+        )?;
         Ok(result)
     }
 
     /// DEL through every plugin in reverse, with the cached result when there is one.
     pub fn del(&self, sandbox: &Sandbox) -> anyhow::Result<()> {
-        let cached = self.cached(sandbox);
-        for plugin in self.plugins()?.iter().rev() {
-            self.exec("DEL", plugin, sandbox, cached.as_ref())?;
+        let network = self.network()?;
+        let cached = self.cached(&network, sandbox);
+        for plugin in plugins(&network)?.iter().rev() {
+            self.exec(&network, "DEL", plugin, sandbox, cached.as_ref())?;
         }
-        let _ = std::fs::remove_file(self.cache_file(sandbox));
+        let _ = std::fs::remove_file(self.cache_file(&network, sandbox));
         Ok(())
     }
 
     /// CHECK through every plugin with the cached result.
     pub fn check(&self, sandbox: &Sandbox) -> anyhow::Result<()> {
+        let network = self.network()?;
         let cached = self
-            .cached(sandbox)
+            .cached(&network, sandbox)
             .context("no cached result to CHECK against")?;
-        for plugin in self.plugins()? {
-            self.exec("CHECK", plugin, sandbox, Some(&cached))?;
+        for plugin in plugins(&network)? {
+            self.exec(&network, "CHECK", plugin, sandbox, Some(&cached))?;
         }
         Ok(())
     }
 
     /// Forgets the cached result, as after a runtime lost its cache.
-    pub fn forget(&self, sandbox: &Sandbox) {
-        let _ = std::fs::remove_file(self.cache_file(sandbox));
+    pub fn forget(&self, sandbox: &Sandbox) -> anyhow::Result<()> {
+        let network = self.network()?;
+        let _ = std::fs::remove_file(self.cache_file(&network, sandbox));
+        Ok(())
     }
 
-    fn plugins(&self) -> anyhow::Result<&Vec<Value>> {
-        self.conflist["plugins"]
-            .as_array()
-            .context("conflist without plugins")
+    /// The network configuration in force: the primary file, a single-plugin `.conf` read as a
+    /// list of one.
+    pub fn network(&self) -> anyhow::Result<Value> {
+        let (path, mut config) = crate::redirect::install::primary(&self.conf_dir)?
+            .with_context(|| format!("no CNI configuration in {}", self.conf_dir.display()))?;
+        if config.get("plugins").is_none() {
+            let (version, name) = (config["cniVersion"].clone(), config["name"].clone());
+            config = json!({"cniVersion": version, "name": name, "plugins": [config]});
+        }
+        ensure!(
+            config["name"].is_string(),
+            "{} has no network name",
+            path.display()
+        );
+        Ok(config)
     }
 
-    fn cached(&self, sandbox: &Sandbox) -> Option<Value> {
-        std::fs::read(self.cache_file(sandbox))
+    fn cached(&self, network: &Value, sandbox: &Sandbox) -> Option<Value> {
+        std::fs::read(self.cache_file(network, sandbox))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
     }
 
-    fn cache_file(&self, sandbox: &Sandbox) -> PathBuf {
-        let name = self.conflist["name"].as_str().unwrap_or("net");
+    fn cache_file(&self, network: &Value, sandbox: &Sandbox) -> PathBuf {
+        let name = network["name"].as_str().unwrap_or("net");
         self.cache_dir.join(format!(
             "{name}-{}-{}",
             sandbox.container_id, sandbox.ifname
@@ -146,6 +166,7 @@ impl Runtime {
     /// Runs one plugin inside the node's namespace; `Ok(None)` for commands with no output.
     fn exec(
         &self,
+        network: &Value,
         command: &str,
         plugin: &Value,
         sandbox: &Sandbox,
@@ -159,8 +180,8 @@ impl Runtime {
             .find(|p| p.exists())
             .with_context(|| format!("plugin {kind} not found in CNI_PATH"))?;
         let mut config = plugin.clone();
-        config["name"] = self.conflist["name"].clone();
-        config["cniVersion"] = self.conflist["cniVersion"].clone();
+        config["name"] = network["name"].clone();
+        config["cniVersion"] = network["cniVersion"].clone();
         if let Some(prev) = prev {
             config["prevResult"] = prev.clone();
         }
@@ -202,4 +223,10 @@ impl Runtime {
         }
         Ok(stdout)
     }
+}
+
+fn plugins(network: &Value) -> anyhow::Result<&Vec<Value>> {
+    network["plugins"]
+        .as_array()
+        .context("conflist without plugins")
 }
