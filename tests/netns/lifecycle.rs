@@ -47,14 +47,17 @@ fn plugin_error(e: &anyhow::Error) -> &PluginError {
         .unwrap_or_else(|| panic!("not a plugin error: {e:#}"))
 }
 
+/// `namespace/name` of the pods a node has wired, sorted.
 fn wired(lab: &Lab, node: usize) -> Vec<String> {
-    match lab.call(node, &Request::ListPods).unwrap() {
-        Response::Pods { pods } => pods
-            .into_iter()
-            .map(|p| format!("{}/{}", p.pod.namespace, p.pod.name))
-            .collect(),
-        other => panic!("{other:?}"),
-    }
+    let Response::Pods { pods } = lab.call(node, &Request::ListPods).unwrap() else {
+        panic!("not a pod list")
+    };
+    let mut names: Vec<String> = pods
+        .into_iter()
+        .map(|p| format!("{}/{}", p.pod.namespace, p.pod.name))
+        .collect();
+    names.sort();
+    names
 }
 
 #[test]
@@ -513,4 +516,96 @@ fn installer_keeps_the_plugin_in_the_chain_and_uninstall_restores_the_original()
         serde_json::from_slice(&std::fs::read(&primary).unwrap()).unwrap();
     assert_eq!(restored, original);
     assert!(!installed.exists(), "plugin binary left behind");
+}
+
+/// Runs the installed plugin binary for `command` with `config` on stdin; returns (ok, stdout).
+fn plugin(lab: &Lab, command: &str, config: &serde_json::Value) -> (bool, String) {
+    use std::io::Write;
+    let node = &lab.nodes[0];
+    let mut child = Command::new(node.runtime.cni_path[0].join("culvert-cni"))
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&serde_json::to_vec(config).unwrap())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+#[ignore = "needs root: netns"]
+fn status_and_gc_reach_the_daemon_and_a_pod_deleted_while_it_was_down_is_forgotten() {
+    let lab = lab(
+        "cvgc",
+        spec(vec![
+            PodSpec::new("keep", 0, true),
+            PodSpec::new("stale", 0, true),
+            PodSpec::new("gone", 0, true),
+        ]),
+    );
+    let socket = lab.nodes[0].socket.display().to_string();
+    let config = |extra: serde_json::Value| {
+        let mut c = serde_json::json!({"cniVersion": "1.1.0", "name": "lab-n0", "type": "culvert-cni", "socket": socket});
+        c.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        c
+    };
+    assert_eq!(
+        plugin(&lab, "STATUS", &config(serde_json::json!({}))),
+        (true, String::new())
+    );
+
+    // GC: the runtime lists only "keep" and "gone" as valid.
+    let valid: Vec<serde_json::Value> = ["keep", "gone"]
+        .iter()
+        .map(|p| serde_json::json!({"containerID": lab.pod(p).sandbox.container_id, "ifname": "eth0"}))
+        .collect();
+    let (ok, out) = plugin(
+        &lab,
+        "GC",
+        &config(serde_json::json!({"cni.dev/valid-attachments": valid})),
+    );
+    assert!(ok, "{out}");
+    assert_eq!(wired(&lab, 0), ["demo/gone", "demo/keep"].map(String::from));
+    assert_eq!(
+        copies(&lab, "stale"),
+        (0, 0, 0),
+        "GC left the stale pod wired"
+    );
+    // The runtime disposes of the sandbox it no longer lists.
+    Command::new("ip")
+        .args(["netns", "del", &lab.pod("stale").netns])
+        .status()
+        .unwrap();
+
+    // "gone" is deleted while the daemon is down; on return the daemon no longer tracks it.
+    lab.stop_node(0, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let (ok, out) = plugin(&lab, "STATUS", &config(serde_json::json!({})));
+    assert!(
+        !ok && out.contains("\"code\":50"),
+        "STATUS with the daemon down: {out}"
+    );
+    lab.cni_del("gone").unwrap();
+    Command::new("ip")
+        .args(["netns", "del", &lab.pod("gone").netns])
+        .status()
+        .unwrap();
+    lab.start_node(0).unwrap();
+    assert_eq!(wired(&lab, 0), ["demo/keep"].map(String::from));
+    let recorded = std::fs::read_to_string(lab.nodes[0].state_dir.join("pods.json")).unwrap();
+    assert!(
+        !recorded.contains(&lab.pod("gone").sandbox.container_id),
+        "{recorded}"
+    );
 }
