@@ -11,8 +11,6 @@ use culvert::tls;
 use culvert_tests::*;
 use rustls::pki_types::ServerName;
 
-const ECHO: u16 = 8080;
-
 #[test]
 #[ignore = "needs root: netns"]
 fn hostile_input_on_the_hbone_port_gets_the_right_answer_and_harms_no_one() {

@@ -1,34 +1,12 @@
 //! Enrollment lifecycle through the real CNI chain: no enrolled pod ever runs unredirected,
 //! across daemon outages, restarts, simulated reboots and enrollment changes.
 
-use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use culvert::demo::runtime::PluginError;
 use culvert_cni_proto::{Request, Response};
 use culvert_tests::*;
-
-const ECHO: u16 = 8080;
-
-fn addr(lab: &Lab, pod: &str, port: u16) -> SocketAddr {
-    SocketAddr::from((lab.pod(pod).ip, port))
-}
-
-fn echo(lab: &Lab, from: &str, to: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
-    exchange(lab.pod(from).connect(to)?, payload)
-}
-
-fn in_pod(lab: &Lab, pod: &str, cmd: &[&str]) -> Option<String> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &lab.pod(pod).netns])
-        .args(cmd)
-        .output()
-        .unwrap();
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// (nft tables named culvert, fwmark rules, listeners on the outbound port) in a pod.
 fn copies(lab: &Lab, pod: &str) -> (usize, usize, usize) {
@@ -84,19 +62,19 @@ fn first_connections_after_add_are_already_redirected() {
     let marker = b"FIRST-CONNECTION-MARKER-91e";
 
     lab.cni_add("client").unwrap();
-    let back = echo(&lab, "client", addr(&lab, "server", ECHO), marker)
+    let back = round_trip(&lab, "client", addr(&lab, "server", ECHO), marker)
         .expect("first outbound connection");
     assert_eq!(back, marker);
 
     lab.cni_add("fresh").unwrap();
     lab.pod("fresh").serve_echo(ECHO).unwrap();
-    let knock = echo(&lab, "outsider", addr(&lab, "fresh", ECHO), b"knock");
+    let knock = round_trip(&lab, "outsider", addr(&lab, "fresh", ECHO), b"knock");
     assert!(
         knock.map(|b| b.is_empty()).unwrap_or(true),
         "first inbound plaintext reached a STRICT pod"
     );
     assert_eq!(
-        echo(&lab, "client", addr(&lab, "fresh", ECHO), marker).unwrap(),
+        round_trip(&lab, "client", addr(&lab, "fresh", ECHO), marker).unwrap(),
         marker
     );
 
@@ -157,7 +135,7 @@ fn add_fails_closed_while_the_daemon_is_down_and_succeeds_once_it_is_back() {
     assert!(wired(&lab, 0).contains(&"shop/cart".to_owned()));
     lab.pod("server").serve_echo(ECHO).unwrap();
     assert_eq!(
-        echo(&lab, "cart", addr(&lab, "server", ECHO), b"hi").unwrap(),
+        round_trip(&lab, "cart", addr(&lab, "server", ECHO), b"hi").unwrap(),
         b"hi"
     );
     access_line(&lab, 1, |v| {
@@ -179,7 +157,10 @@ fn restart_after_sigkill_rewires_every_pod_once_and_never_leaks() {
     lab.pod("server").serve_echo(ECHO).unwrap();
     lab.pod("peer").serve_echo(ECHO).unwrap();
     let to = addr(&lab, "server", ECHO);
-    assert_eq!(echo(&lab, "client", to, b"before").unwrap(), b"before");
+    assert_eq!(
+        round_trip(&lab, "client", to, b"before").unwrap(),
+        b"before"
+    );
     let marker = b"DOWNTIME-MARKER-4c1";
     let capture = lab.capture_wire().unwrap();
 
@@ -187,7 +168,7 @@ fn restart_after_sigkill_rewires_every_pod_once_and_never_leaks() {
     lab.stop_node(0, nix::sys::signal::Signal::SIGKILL).unwrap();
     // While the daemon is gone the rules stay: connections are refused, not sent around it.
     for _ in 0..5 {
-        let attempt = echo(&lab, "client", to, marker);
+        let attempt = round_trip(&lab, "client", to, marker);
         assert!(
             attempt.map(|b| b.is_empty()).unwrap_or(true),
             "traffic flowed with the daemon dead"
@@ -197,7 +178,7 @@ fn restart_after_sigkill_rewires_every_pod_once_and_never_leaks() {
     let restarting = Instant::now();
     lab.start_node(0).unwrap();
     let back = eventually("traffic after the restart", Duration::from_secs(20), || {
-        echo(&lab, "client", to, marker)
+        round_trip(&lab, "client", to, marker)
             .ok()
             .filter(|b| b == marker)
     });
@@ -215,7 +196,7 @@ fn restart_after_sigkill_rewires_every_pod_once_and_never_leaks() {
         );
     }
     assert_eq!(
-        echo(&lab, "client", addr(&lab, "peer", ECHO), b"same node").unwrap(),
+        round_trip(&lab, "client", addr(&lab, "peer", ECHO), b"same node").unwrap(),
         b"same node"
     );
     let segments = capture.finish().unwrap();
@@ -272,7 +253,7 @@ fn node_reboot_never_lets_an_enrolled_pod_send_plaintext() {
     lab.cni_add("client").expect("ADD after the daemon is back");
     // Only now does the app run; its first connection is already redirected.
     let marker = b"AFTER-REBOOT-MARKER-77";
-    assert_eq!(echo(&lab, "client", to, marker).unwrap(), marker);
+    assert_eq!(round_trip(&lab, "client", to, marker).unwrap(), marker);
     assert_eq!(copies(&lab, "client"), (1, 1, 1));
     let segments = capture.finish().unwrap();
     assert!(
@@ -295,7 +276,7 @@ fn enrollment_flip_wires_unwires_and_rewires_a_running_pod() {
     let to = addr(&lab, "server", ECHO);
     let through = |lab: &Lab, marker: &[u8]| {
         let capture = lab.capture_wire().unwrap();
-        assert_eq!(echo(lab, "cart", to, marker).unwrap(), marker);
+        assert_eq!(round_trip(lab, "cart", to, marker).unwrap(), marker);
         let segments = capture.finish().unwrap();
         wire::contains(&segments, marker)
     };

@@ -1,7 +1,7 @@
 //! Netns end-to-end tests: two simulated nodes, pods in network namespaces, a real `culvert node`
 //! process per node, real nftables/iptables redirection, and the wire between nodes captured.
 //!
-//! Needs root; run with `cargo test -p culvert-tests --test netns -- --ignored`. Without root
+//! Needs root; run with `cargo test -p culvert-tests --test netns -- --include-ignored`. Without root
 //! every test fails with a message saying so.
 
 #![allow(clippy::unwrap_used, clippy::disallowed_types, clippy::print_stderr)]
@@ -10,33 +10,14 @@ mod hostile;
 mod lifecycle;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use culvert_cni_proto::Response;
 use culvert_tests::*;
 
-const ECHO: u16 = 8080;
-
-fn addr(lab: &Lab, pod: &str, port: u16) -> SocketAddr {
-    SocketAddr::from((lab.pod(pod).ip, port))
-}
-
 fn echo_ok(lab: &Lab, from: &str, to: SocketAddr, payload: &[u8]) {
-    let back = exchange(lab.pod(from).connect(to).unwrap(), payload).unwrap();
+    let back = round_trip(lab, from, to, payload).unwrap();
     assert_eq!(back, payload, "{from} -> {to}: echo differs");
-}
-
-/// Runs a command inside a pod's namespace and returns its stdout, or None when it failed.
-fn in_pod(lab: &Lab, pod: &str, cmd: &[&str]) -> Option<String> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &lab.pod(pod).netns])
-        .args(cmd)
-        .output()
-        .unwrap();
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[test]

@@ -48,6 +48,36 @@ pub fn spec(pods: Vec<PodSpec>) -> Spec {
     }
 }
 
+/// The port the test apps listen on.
+pub const ECHO: u16 = 8080;
+
+/// Pod `pod`'s address at `port`.
+pub fn addr(lab: &Lab, pod: &str, port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::from((lab.pod(pod).ip, port))
+}
+
+/// Sends `payload` from pod `from` to `to`, half-closes, and returns what came back.
+pub fn round_trip(
+    lab: &Lab,
+    from: &str,
+    to: std::net::SocketAddr,
+    payload: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    exchange(lab.pod(from).connect(to)?, payload)
+}
+
+/// Runs a command inside a pod's namespace and returns its stdout, or None when it failed.
+pub fn in_pod(lab: &Lab, pod: &str, cmd: &[&str]) -> Option<String> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.pod(pod).netns])
+        .args(cmd)
+        .output()
+        .unwrap();
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
 pub fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
