@@ -400,6 +400,16 @@ impl Lab {
         Ok(())
     }
 
+    /// The process id of node `i`'s daemon, while it runs.
+    pub fn daemon_pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i]
+            .child
+            .lock()
+            .expect("lab lock poisoned")
+            .as_ref()
+            .map(Child::id)
+    }
+
     /// Waits for node `i`'s daemon to exit and returns its status.
     pub fn wait_node(&self, i: usize) -> anyhow::Result<Option<std::process::ExitStatus>> {
         let child = self.nodes[i]

@@ -1,0 +1,174 @@
+//! Micro-benchmarks of the daemon's hot paths: policy decisions, state lookups, identity
+//! parsing, and HBONE's byte path (mTLS + HTTP/2 CONNECT over loopback).
+
+#![allow(clippy::unwrap_used, clippy::print_stdout, clippy::disallowed_types)]
+
+use std::hint::black_box;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use culvert::hbone::{self, Dialer, Handler, Incoming};
+use culvert::identity::{self, Id, LocalCa};
+use culvert::state::{PeerAuthentication, Snapshot, Workload};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+fn snapshot(n: u32) -> Snapshot {
+    let workloads = (0..n)
+        .map(|i| Workload {
+            name: format!("w{i}"),
+            namespace: "bench".into(),
+            service_account: format!("sa{}", i % 50),
+            node: format!("n{}", i % 20),
+            ips: vec![std::net::Ipv4Addr::from(0x0af4_0000 + i).into()],
+            enrolled: false,
+            enrollment: Some(true),
+            peer_authentication: None,
+            identity: Id::new("cluster.local", "bench", &format!("sa{}", i % 50)).unwrap(),
+        })
+        .collect();
+    Snapshot::build(
+        "cluster.local",
+        PeerAuthentication::Permissive,
+        Default::default(),
+        workloads,
+        vec![],
+    )
+    .unwrap()
+}
+
+fn state_and_policy(c: &mut Criterion) {
+    let snap = snapshot(10_000);
+    let ip: std::net::IpAddr = std::net::Ipv4Addr::from(0x0af4_0000 + 4321).into();
+    c.bench_function("state: workload by IP among 10k", |b| {
+        b.iter(|| black_box(snap.workload_by_ip(black_box(ip))))
+    });
+    let w = snap.workload_by_ip(ip).unwrap().clone();
+    c.bench_function("policy: plaintext inbound decision", |b| {
+        b.iter(|| black_box(culvert::policy::plaintext_inbound(&snap, black_box(&w))))
+    });
+    c.bench_function("identity: parse a SPIFFE id", |b| {
+        b.iter(|| {
+            black_box(
+                "spiffe://cluster.local/ns/bench/sa/sa42"
+                    .parse::<Id>()
+                    .unwrap(),
+            )
+        })
+    });
+}
+
+/// Accepts every stream and sinks what arrives.
+struct Sink;
+
+impl Handler for Sink {
+    async fn handle(&self, incoming: Incoming) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sink = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 256 << 10];
+            while s.read(&mut buf).await.unwrap_or(0) > 0 {}
+        });
+        let upstream = TcpStream::connect(addr).await.unwrap();
+        let stream = incoming.accept().unwrap();
+        stream.splice(upstream).await;
+        let _ = sink.await;
+    }
+}
+
+struct Loopback;
+
+impl Dialer for Loopback {
+    fn socket(&self, _: SocketAddr) -> io::Result<TcpSocket> {
+        TcpSocket::new_v4()
+    }
+}
+
+fn hbone_bytes(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("culvert-bench-ca-{}", std::process::id()));
+    identity::write_root(&dir, "bench").unwrap();
+    let ca = LocalCa::load(
+        &dir.join("ca.crt"),
+        &dir.join("ca.key"),
+        None,
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let certs = identity::Cache::new(Arc::new(ca), culvert::tls::provider());
+    let (src, dst) = (
+        Id::new("cluster.local", "a", "a").unwrap(),
+        Id::new("cluster.local", "b", "b").unwrap(),
+    );
+    let (client, peer) = runtime.block_on(async {
+        certs.ensure(&src).await.unwrap();
+        certs.ensure(&dst).await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = listener.local_addr().unwrap();
+        let server = Arc::new(hbone::Server::new(
+            culvert::tls::server_config(&certs, &dst).unwrap(),
+            Arc::new(Sink),
+        ));
+        tokio::spawn(async move {
+            loop {
+                let (tcp, from) = listener.accept().await.unwrap();
+                let server = server.clone();
+                tokio::spawn(
+                    async move { server.serve(tcp, from, CancellationToken::new()).await },
+                );
+            }
+        });
+        (Arc::new(hbone::Client::new(certs.clone())), peer)
+    });
+    const MIB: usize = 1 << 20;
+    let mut group = c.benchmark_group("hbone");
+    group
+        .throughput(Throughput::Bytes(16 * MIB as u64))
+        .sample_size(10);
+    group.bench_function("16 MiB through one CONNECT stream (loopback, mTLS)", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                let request = hbone::Request {
+                    src: &src,
+                    src_ip: peer.ip(),
+                    dst: &dst,
+                    peer,
+                    target: peer,
+                    dialer: &Loopback,
+                };
+                let stream = client.connect(request).await.unwrap();
+                let (mut app, proxy_side) = local_pair().await;
+                let splice = tokio::spawn(async move { stream.splice(proxy_side).await });
+                let chunk = vec![7u8; MIB];
+                for _ in 0..16 {
+                    app.write_all(&chunk).await.unwrap();
+                }
+                app.shutdown().await.unwrap();
+                let mut rest = Vec::new();
+                app.read_to_end(&mut rest).await.unwrap();
+                black_box(splice.await.unwrap().sent)
+            })
+        })
+    });
+    group.finish();
+}
+
+/// A connected pair of loopback sockets.
+async fn local_pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let connect = TcpStream::connect(listener.local_addr().unwrap());
+    let (a, b) = tokio::join!(connect, listener.accept());
+    (a.unwrap(), b.unwrap().0)
+}
+
+criterion_group!(benches, state_and_policy, hbone_bytes);
+criterion_main!(benches);

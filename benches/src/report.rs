@@ -1,0 +1,257 @@
+//! Turning samples into a report: medians with their range, ratios to direct TCP, daemon CPU and
+//! memory, and the targets we hold ourselves to.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+
+use crate::{Mode, Results, Sample};
+
+/// A median and the range it came from.
+#[derive(Debug, Clone, Copy)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(mut values: Vec<f64>) -> Option<Self> {
+        values.retain(|v| v.is_finite());
+        if values.is_empty() {
+            return None;
+        }
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        let median = if n % 2 == 1 {
+            values[n / 2]
+        } else {
+            (values[n / 2 - 1] + values[n / 2]) / 2.0
+        };
+        Some(Self {
+            median,
+            min: values[0],
+            max: values[n - 1],
+        })
+    }
+
+    fn show(self, digits: usize) -> String {
+        if (self.max - self.min).abs() < f64::EPSILON {
+            format!("{:.digits$}", self.median)
+        } else {
+            format!(
+                "{:.digits$} ({:.digits$}..{:.digits$})",
+                self.median, self.min, self.max
+            )
+        }
+    }
+}
+
+fn spread(
+    results: &Results,
+    test: &str,
+    mode: Mode,
+    value: impl Fn(&Sample) -> f64,
+) -> Option<Spread> {
+    Spread::of(
+        results
+            .samples
+            .iter()
+            .filter(|s| s.test == test && s.mode == mode)
+            .map(value)
+            .collect(),
+    )
+}
+
+fn tests(results: &Results) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for s in &results.samples {
+        if !names.contains(&s.test) {
+            names.push(s.test.clone());
+        }
+    }
+    names
+}
+
+/// The Markdown report.
+pub(crate) fn markdown(results: &Results) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "Machine: {}. Repetitions: {}{}. Medians, with min..max over repetitions when they differ.\n",
+        results.machine,
+        results.reps,
+        if results.quick {
+            " (quick mode: short tests)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        md,
+        "| test | unit | direct | culvert | culvert / direct | daemon CPU (node-a + node-b) | CPU per unit |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+    for test in tests(results) {
+        let throughput = test.starts_with("throughput");
+        let (unit, per) = if throughput {
+            ("Gbit/s", "CPU-s/GiB")
+        } else {
+            ("ops/s", "CPU-µs/op")
+        };
+        let direct = spread(results, &test, Mode::Direct, |s| s.rate);
+        let culvert = spread(results, &test, Mode::Culvert, |s| s.rate);
+        let ratio = direct.zip(culvert).map(|(d, c)| c.median / d.median);
+        let cpu = spread(results, &test, Mode::Culvert, |s| s.cpu[0] + s.cpu[1]);
+        let per_unit = spread(results, &test, Mode::Culvert, |s| {
+            s.cpu_per_unit[0] + s.cpu_per_unit[1]
+        });
+        let digits = if throughput { 2 } else { 0 };
+        let _ = writeln!(
+            md,
+            "| {test} | {unit} | {} | {} | {} | {} | {} {per} |",
+            direct.map_or("-".into(), |s| s.show(digits)),
+            culvert.map_or("-".into(), |s| s.show(digits)),
+            ratio.map_or("-".into(), |r| format!("{r:.2}×")),
+            cpu.map_or("-".into(), |s| format!("{:.2} CPU-s/s", s.median)),
+            per_unit.map_or("-".into(), |s| format!("{:.2}", s.median)),
+        );
+    }
+
+    let _ = writeln!(
+        md,
+        "\nLatency percentiles (µs, medians over repetitions):\n"
+    );
+    let _ = writeln!(md, "| test | mode | p50 | p90 | p99 | p99.9 |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    for test in tests(results) {
+        for mode in [Mode::Direct, Mode::Culvert] {
+            let q = |i: usize| {
+                spread(results, &test, mode, |s| {
+                    s.latency_us.map_or(f64::NAN, |l| l[i])
+                })
+            };
+            let Some(p50) = q(0) else { continue };
+            let cells: Vec<String> = [Some(p50), q(1), q(2), q(3)]
+                .iter()
+                .map(|s| s.map_or("-".into(), |s| format!("{:.1}", s.median)))
+                .collect();
+            let _ = writeln!(md, "| {test} | {mode:?} | {} |", cells.join(" | "));
+        }
+    }
+
+    let idle = results
+        .idle_rss_kib
+        .iter()
+        .flat_map(|r| r.iter().copied())
+        .max()
+        .unwrap_or(0);
+    let peak = results
+        .samples
+        .iter()
+        .flat_map(|s| s.hwm_kib.iter().copied())
+        .max()
+        .unwrap_or(0);
+    let _ = writeln!(
+        md,
+        "\nDaemon memory: idle RSS after start, largest of both nodes over repetitions: {:.1} MiB; peak (VmHWM) over the whole run: {:.1} MiB.\n",
+        idle as f64 / 1024.0,
+        peak as f64 / 1024.0
+    );
+
+    let _ = writeln!(md, "Targets:\n");
+    for line in targets(results, idle, peak) {
+        let _ = writeln!(md, "- {line}");
+    }
+    md
+}
+
+fn targets(results: &Results, idle_kib: u64, peak_kib: u64) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut ratio_target = |test: &str, min: f64| {
+        let d = spread(results, test, Mode::Direct, |s| s.rate);
+        let c = spread(results, test, Mode::Culvert, |s| s.rate);
+        if let Some((d, c)) = d.zip(c) {
+            let r = c.median / d.median;
+            lines.push(format!(
+                "{test}: culvert/direct {r:.2} (target ≥ {min}): {}",
+                verdict(r >= min)
+            ));
+        }
+    };
+    ratio_target("throughput, 1 stream, a→b", 0.55);
+    ratio_target("throughput, 1 stream, b→a", 0.55);
+    ratio_target("connections, 1 worker", 0.4);
+    ratio_target("connections, 8 workers", 0.5);
+    for (i, name, budget) in [(0, "p50", 22.0), (2, "p99", 30.0)] {
+        let q = |mode| {
+            spread(results, "request/response, 1 B", mode, |s| {
+                s.latency_us.map_or(f64::NAN, |l| l[i])
+            })
+        };
+        if let Some((d, c)) = q(Mode::Direct).zip(q(Mode::Culvert)) {
+            let added = c.median - d.median;
+            lines.push(format!(
+                "request/response 1 B {name}: {:.1} µs vs direct {:.1} µs, +{added:.1} µs (target ≤ +{budget} µs): {}",
+                c.median, d.median, verdict(added <= budget)
+            ));
+        }
+    }
+    let mib = |k: u64| k as f64 / 1024.0;
+    lines.push(format!(
+        "idle RSS {:.1} MiB (target ≤ 8 MiB): {}",
+        mib(idle_kib),
+        verdict(mib(idle_kib) <= 8.0)
+    ));
+    lines.push(format!(
+        "peak RSS {:.1} MiB (target ≤ 20 MiB): {}",
+        mib(peak_kib),
+        verdict(mib(peak_kib) <= 20.0)
+    ));
+    lines
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "**missed**" }
+}
+
+/// Prints, for every test and mode, NEW's median rate as a ratio of OLD's.
+pub(crate) fn compare(old: &Path, new: &Path) -> anyhow::Result<()> {
+    let load = |p: &Path| -> anyhow::Result<Results> {
+        let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", p.display()))
+    };
+    let (old, new) = (load(old)?, load(new)?);
+    println!("| test | mode | old | new | new / old |\n|---|---|---|---|---|");
+    for test in tests(&new) {
+        for mode in [Mode::Direct, Mode::Culvert] {
+            let a = spread(&old, &test, mode, |s| s.rate);
+            let b = spread(&new, &test, mode, |s| s.rate);
+            if let Some((a, b)) = a.zip(b) {
+                println!(
+                    "| {test} | {mode:?} | {:.2} | {:.2} | {:.2}× |",
+                    a.median,
+                    b.median,
+                    b.median / a.median
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A one-line description of this machine.
+pub(crate) fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} × {cpu}, Linux {}", kernel.trim())
+}
