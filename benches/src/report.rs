@@ -111,11 +111,11 @@ pub(crate) fn markdown(results: &Results) -> String {
         let _ = writeln!(
             md,
             "| {test} | {unit} | {} | {} | {} | {} | {} {per} |",
-            direct.map_or("-".into(), |s| s.show(digits)),
-            culvert.map_or("-".into(), |s| s.show(digits)),
-            ratio.map_or("-".into(), |r| format!("{r:.2}×")),
-            cpu.map_or("-".into(), |s| format!("{:.2} CPU-s/s", s.median)),
-            per_unit.map_or("-".into(), |s| format!("{:.2}", s.median)),
+            direct.map_or_else(|| "-".into(), |s| s.show(digits)),
+            culvert.map_or_else(|| "-".into(), |s| s.show(digits)),
+            ratio.map_or_else(|| "-".into(), |r| format!("{r:.2}×")),
+            cpu.map_or_else(|| "-".into(), |s| format!("{:.2} CPU-s/s", s.median)),
+            per_unit.map_or_else(|| "-".into(), |s| format!("{:.2}", s.median)),
         );
     }
 
@@ -135,7 +135,7 @@ pub(crate) fn markdown(results: &Results) -> String {
             let Some(p50) = q(0) else { continue };
             let cells: Vec<String> = [Some(p50), q(1), q(2), q(3)]
                 .iter()
-                .map(|s| s.map_or("-".into(), |s| format!("{:.1}", s.median)))
+                .map(|s| s.map_or_else(|| "-".into(), |s| format!("{:.1}", s.median)))
                 .collect();
             let _ = writeln!(md, "| {test} | {mode:?} | {} |", cells.join(" | "));
         }
