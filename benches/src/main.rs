@@ -51,6 +51,12 @@ struct RunArgs {
     /// Where to write the Markdown table (default: next to --out, .md).
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// Run only the tests whose name contains this text (for profiling one of them).
+    #[arg(long)]
+    only: Option<String>,
+    /// The daemons' log filter (the access log needs `access=info`; the path check reads it).
+    #[arg(long, default_value = "warn,access=info")]
+    daemon_log: String,
 }
 
 /// How the traffic travels.
@@ -139,7 +145,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         mesh_mode: "PERMISSIVE",
         enrolled_namespaces: vec![],
         services: vec![],
-        node_flags: vec!["--log".into(), "warn,access=info".into()],
+        node_flags: vec!["--log".into(), args.daemon_log.clone()],
     };
     eprintln!("culvert-bench: building the lab ({reps} repetition(s))");
     let lab = Lab::start("cvbench", &culvert, spec)?;
@@ -227,6 +233,10 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
             },
         ),
     ];
+    let tests: Vec<_> = tests
+        .into_iter()
+        .filter(|(name, _)| args.only.as_ref().is_none_or(|o| name.contains(o.as_str())))
+        .collect();
     let mut results = Results {
         machine: report::machine(),
         quick: args.quick,

@@ -37,7 +37,7 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// Budget for a TCP connect plus TLS handshake, and for dialling the upstream app.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from a TCP socket per turn before they are offered to the stream.
-const READ_CHUNK: usize = 64 << 10;
+const READ_CHUNK: usize = 256 << 10;
 
 /// The peer node's HBONE endpoint (`podIP:15008`).
 pub type PeerAddr = SocketAddr;
@@ -209,7 +209,9 @@ pub async fn splice_tcp(local: TcpStream, remote: TcpStream) -> Transfer {
     }
 }
 
-/// Applies the socket options of design.md section 4 to a proxy socket.
+/// Applies the socket options of design.md section 4 to a socket that crosses the network
+/// (the HBONE connection). Sockets to apps in the same pod only get TCP_NODELAY: keepalive could
+/// never fire there, and each option is a syscall on every connection.
 pub fn tune(stream: &TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let keepalive = socket2::TcpKeepalive::new()

@@ -48,14 +48,17 @@ impl Sockets {
     /// next to an old one during an upgrade.
     pub fn listen(&self, ports: Ports) -> io::Result<Listeners> {
         let listen = |port| -> io::Result<TcpListener> {
-            let socket = self
-                .netns
-                .run(|| Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP)))??;
+            let socket = self.netns.run(|| {
+                Socket::new(
+                    Domain::IPV6,
+                    Type::STREAM.nonblocking(),
+                    Some(Protocol::TCP),
+                )
+            })??;
             socket.set_only_v6(false)?;
             socket.set_reuse_address(true)?;
             socket.set_reuse_port(true)?;
             socket.set_mark(rules::PROXY_MARK)?;
-            socket.set_nonblocking(true)?;
             socket.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
             socket.listen(1024)?;
             TcpListener::from_std(socket.into())
@@ -97,9 +100,8 @@ impl Sockets {
         let domain = Domain::for_address(dst);
         let socket = self
             .netns
-            .run(|| Socket::new(domain, Type::STREAM, Some(Protocol::TCP)))??;
+            .run(|| Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP)))??;
         socket.set_mark(rules::PROXY_MARK)?;
-        socket.set_nonblocking(true)?;
         Ok(socket)
     }
 }

@@ -135,7 +135,7 @@ impl hbone::Handler for Hbone {
                     return;
                 }
             };
-            let _ = hbone::tune(&upstream);
+            let _ = upstream.set_nodelay(true);
             match incoming.accept() {
                 Ok(stream) => {
                     let transfer = stream.splice(upstream).await;
