@@ -104,6 +104,10 @@ pub(crate) struct Results {
     pub(crate) reps: usize,
     /// Daemon RSS right after each restart, KiB, per repetition, node-a then node-b.
     pub(crate) idle_rss_kib: Vec<[u64; 2]>,
+    /// The same, split into file-backed pages (code, libraries) and anonymous memory (heap,
+    /// stacks), KiB, from /proc/<pid>/smaps_rollup.
+    #[serde(default)]
+    pub(crate) idle_split_kib: Vec<[(u64, u64); 2]>,
     pub(crate) samples: Vec<Sample>,
 }
 
@@ -242,6 +246,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         quick: args.quick,
         reps,
         idle_rss_kib: vec![],
+        idle_split_kib: vec![],
         samples: vec![],
     };
     for rep in 0..reps {
@@ -252,6 +257,9 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         verify_paths(&lab)?;
         std::thread::sleep(Duration::from_millis(500));
         results.idle_rss_kib.push([0, 1].map(|i| memory(&lab, i).0));
+        results
+            .idle_split_kib
+            .push([0, 1].map(|i| rss_split(&lab, i)));
         for (name, test) in &tests {
             for mode in [Mode::Direct, Mode::Culvert] {
                 let sample = measure(&lab, name, *test, mode, rep)?;
@@ -445,6 +453,24 @@ fn memory(lab: &Lab, i: usize) -> (u64, u64) {
             .unwrap_or(0)
     };
     (kib("VmRSS:"), kib("VmHWM:"))
+}
+
+/// (file-backed, anonymous) resident memory of node `i`'s daemon, KiB.
+fn rss_split(lab: &Lab, i: usize) -> (u64, u64) {
+    let Some(pid) = lab.daemon_pid(i) else {
+        return (0, 0);
+    };
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let kib = |key: &str| {
+        rollup
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    let rss: u64 = kib("Rss:");
+    let anon = kib("Anonymous:");
+    (rss.saturating_sub(anon), anon)
 }
 
 fn sysctl(lab: &Lab, pod: &str, key: &str, value: &str) -> anyhow::Result<()> {

@@ -153,11 +153,21 @@ pub(crate) fn markdown(results: &Results) -> String {
         .flat_map(|s| s.hwm_kib.iter().copied())
         .max()
         .unwrap_or(0);
+    let (file, anon) = results
+        .idle_split_kib
+        .iter()
+        .flat_map(|r| r.iter().copied())
+        .max_by_key(|(file, anon)| file + anon)
+        .unwrap_or((0, 0));
+    let mib = |kib: u64| kib as f64 / 1024.0;
     let _ = writeln!(
         md,
-        "\nDaemon memory: idle RSS after start, largest of both nodes over repetitions: {:.1} MiB; peak (VmHWM) over the whole run: {:.1} MiB.\n",
-        idle as f64 / 1024.0,
-        peak as f64 / 1024.0
+        "\nDaemon memory: idle RSS after start, largest of both nodes over repetitions: {:.1} MiB \
+         ({:.1} MiB code and libraries, {:.1} MiB heap and stacks); peak (VmHWM) over the whole run: {:.1} MiB.\n",
+        mib(idle),
+        mib(file),
+        mib(anon),
+        mib(peak)
     );
 
     let _ = writeln!(md, "Targets:\n");

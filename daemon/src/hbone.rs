@@ -12,7 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -36,8 +36,11 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(10);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// Budget for a TCP connect plus TLS handshake, and for dialling the upstream app.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bytes read from a TCP socket per turn before they are offered to the stream.
-const READ_CHUNK: usize = 256 << 10;
+/// Bytes read from a TCP socket per turn before they are offered to the stream: a connection
+/// starts small and doubles while its reads fill the buffer, so idle and chatty connections hold
+/// little memory and bulk transfers make few syscalls.
+const MIN_READ: usize = 16 << 10;
+const MAX_READ: usize = 256 << 10;
 
 /// The peer node's HBONE endpoint (`podIP:15008`).
 pub type PeerAddr = SocketAddr;
@@ -142,10 +145,14 @@ impl Stream {
         let send = &mut self.send;
         let recv = &mut self.recv;
         let upstream = async {
-            let mut buf = BytesMut::new();
+            let (mut buf, mut want) = (BytesMut::new(), MIN_READ);
             loop {
-                buf.reserve(READ_CHUNK);
-                if rd.read_buf(&mut buf).await? == 0 {
+                buf.reserve(want);
+                let n = rd.read_buf(&mut (&mut buf).limit(want)).await?;
+                if n == want {
+                    want = (want * 2).min(MAX_READ);
+                }
+                if n == 0 {
                     send.send_data(Bytes::new(), true)
                         .map_err(io::Error::other)?;
                     return Ok::<_, io::Error>(());
