@@ -127,3 +127,18 @@ pub(crate) fn serve_one_byte(listener: TcpListener, threads: usize) -> anyhow::R
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_pick_the_nearest_rank_in_microseconds() {
+        let mut lat = Latencies((1..=1000).rev().map(|us| us * 1000).collect());
+        assert_eq!(lat.quantile_us(0.5), 501.0);
+        assert_eq!(lat.quantile_us(0.99), 990.0);
+        assert_eq!(lat.quantile_us(0.0), 1.0);
+        assert_eq!(lat.quantile_us(1.0), 1000.0);
+        assert!(Latencies::default().quantile_us(0.5).is_nan());
+    }
+}

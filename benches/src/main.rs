@@ -154,8 +154,11 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     eprintln!("culvert-bench: building the lab ({reps} repetition(s))");
     let lab = Lab::start("cvbench", &culvert, spec)?;
     let mut servers = Vec::new();
-    for pod in ["client", "dclient"] {
-        // Many short connections: let TIME_WAIT ports be reused, as busy clients configure.
+    // Many short connections: let TIME_WAIT ports be reused, as busy clients configure. The
+    // server pods need it too: through Culvert the side that closes first toward the server is
+    // the daemon's upstream socket, which lives in the server's pod, so the client's TIME_WAIT
+    // moves there (with the same address and port space the client had).
+    for pod in ["client", "dclient", "server", "dserver"] {
         sysctl(&lab, pod, "net.ipv4.tcp_tw_reuse", "1")?;
         sysctl(&lab, pod, "net.ipv4.ip_local_port_range", "1024 65000")?;
     }
@@ -179,7 +182,6 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         );
         load::serve_echo(p.listen(ECHO_PORT)?);
         load::serve_one_byte(p.listen(CONN_PORT)?, 16)?;
-        sysctl(&lab, pod, "net.ipv4.ip_local_port_range", "1024 65000")?;
     }
     std::thread::sleep(Duration::from_millis(300));
 

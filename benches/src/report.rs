@@ -265,3 +265,95 @@ pub(crate) fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cores} × {cpu}, Linux {}", kernel.trim())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Sample;
+
+    fn sample(test: &str, mode: Mode, rep: usize, rate: f64, p50: f64, p99: f64) -> Sample {
+        Sample {
+            test: test.into(),
+            mode,
+            rep,
+            rate,
+            latency_us: Some([p50, p50, p99, p99]),
+            cpu: [0.1, 0.2],
+            cpu_per_unit: [1.0, 2.0],
+            rss_kib: [4096, 4096],
+            hwm_kib: [8192, 30 * 1024],
+        }
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts_and_its_range() {
+        let s = Spread::of(vec![3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        assert_eq!(Spread::of(vec![4.0, 1.0, 2.0, 3.0]).unwrap().median, 2.5);
+        assert_eq!(Spread::of(vec![f64::NAN]).map(|s| s.median), None);
+        assert_eq!(s.show(1), "2.0 (1.0..3.0)");
+        assert_eq!(Spread::of(vec![5.0]).unwrap().show(0), "5");
+    }
+
+    #[test]
+    fn targets_compare_medians_with_direct_in_the_same_run() {
+        let rr = "request/response, 1 B";
+        let conn = "connections, 1 worker";
+        let results = Results {
+            machine: "test".into(),
+            quick: false,
+            reps: 3,
+            idle_rss_kib: vec![[7000, 7200]],
+            idle_split_kib: vec![[(6000, 1000), (6100, 1100)]],
+            samples: (0..3)
+                .flat_map(|rep| {
+                    [
+                        sample(rr, Mode::Direct, rep, 100.0, 50.0, 80.0),
+                        sample(rr, Mode::Culvert, rep, 60.0, 70.0 + rep as f64, 100.0),
+                        sample(conn, Mode::Direct, rep, 1000.0, 1.0, 1.0),
+                        sample(
+                            conn,
+                            Mode::Culvert,
+                            rep,
+                            300.0 + rep as f64 * 200.0,
+                            1.0,
+                            1.0,
+                        ),
+                    ]
+                })
+                .collect(),
+        };
+        let lines = targets(&results, 7200, 30 * 1024);
+        assert!(
+            lines.contains(
+                &"connections, 1 worker: culvert/direct 0.50 (target ≥ 0.4): met".to_owned()
+            ),
+            "{lines:#?}"
+        );
+        assert!(
+            lines.iter().any(|l| l
+                .starts_with("request/response 1 B p50: 71.0 µs vs direct 50.0 µs, +21.0 µs")
+                && l.ends_with("met")),
+            "{lines:#?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("request/response 1 B p99") && l.ends_with("met")),
+            "{lines:#?}"
+        );
+        assert!(
+            lines.contains(&"idle RSS 7.0 MiB (target ≤ 8 MiB): met".to_owned()),
+            "{lines:#?}"
+        );
+        assert!(
+            lines.contains(&"peak RSS 30.0 MiB (target ≤ 20 MiB): **missed**".to_owned()),
+            "{lines:#?}"
+        );
+        let md = markdown(&results);
+        assert!(
+            md.contains("| connections, 1 worker | ops/s | 1000 | 500 (300..700) | 0.50× |"),
+            "{md}"
+        );
+    }
+}

@@ -86,6 +86,10 @@ impl Sockets {
                 IpAddr::V4(_) => socket.set_ip_transparent_v4(true),
                 IpAddr::V6(_) => socket.set_ip_transparent_v6(true),
             };
+            // Bind the address only; connect() picks the port by the whole 4-tuple. A port
+            // chosen at bind time would have to be free of every TIME_WAIT on that address, a
+            // search that slows to milliseconds under a high connection rate.
+            let _ = nix::sys::socket::setsockopt(&socket, sockopt::IpBindAddressNoPort, &true);
             if transparent
                 .and_then(|()| socket.bind(&SocketAddr::new(src, 0).into()))
                 .is_ok()
