@@ -34,12 +34,32 @@ pub struct Pod {
     pub identity: Id,
     pub ips: Vec<IpAddr>,
     pub sockets: Sockets,
+    /// `namespace/name`, made once: every connection logs it.
+    label: Arc<str>,
 }
 
 impl Pod {
+    pub fn new(
+        namespace: String,
+        name: String,
+        identity: Id,
+        ips: Vec<IpAddr>,
+        sockets: Sockets,
+    ) -> Self {
+        let label = format!("{namespace}/{name}").into();
+        Self {
+            namespace,
+            name,
+            identity,
+            ips,
+            sockets,
+            label,
+        }
+    }
+
     /// `namespace/name`, for logs.
-    pub fn label(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+    pub fn label(&self) -> &str {
+        &self.label
     }
 
     fn owns(&self, ip: IpAddr) -> bool {

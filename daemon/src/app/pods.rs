@@ -235,13 +235,13 @@ impl Pods {
             .context("binding the pod's listeners")?;
         self.apply_rules(sockets.netns().clone(), spec).await?;
 
-        let pod = Arc::new(Pod {
-            namespace: req.pod.namespace.clone(),
-            name: req.pod.name.clone(),
-            identity: workload.identity.clone(),
-            ips: ips.clone(),
+        let pod = Arc::new(Pod::new(
+            req.pod.namespace.clone(),
+            req.pod.name.clone(),
+            workload.identity.clone(),
+            ips.clone(),
             sockets,
-        });
+        ));
         let stop = CancellationToken::new();
         self.deps
             .proxy

@@ -1,9 +1,11 @@
 //! One record per proxied connection: the access log line.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::time::Instant;
 
+use super::Pod;
 use crate::hbone::Transfer;
 use crate::identity::Id;
 
@@ -51,12 +53,12 @@ pub(super) struct Record {
     pub(super) dst: SocketAddr,
     pub(super) src_id: Option<Id>,
     pub(super) dst_id: Option<Id>,
-    pub(super) pod: String,
+    pub(super) pod: Arc<str>,
     start: Instant,
 }
 
 impl Record {
-    pub(super) fn new(direction: Direction, pod: &str, src: SocketAddr, dst: SocketAddr) -> Self {
+    pub(super) fn new(direction: Direction, pod: &Pod, src: SocketAddr, dst: SocketAddr) -> Self {
         Self {
             direction,
             transport: Transport::Passthrough,
@@ -64,7 +66,7 @@ impl Record {
             dst,
             src_id: None,
             dst_id: None,
-            pod: pod.to_owned(),
+            pod: pod.label.clone(),
             start: Instant::now(),
         }
     }
@@ -87,11 +89,11 @@ impl Record {
         let dst_id = self.dst_id.as_ref().map(Id::as_str);
         match error {
             None => tracing::info!(target: "access", parent: None,
-                direction, transport, pod = self.pod, src.addr = %self.src, dst.addr = %self.dst,
+                direction, transport, pod = &*self.pod, src.addr = %self.src, dst.addr = %self.dst,
                 src.id = src_id, dst.id = dst_id, bytes_sent = sent, bytes_received = received,
                 duration_ms, "connection complete"),
             Some(error) => tracing::warn!(target: "access", parent: None,
-                direction, transport, pod = self.pod, src.addr = %self.src, dst.addr = %self.dst,
+                direction, transport, pod = &*self.pod, src.addr = %self.src, dst.addr = %self.dst,
                 src.id = src_id, dst.id = dst_id, bytes_sent = sent, bytes_received = received,
                 duration_ms, error, "connection failed"),
         }

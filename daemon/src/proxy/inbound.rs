@@ -52,7 +52,7 @@ pub(super) async fn plaintext(
     };
     let span = info_span!("inbound", pod = pod.label(), src.addr = %src, dst.addr = %dst);
     async move {
-        let mut record = Record::new(Direction::Inbound, &pod.label(), src, dst);
+        let mut record = Record::new(Direction::Inbound, &pod, src, dst);
         record.transport = Transport::Plaintext;
         record.dst_id = Some(pod.identity.clone());
         let upstream = match admit_plaintext(&proxy, &pod, dst) {
@@ -101,7 +101,7 @@ impl hbone::Handler for Hbone {
         let span = info_span!("inbound", pod = self.pod.label(), src.addr = %src, dst.addr = %dst,
             src.id = %incoming.peer_id);
         async move {
-            let mut record = Record::new(Direction::Inbound, &self.pod.label(), src, dst);
+            let mut record = Record::new(Direction::Inbound, &self.pod, src, dst);
             record.transport = Transport::Hbone;
             record.src_id = Some(incoming.peer_id.clone());
             record.dst_id = Some(self.pod.identity.clone());

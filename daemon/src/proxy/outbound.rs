@@ -59,7 +59,7 @@ pub(super) async fn handle(proxy: Arc<Proxy>, pod: Arc<Pod>, app: TcpStream, src
     let span = info_span!("outbound", pod = pod.label(), src.addr = %src, dst.addr = %dst);
     async move {
         let _ = app.set_nodelay(true);
-        let mut record = Record::new(Direction::Outbound, &pod.label(), src, dst);
+        let mut record = Record::new(Direction::Outbound, &pod, src, dst);
         match route(&proxy.state.snapshot(), dst, &proxy.endpoint_turn) {
             Route::Mesh { target, workload } => {
                 record.transport = Transport::Hbone;
