@@ -34,6 +34,8 @@ pub const CLIENT_MAX_STREAMS: usize = 100;
 pub const MAX_HEADER_LIST: u32 = 16 << 10;
 pub const PING_INTERVAL: Duration = Duration::from_secs(10);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// A pooled connection that carried no stream for this long is closed.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Budget for a TCP connect plus TLS handshake, and for dialling the upstream app.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from a TCP socket per turn before they are offered to the stream: a connection
@@ -258,44 +260,116 @@ mod tests {
         }
     }
 
+    /// A loopback HBONE server presenting `b`, counting the TCP connections it accepts.
+    struct Fixture {
+        certs: Arc<identity::Cache>,
+        src: Id,
+        dst: Id,
+        peer: SocketAddr,
+        accepted: Arc<AtomicUsize>,
+    }
+
+    impl Fixture {
+        async fn start(test: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("culvert-{test}-{}", std::process::id()));
+            identity::write_root(&dir, "test").unwrap();
+            let ttl = Duration::from_secs(3600);
+            let ca = LocalCa::load(&dir.join("ca.crt"), &dir.join("ca.key"), None, ttl).unwrap();
+            let certs = identity::Cache::new(Arc::new(ca), crate::tls::provider());
+            let (src, dst) = (
+                Id::new("cluster.local", "a", "a").unwrap(),
+                Id::new("cluster.local", "b", "b").unwrap(),
+            );
+            certs.ensure(&src).await.unwrap();
+            certs.ensure(&dst).await.unwrap();
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let peer = listener.local_addr().unwrap();
+            let server = Arc::new(Server::new(
+                crate::tls::server_config(&certs, &dst).unwrap(),
+                Arc::new(Hold),
+            ));
+            let accepted = Arc::new(AtomicUsize::new(0));
+            let counter = accepted.clone();
+            tokio::spawn(async move {
+                loop {
+                    let (tcp, from) = listener.accept().await.unwrap();
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let server = server.clone();
+                    tokio::spawn(
+                        async move { server.serve(tcp, from, CancellationToken::new()).await },
+                    );
+                }
+            });
+            Self {
+                certs,
+                src,
+                dst,
+                peer,
+                accepted,
+            }
+        }
+
+        fn request(&self, peer: SocketAddr) -> Request<'_> {
+            Request {
+                src: &self.src,
+                src_ip: peer.ip(),
+                dst: &self.dst,
+                peer,
+                target: peer,
+                dialer: &Loopback,
+            }
+        }
+
+        fn accepted(&self) -> usize {
+            self.accepted.load(Ordering::SeqCst)
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_closes_and_leaves_no_pool_entry() {
+        let f = Fixture::start("pool-idle").await;
+        let client = Client::with_idle_timeout(f.certs.clone(), Duration::from_millis(200));
+        let first = client.connect(f.request(f.peer)).await.unwrap();
+        // A live stream keeps the connection however long it lasts.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let second = client.connect(f.request(f.peer)).await.unwrap();
+        assert_eq!((f.accepted(), client.pooled_keys()), (1, 1));
+        drop((first, second));
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while client.pooled_keys() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "idle connection still pooled"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _third = client.connect(f.request(f.peer)).await.unwrap();
+        assert_eq!(
+            f.accepted(),
+            2,
+            "the idle connection was reused after it closed"
+        );
+
+        // A peer that cannot be reached leaves no entry behind.
+        let nobody = SocketAddr::from(([127, 0, 0, 1], 1));
+        assert!(matches!(
+            client.connect(f.request(nobody)).await,
+            Err(Error::Connect { .. })
+        ));
+        assert_eq!(client.pooled_keys(), 1);
+    }
+
     #[tokio::test]
     async fn concurrent_streams_share_one_connection_until_it_holds_100() {
-        let dir = std::env::temp_dir().join(format!("culvert-pool-{}", std::process::id()));
-        identity::write_root(&dir, "test").unwrap();
-        let ca = LocalCa::load(
-            &dir.join("ca.crt"),
-            &dir.join("ca.key"),
-            None,
-            Duration::from_secs(3600),
-        )
-        .unwrap();
-        let certs = identity::Cache::new(Arc::new(ca), crate::tls::provider());
-        let (src, dst) = (
-            Id::new("cluster.local", "a", "a").unwrap(),
-            Id::new("cluster.local", "b", "b").unwrap(),
+        let f = Fixture::start("pool").await;
+        let (certs, src, dst, peer, accepted) = (
+            f.certs.clone(),
+            f.src.clone(),
+            f.dst.clone(),
+            f.peer,
+            f.accepted.clone(),
         );
-        certs.ensure(&src).await.unwrap();
-        certs.ensure(&dst).await.unwrap();
-
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let peer = listener.local_addr().unwrap();
-        let server = Arc::new(Server::new(
-            crate::tls::server_config(&certs, &dst).unwrap(),
-            Arc::new(Hold),
-        ));
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (tcp, from) = listener.accept().await.unwrap();
-                counter.fetch_add(1, Ordering::SeqCst);
-                let server = server.clone();
-                tokio::spawn(
-                    async move { server.serve(tcp, from, CancellationToken::new()).await },
-                );
-            }
-        });
-
         let client = Arc::new(Client::new(certs.clone()));
         let tasks: Vec<_> = (0..150)
             .map(|_| {

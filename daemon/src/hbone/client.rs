@@ -3,8 +3,9 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -14,7 +15,7 @@ use tracing::{Instrument, debug, debug_span};
 
 use super::{
     CLIENT_MAX_STREAMS, CONNECT_TIMEOUT, CONNECTION_WINDOW, Error, MAX_FRAME_SIZE, PING_INTERVAL,
-    PING_TIMEOUT, PeerAddr, STREAM_WINDOW, Stream, TargetAddr,
+    PING_TIMEOUT, POOL_IDLE_TIMEOUT, PeerAddr, STREAM_WINDOW, Stream, TargetAddr,
 };
 use crate::identity::{self, Id};
 use crate::tls;
@@ -52,8 +53,12 @@ struct Key {
 /// Opens CONNECT streams, reusing pooled connections.
 pub struct Client {
     certs: Arc<identity::Cache>,
-    pool: Mutex<HashMap<Key, Arc<Slot>>>,
+    pool: Arc<Pool>,
+    /// A connection that carried no stream for this long is closed.
+    idle_timeout: Duration,
 }
+
+type Pool = Mutex<HashMap<Key, Arc<Slot>>>;
 
 /// The connections of one pool key. `opening` serialises connection set-up so that concurrent
 /// callers wait for one new connection instead of each opening their own.
@@ -66,38 +71,63 @@ struct Slot {
 #[derive(Clone)]
 struct Conn {
     send: SendRequest<Bytes>,
-    /// Open streams, or [`CLOSED`] once the connection is gone.
-    streams: Arc<AtomicUsize>,
+    load: Arc<Load>,
+}
+
+/// A connection's load, shared by the pool, its streams and its driver task.
+#[derive(Default)]
+struct Load {
+    /// Open streams, or at least [`CLOSED`] once the connection takes no more.
+    streams: AtomicUsize,
+    /// Set when a stream is reserved; the driver clears it to tell an idle connection.
+    used: AtomicBool,
 }
 
 /// Stream count of a connection that takes no more streams.
 const CLOSED: usize = usize::MAX / 2;
 
+impl Load {
+    fn closed(&self) -> bool {
+        self.streams.load(Ordering::Acquire) >= CLOSED
+    }
+
+    /// Refuses new streams from now on (idempotent).
+    fn close(&self) {
+        let _ = self
+            .streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < CLOSED).then_some(n + CLOSED)
+            });
+    }
+}
+
 /// Counts one stream against its connection until dropped.
-pub(crate) struct StreamSlot(Arc<AtomicUsize>);
+pub(crate) struct StreamSlot(Arc<Load>);
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.streams.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl Conn {
     /// Reserves a stream if the connection is alive and below the per-connection limit.
     fn reserve(&self) -> Option<StreamSlot> {
-        self.streams
+        self.load
+            .streams
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < CLIENT_MAX_STREAMS).then_some(n + 1)
             })
-            .ok()
-            .map(|_| StreamSlot(self.streams.clone()))
+            .ok()?;
+        self.load.used.store(true, Ordering::Release);
+        Some(StreamSlot(self.load.clone()))
     }
 }
 
 impl Slot {
     fn reserve(&self) -> Option<(Conn, StreamSlot)> {
         let mut conns = self.conns.lock().expect("pool lock poisoned");
-        conns.retain(|c| c.streams.load(Ordering::Acquire) < CLOSED);
+        conns.retain(|c| !c.load.closed());
         conns
             .iter()
             .find_map(|c| c.reserve().map(|slot| (c.clone(), slot)))
@@ -106,10 +136,20 @@ impl Slot {
 
 impl Client {
     pub fn new(certs: Arc<identity::Cache>) -> Self {
+        Self::with_idle_timeout(certs, POOL_IDLE_TIMEOUT)
+    }
+
+    pub fn with_idle_timeout(certs: Arc<identity::Cache>, idle_timeout: Duration) -> Self {
         Self {
             certs,
-            pool: Mutex::default(),
+            pool: Arc::default(),
+            idle_timeout,
         }
+    }
+
+    /// Pool keys with connections (for tests and status).
+    pub fn pooled_keys(&self) -> usize {
+        self.pool.lock().expect("pool lock poisoned").len()
     }
 
     /// Opens a CONNECT stream to `req.target` through `req.peer`. Answers only once the peer
@@ -140,27 +180,30 @@ impl Client {
     }
 
     async fn checkout(&self, req: &Request<'_>) -> Result<(Conn, StreamSlot), Error> {
-        let key = Key {
-            src: req.src.clone(),
-            src_ip: req.src_ip,
-            dst: req.dst.clone(),
-            peer: req.peer,
-        };
         let slot = self
             .pool
             .lock()
             .expect("pool lock poisoned")
-            .entry(key)
+            .entry(key(req))
             .or_default()
             .clone();
         if let Some(found) = slot.reserve() {
             return Ok(found);
         }
-        let _opening = slot.opening.lock().await;
+        let opening = slot.opening.lock().await;
         if let Some(found) = slot.reserve() {
             return Ok(found);
         }
-        let conn = self.open(req).await?;
+        let conn = match self.open(req).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Keep no entry for a peer that cannot be reached.
+                drop(opening);
+                drop(slot);
+                forget_if_empty(&Arc::downgrade(&self.pool), &key(req));
+                return Err(e);
+            }
+        };
         let reserved = conn.reserve().expect("a new connection has room");
         slot.conns
             .lock()
@@ -209,36 +252,85 @@ impl Client {
             .handshake(tls)
             .await
             .map_err(|source| Error::Http2 { peer, source })?;
-        let streams = Arc::new(AtomicUsize::new(0));
+        let load = Arc::new(Load::default());
         let ping = connection
             .ping_pong()
             .expect("ping_pong is taken once, here");
         let span = debug_span!("hbone connection", peer.addr = %peer, dst.id = %req.dst);
-        let driver_streams = streams.clone();
+        let (driver_load, idle_timeout) = (load.clone(), self.idle_timeout);
+        let (pool, key) = (Arc::downgrade(&self.pool), key(req));
         tokio::spawn(
             async move {
                 tokio::select! {
                     result = connection => debug!(?result, "connection ended"),
-                    why = keepalive(ping) => debug!(why, "connection dropped"),
+                    why = keepalive(ping, &driver_load, idle_timeout) => debug!(why, "connection dropped"),
                 }
                 // Refuse new streams from now on; live ones finish with errors of their own.
-                driver_streams.fetch_add(CLOSED, Ordering::AcqRel);
+                driver_load.close();
+                forget_if_empty(&pool, &key);
             }
             .instrument(span),
         );
-        Ok(Conn { send, streams })
+        Ok(Conn { send, load })
     }
 }
 
-/// Pings every [`PING_INTERVAL`] and returns once a pong is [`PING_TIMEOUT`] late.
-async fn keepalive(mut ping: h2::PingPong) -> &'static str {
+/// Pings every [`PING_INTERVAL`]; returns once a pong is [`PING_TIMEOUT`] late, or once the
+/// connection carried no stream for `idle_timeout` (then it takes no more, atomically with the
+/// check, so a stream can never be handed an idle connection that is going away).
+async fn keepalive(mut ping: h2::PingPong, load: &Load, idle_timeout: Duration) -> &'static str {
+    let tick = PING_INTERVAL.min(idle_timeout);
+    let (mut idle, mut since_ping) = (Duration::ZERO, Duration::ZERO);
     loop {
-        tokio::time::sleep(PING_INTERVAL).await;
-        match tokio::time::timeout(PING_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => return "ping failed",
-            Err(_) => return "no pong within the ping timeout",
+        tokio::time::sleep(tick).await;
+        let used = load.used.swap(false, Ordering::AcqRel);
+        idle = if used || load.streams.load(Ordering::Acquire) > 0 {
+            Duration::ZERO
+        } else {
+            idle + tick
+        };
+        if idle >= idle_timeout
+            && load
+                .streams
+                .compare_exchange(0, CLOSED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            return "idle";
         }
+        since_ping += tick;
+        if since_ping >= PING_INTERVAL {
+            since_ping = Duration::ZERO;
+            match tokio::time::timeout(PING_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return "ping failed",
+                Err(_) => return "no pong within the ping timeout",
+            }
+        }
+    }
+}
+
+/// Drops a pool key whose connections are all gone, unless a checkout is using it.
+fn forget_if_empty(pool: &std::sync::Weak<Pool>, key: &Key) {
+    let Some(pool) = pool.upgrade() else { return };
+    let mut pool = pool.lock().expect("pool lock poisoned");
+    let Some(slot) = pool.get(key) else { return };
+    let empty = {
+        let mut conns = slot.conns.lock().expect("pool lock poisoned");
+        conns.retain(|c| !c.load.closed());
+        conns.is_empty()
+    };
+    // The map holds one reference; any other is a checkout about to use the slot.
+    if empty && Arc::strong_count(slot) == 1 {
+        pool.remove(key);
+    }
+}
+
+fn key(req: &Request<'_>) -> Key {
+    Key {
+        src: req.src.clone(),
+        src_ip: req.src_ip,
+        dst: req.dst.clone(),
+        peer: req.peer,
     }
 }
 
