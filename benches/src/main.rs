@@ -443,36 +443,28 @@ fn cpu_ticks(lab: &Lab, i: usize) -> u64 {
 
 /// (VmRSS, VmHWM) of node `i`'s daemon, KiB.
 fn memory(lab: &Lab, i: usize) -> (u64, u64) {
-    let Some(pid) = lab.daemon_pid(i) else {
-        return (0, 0);
-    };
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .unwrap_or(0)
-    };
-    (kib("VmRSS:"), kib("VmHWM:"))
+    let [rss, hwm] = proc_kib(lab, i, "status", ["VmRSS:", "VmHWM:"]);
+    (rss, hwm)
 }
 
 /// (file-backed, anonymous) resident memory of node `i`'s daemon, KiB.
 fn rss_split(lab: &Lab, i: usize) -> (u64, u64) {
-    let Some(pid) = lab.daemon_pid(i) else {
-        return (0, 0);
-    };
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let kib = |key: &str| {
-        rollup
-            .lines()
+    let [rss, anon] = proc_kib(lab, i, "smaps_rollup", ["Rss:", "Anonymous:"]);
+    (rss.saturating_sub(anon), anon)
+}
+
+/// Values in kB of `keys` in /proc/<daemon pid>/`file` (0 when absent).
+fn proc_kib<const N: usize>(lab: &Lab, i: usize, file: &str, keys: [&str; N]) -> [u64; N] {
+    let text = lab
+        .daemon_pid(i)
+        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok())
+        .unwrap_or_default();
+    keys.map(|key| {
+        text.lines()
             .find(|l| l.starts_with(key))
             .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
             .unwrap_or(0)
-    };
-    let rss: u64 = kib("Rss:");
-    let anon = kib("Anonymous:");
-    (rss.saturating_sub(anon), anon)
+    })
 }
 
 fn sysctl(lab: &Lab, pod: &str, key: &str, value: &str) -> anyhow::Result<()> {
