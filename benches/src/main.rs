@@ -105,7 +105,7 @@ pub(crate) struct Results {
     /// Daemon RSS right after each restart, KiB, per repetition, node-a then node-b.
     pub(crate) idle_rss_kib: Vec<[u64; 2]>,
     /// The same, split into file-backed pages (code, libraries) and anonymous memory (heap,
-    /// stacks), KiB, from /proc/<pid>/smaps_rollup.
+    /// stacks), KiB, from `/proc/<pid>/smaps_rollup`.
     #[serde(default)]
     pub(crate) idle_split_kib: Vec<[(u64, u64); 2]>,
     pub(crate) samples: Vec<Sample>,
@@ -453,7 +453,7 @@ fn rss_split(lab: &Lab, i: usize) -> (u64, u64) {
     (rss.saturating_sub(anon), anon)
 }
 
-/// Values in kB of `keys` in /proc/<daemon pid>/`file` (0 when absent).
+/// Values in kB of `keys` in `/proc/<daemon pid>/<file>` (0 when absent).
 fn proc_kib<const N: usize>(lab: &Lab, i: usize, file: &str, keys: [&str; N]) -> [u64; N] {
     let text = lab
         .daemon_pid(i)
