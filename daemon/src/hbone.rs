@@ -90,8 +90,7 @@ pub enum Error {
 }
 
 /// Low-cardinality cause of a failed tunnel, for logs and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
     PeerUnreachable,
     PeerIdentity,
@@ -99,6 +98,19 @@ pub enum Reason {
     UpstreamRefused,
     PolicyDenied,
     Internal,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PeerUnreachable => "peer_unreachable",
+            Self::PeerIdentity => "peer_identity",
+            Self::PeerProtocol => "peer_protocol",
+            Self::UpstreamRefused => "upstream_refused",
+            Self::PolicyDenied => "policy_denied",
+            Self::Internal => "internal",
+        }
+    }
 }
 
 impl Error {

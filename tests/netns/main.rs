@@ -172,6 +172,7 @@ fn client_refuses_a_server_with_another_identity() {
     let line = access_line(&lab, 0, |v| {
         v["direction"] == "outbound" && v.get("error").is_some()
     });
+    assert_eq!(line["reason"], "peer_identity", "{line}");
     let error = line["error"].as_str().unwrap();
     assert!(
         error.contains("presented spiffe://cluster.local/ns/demo/sa/actual, expected spiffe://cluster.local/ns/demo/sa/expected"),

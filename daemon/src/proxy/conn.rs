@@ -51,6 +51,8 @@ pub(super) struct Record {
     pub(super) transport: Transport,
     pub(super) src: SocketAddr,
     pub(super) dst: SocketAddr,
+    /// Closed label for why a tunnel failed (`hbone::Reason`), when it did.
+    pub(super) reason: Option<&'static str>,
     pub(super) src_id: Option<Id>,
     pub(super) dst_id: Option<Id>,
     pub(super) pod: Arc<str>,
@@ -64,6 +66,7 @@ impl Record {
             transport: Transport::Passthrough,
             src,
             dst,
+            reason: None,
             src_id: None,
             dst_id: None,
             pod: pod.label.clone(),
@@ -95,7 +98,7 @@ impl Record {
             Some(error) => tracing::warn!(target: "access", parent: None,
                 direction, transport, pod = &*self.pod, src.addr = %self.src, dst.addr = %self.dst,
                 src.id = src_id, dst.id = dst_id, bytes_sent = sent, bytes_received = received,
-                duration_ms, error, "connection failed"),
+                duration_ms, reason = self.reason, error, "connection failed"),
         }
     }
 }

@@ -80,6 +80,7 @@ pub(super) async fn handle(proxy: Arc<Proxy>, pod: Arc<Pod>, app: TcpStream, src
                     }
                     Err(e) => {
                         let _ = super::reset(app);
+                        record.reason = Some(e.reason().as_str());
                         record.finish(None, Some(&e));
                     }
                 }
