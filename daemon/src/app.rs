@@ -13,7 +13,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{NodeArgs, NodeFile, RedirectChoice};
+use crate::admin::Admin;
+use crate::config::{Discovery, NodeArgs, NodeFile, RedirectChoice};
+use crate::discovery::{self, Settings};
 use crate::identity::{self, LocalCa};
 use crate::proxy::Proxy;
 use crate::redirect::{Backend, cni, install, netns};
@@ -22,10 +24,17 @@ use crate::tls;
 
 /// Runs `culvert node` until SIGTERM or SIGINT, then drains.
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
-    let file = NodeFile::load(&args.config)?;
+    let mut file = NodeFile::load(&args.config, args.node_name.as_deref())?;
     let backend = choose_backend(args.redirect);
     info!(config = %serde_json::to_string(&args).unwrap_or_default(), node = file.node,
-        trust_domain = file.trust_domain, backend = backend.name(), "starting");
+        trust_domain = file.trust_domain, discovery = ?file.discovery, backend = backend.name(),
+        "starting");
+    let stop = CancellationToken::new();
+    // Connect first: a bad kubeconfig should stop the daemon before it touches anything.
+    let client = match file.discovery {
+        Discovery::Kubernetes => Some(kube_client(&args).await?),
+        Discovery::File => None,
+    };
 
     let ca = LocalCa::load(
         &file.ca.cert,
@@ -34,12 +43,11 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         file.cert_ttl,
     )?;
     let certs = identity::Cache::new(Arc::new(ca), tls::provider());
-    let state = Arc::new(Store::new(file.snapshot));
+    let state = Arc::new(Store::new(std::mem::take(&mut file.snapshot)));
     let proxy = Arc::new(Proxy::new(state.clone(), certs.clone(), args.ports));
     let home = netns::home().context("opening the daemon's own network namespace")?;
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating the state directory {}", args.state_dir.display()))?;
-    write_enrollment(&args.state_dir, &state)?;
     let pods = Arc::new(pods::Pods::new(pods::Deps {
         node: file.node.clone(),
         state: state.clone(),
@@ -51,6 +59,53 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         state_dir: args.state_dir.clone(),
         netns_dirs: args.netns_dirs.clone(),
     }));
+    let admin = Arc::new(Admin {
+        state: state.clone(),
+        pods: Box::new({
+            let pods = pods.clone();
+            move || match cni::Registry::list(&*pods) {
+                culvert_cni_proto::Response::Pods { pods } => serde_json::json!(pods),
+                _ => serde_json::Value::Null,
+            }
+        }),
+        ready: false.into(),
+    });
+    crate::admin::serve(admin.clone(), args.admin_addr, false, stop.clone())
+        .await
+        .with_context(|| format!("binding the admin API on {}", args.admin_addr))?;
+    crate::admin::serve(admin.clone(), args.readiness_addr, true, stop.clone())
+        .await
+        .with_context(|| format!("binding the probes on {}", args.readiness_addr))?;
+
+    let settings = Settings {
+        trust_domain: file.trust_domain.clone(),
+        peer_authentication: state.snapshot().peer_authentication,
+    };
+    let (settings_tx, settings_rx) = tokio::sync::watch::channel(settings);
+    if let Some(client) = client {
+        // Until the first full list, the daemon knows no enrollment: registrations wait (the
+        // plugin fails closed from the last recorded state) rather than admit pods unwired.
+        let watches = discovery::Discovery::start(&client, &stop);
+        info!("waiting for the Kubernetes API's first lists");
+        watches.synced().await;
+        let settings = settings_rx.borrow().clone();
+        match watches.snapshot(&settings) {
+            Ok(snapshot) => state.replace(snapshot),
+            Err(e) => warn!(error = %e, "first snapshot from the API refused; starting empty"),
+        }
+        info!(
+            workloads = state.snapshot().workloads().count(),
+            "discovery synced"
+        );
+        tokio::spawn(follow(
+            watches,
+            settings_rx,
+            state.clone(),
+            pods.clone(),
+            args.state_dir.clone(),
+        ));
+    }
+    write_enrollment(&args.state_dir, &state)?;
     // Pods that run already (daemon restart, node reboot) are rewired before registrations are
     // served: until then the plugin fails closed for them.
     pods.reconcile().await;
@@ -72,6 +127,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         pods.clone(),
         stop_registrations.clone(),
     ));
+    admin.set_ready(true);
     info!(socket = %args.cni_socket.display(), "ready");
 
     let mut term = signal(SignalKind::terminate())?;
@@ -82,14 +138,26 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                if reload(&args, &file.node, &file.trust_domain, &file.ca, &state) {
-                    pods.reconcile().await;
+                let Some(new) = reload(&args, &file) else { continue };
+                match file.discovery {
+                    Discovery::File => {
+                        state.replace(new.snapshot);
+                        if let Err(e) = write_enrollment(&args.state_dir, &state) {
+                            error!(error = format!("{e:#}"), "recording enrollment for the CNI plugin");
+                        }
+                        pods.reconcile().await;
+                    }
+                    Discovery::Kubernetes => settings_tx.send_modify(|s| {
+                        s.peer_authentication = new.snapshot.peer_authentication;
+                    }),
                 }
+                info!("configuration reloaded");
             }
         }
     }
 
     info!(timeout = ?args.drain_timeout, "draining");
+    admin.set_ready(false);
     stop_registrations.cancel();
     stop_installer.cancel();
     let _ = std::fs::remove_file(&args.cni_socket);
@@ -102,51 +170,94 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     }
     // Rules stay in the pods on purpose: with no daemon, captured traffic is refused, never
     // sent in plaintext. A restarted daemon (or pod deletion) takes over from here.
+    stop.cancel();
     info!("stopped");
     Ok(())
 }
 
-/// Re-reads the node file; returns whether the state changed. Workloads, services, enrollment
-/// and the mesh-wide mode apply at once; the node name, trust domain and CA need a restart and
-/// are refused here.
-fn reload(
-    args: &NodeArgs,
-    node: &str,
-    trust_domain: &str,
-    ca: &crate::config::CaFiles,
-    state: &Store,
-) -> bool {
-    let file = match NodeFile::load(&args.config) {
+async fn kube_client(args: &NodeArgs) -> anyhow::Result<kube::Client> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("finding the Kubernetes API (in-cluster, $KUBECONFIG or ~/.kube/config)")?,
+    };
+    info!(api = %config.cluster_url, "Kubernetes API");
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// Rebuilds the state whenever the API's objects or the node file's settings change, and
+/// rewires when this node's set of enrolled pods changes.
+async fn follow(
+    watches: discovery::Discovery,
+    mut settings: tokio::sync::watch::Receiver<Settings>,
+    state: Arc<Store>,
+    pods: Arc<pods::Pods>,
+    state_dir: std::path::PathBuf,
+) {
+    let mut last = pods.local_enrollment();
+    loop {
+        tokio::select! {
+            () = watches.changed() => {}
+            changed = settings.changed() => if changed.is_err() { return },
+        }
+        // Events come in bursts (a relist, a rollout): let a burst settle into one rebuild.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let current = settings.borrow_and_update().clone();
+        match watches.snapshot(&current) {
+            Ok(snapshot) => state.replace(snapshot),
+            Err(e) => {
+                warn!(error = %e, "state from the API refused; keeping the previous state");
+                continue;
+            }
+        }
+        if let Err(e) = write_enrollment(&state_dir, &state) {
+            error!(
+                error = format!("{e:#}"),
+                "recording enrollment for the CNI plugin"
+            );
+        }
+        let local = pods.local_enrollment();
+        if local != last {
+            pods.reconcile().await;
+            last = local;
+        }
+    }
+}
+
+/// Re-reads the node file; `None` (logged) when it is broken or changes what needs a restart:
+/// the node name, trust domain, CA or discovery source.
+fn reload(args: &NodeArgs, current: &NodeFile) -> Option<NodeFile> {
+    let file = match NodeFile::load(&args.config, args.node_name.as_deref()) {
         Ok(file) => file,
         Err(e) => {
             error!(
                 error = format!("{:#}", anyhow::Error::from(e)),
                 "reload failed; keeping the previous configuration"
             );
-            return false;
+            return None;
         }
     };
     let fixed = [
-        ("node", file.node != node),
-        ("trustDomain", file.trust_domain != trust_domain),
-        ("ca", &file.ca != ca),
+        ("node", file.node != current.node),
+        ("trustDomain", file.trust_domain != current.trust_domain),
+        ("ca", file.ca != current.ca),
+        ("discovery", file.discovery != current.discovery),
     ];
     if let Some((field, _)) = fixed.iter().find(|(_, changed)| *changed) {
         error!(
             field,
             "reload failed: changing this field needs a restart; keeping the previous configuration"
         );
-        return false;
+        return None;
     }
-    state.replace(file.snapshot);
-    if let Err(e) = write_enrollment(&args.state_dir, state) {
-        error!(
-            error = format!("{e:#}"),
-            "recording enrollment for the CNI plugin"
-        );
-    }
-    info!("configuration reloaded");
-    true
+    Some(file)
 }
 
 /// Installs the plugin binary and keeps its entry in the primary CNI configuration.

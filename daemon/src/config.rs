@@ -5,7 +5,7 @@
 //! workloads and services the node should know: the whole of Culvert's input on hosts without
 //! Kubernetes, and the demo's and tests' input everywhere.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,9 +22,23 @@ pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Flags and environment of `culvert node`.
 #[derive(Debug, Clone, clap::Args, Serialize)]
 pub struct NodeArgs {
-    /// The node file (YAML): node name, trust domain, CA, workloads, services.
+    /// The node file (YAML): node name, trust domain, CA, discovery, workloads, services.
     #[arg(long, env = "CULVERT_CONFIG")]
     pub config: PathBuf,
+    /// This node's name; overrides the node file's `node` (a DaemonSet passes
+    /// `spec.nodeName` here).
+    #[arg(long, env = "CULVERT_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Kubeconfig for `discovery: kubernetes`; default: the in-cluster service account, then
+    /// `$KUBECONFIG`, then `~/.kube/config`.
+    #[arg(long, env = "CULVERT_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Admin API (JSON: workloads, services, wired pods). Keep it on loopback.
+    #[arg(long, env = "CULVERT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// Readiness (`/healthz/ready`) and liveness (`/healthz/live`) for the kubelet's probes.
+    #[arg(long, env = "CULVERT_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
     /// Unix socket on which pods are registered (by culvert-cni).
     #[arg(long, env = "CULVERT_CNI_SOCKET", default_value = culvert_cni_proto::DEFAULT_SOCKET_PATH)]
     pub cni_socket: PathBuf,
@@ -125,10 +139,22 @@ mod humantime_serde_secs {
     }
 }
 
+/// Where workloads, services and enrollment come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Discovery {
+    /// The node file's `workloads`, `services` and `enrolledNamespaces`.
+    #[default]
+    File,
+    /// The Kubernetes API: Pods, Namespaces, Services and EndpointSlices.
+    Kubernetes,
+}
+
 /// The node file, validated.
 #[derive(Debug)]
 pub struct NodeFile {
     pub node: String,
+    pub discovery: Discovery,
     pub trust_domain: String,
     pub ca: CaFiles,
     pub cert_ttl: Duration,
@@ -169,7 +195,10 @@ pub enum Error {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawFile {
+    #[serde(default)]
     node: String,
+    #[serde(default)]
+    discovery: Discovery,
     #[serde(default)]
     trust_domain: Option<String>,
     ca: RawCa,
@@ -242,13 +271,14 @@ fn yes() -> bool {
 }
 
 impl NodeFile {
-    pub fn load(path: &Path) -> Result<Self, Error> {
+    /// Reads and validates the node file; `node`, when given, replaces the file's node name.
+    pub fn load(path: &Path, node: Option<&str>) -> Result<Self, Error> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
             path: path.to_owned(),
             source,
         })?;
         let dir = path.parent().unwrap_or_else(|| Path::new("."));
-        Self::parse(&text, dir).map_err(|e| match e {
+        Self::parse(&text, dir, node).map_err(|e| match e {
             ParseError::Yaml(source) => Error::Parse {
                 path: path.to_owned(),
                 source,
@@ -260,8 +290,11 @@ impl NodeFile {
         })
     }
 
-    fn parse(text: &str, dir: &Path) -> Result<Self, ParseError> {
-        let raw: RawFile = serde_yaml::from_str(text).map_err(ParseError::Yaml)?;
+    fn parse(text: &str, dir: &Path, node: Option<&str>) -> Result<Self, ParseError> {
+        let mut raw: RawFile = serde_yaml::from_str(text).map_err(ParseError::Yaml)?;
+        if let Some(node) = node {
+            node.clone_into(&mut raw.node);
+        }
         let invalid = |path: &str, value: &dyn std::fmt::Display, reason: String| {
             ParseError::Invalid(state::Error {
                 path: path.to_owned(),
@@ -270,7 +303,25 @@ impl NodeFile {
             })
         };
         if raw.node.is_empty() {
-            return Err(invalid("node", &"\"\"", "a node name is required".into()));
+            return Err(invalid(
+                "node",
+                &"\"\"",
+                "a node name is required (here or --node-name)".into(),
+            ));
+        }
+        if raw.discovery == Discovery::Kubernetes {
+            let listed = [
+                ("workloads", raw.workloads.is_empty()),
+                ("services", raw.services.is_empty()),
+                ("enrolledNamespaces", raw.enrolled_namespaces.is_empty()),
+            ];
+            if let Some((field, _)) = listed.iter().find(|(_, empty)| !empty) {
+                return Err(invalid(
+                    field,
+                    &"[...]",
+                    "not allowed with discovery: kubernetes (the API supplies them)".into(),
+                ));
+            }
         }
         let trust_domain = raw
             .trust_domain
@@ -297,6 +348,13 @@ impl NodeFile {
                     &w.name,
                     "name and node are required".into(),
                 ));
+            }
+            if w.ips.is_empty()
+                && w.enrolled
+                    .unwrap_or_else(|| raw.enrolled_namespaces.contains(&w.namespace))
+            {
+                let reason = "an enrolled workload needs an IP".to_owned();
+                return Err(invalid(&format!("workloads[{i}].ips"), &"[]", reason));
             }
             workloads.push(Workload {
                 name: w.name,
@@ -340,6 +398,7 @@ impl NodeFile {
         .map_err(ParseError::Invalid)?;
         Ok(Self {
             node: raw.node,
+            discovery: raw.discovery,
             trust_domain,
             ca: CaFiles {
                 cert: dir.join(raw.ca.cert),
@@ -377,7 +436,7 @@ services:
 "#;
 
     fn parse(text: &str) -> Result<NodeFile, String> {
-        NodeFile::parse(text, Path::new("/etc/culvert")).map_err(|e| match e {
+        NodeFile::parse(text, Path::new("/etc/culvert"), None).map_err(|e| match e {
             ParseError::Yaml(e) => e.to_string(),
             ParseError::Invalid(e) => e.to_string(),
         })
@@ -413,6 +472,19 @@ services:
     }
 
     #[test]
+    fn kubernetes_discovery_takes_the_node_name_from_the_flag() {
+        let text = "discovery: kubernetes\nca: { cert: ca.crt, key: ca.key }\n";
+        let file = NodeFile::parse(text, Path::new("/etc/culvert"), Some("node-7"))
+            .map_err(|_| "refused")
+            .unwrap();
+        assert_eq!(
+            (file.node.as_str(), file.discovery),
+            ("node-7", Discovery::Kubernetes)
+        );
+        assert_eq!(file.snapshot.workloads().count(), 0);
+    }
+
+    #[test]
     fn errors_name_the_field_and_value() {
         let cases = [
             (
@@ -442,6 +514,14 @@ services:
             (
                 format!("{GOOD}certTtl: 10s\n"),
                 "certTtl = 10s: must be at least 1m",
+            ),
+            (
+                GOOD.replace("node: node-a\n", "node: node-a\ndiscovery: kubernetes\n"),
+                "workloads = [...]: not allowed with discovery: kubernetes",
+            ),
+            (
+                GOOD.replace("node: node-a\n", ""),
+                "node = \"\": a node name is required (here or --node-name)",
             ),
             (
                 "node: [".to_owned(),

@@ -3,12 +3,15 @@
 //! Code map, data path first: [`redirect`] captures a pod's traffic inside its network
 //! namespace; [`proxy`] handles each connection, asking [`state`] where it goes and [`policy`]
 //! whether it may; [`hbone`] carries it between nodes over [`tls`] with certificates from
-//! [`identity`]. [`config`] reads the node file and flags, [`app`] wires it all together,
-//! [`telemetry`] sets up logs and [`demo`] builds a two-node lab in network namespaces.
+//! [`identity`]. [`config`] reads the node file and flags, [`discovery`] watches the Kubernetes
+//! API, [`app`] wires it all together, [`admin`] serves the admin API and probes, [`telemetry`]
+//! sets up logs and [`demo`] builds a two-node lab in network namespaces.
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod demo;
+pub mod discovery;
 pub mod hbone;
 pub mod identity;
 pub mod policy;

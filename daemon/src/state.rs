@@ -114,10 +114,6 @@ impl Snapshot {
             w.enrolled = w
                 .enrollment
                 .unwrap_or_else(|| snapshot.enrolled_namespaces.contains(&w.namespace));
-            if w.enrolled && w.ips.is_empty() {
-                let reason = "an enrolled workload needs an IP".to_owned();
-                return Err(err(format!("workloads[{i}].ips"), &"[]", reason));
-            }
             let w = Arc::new(w);
             let key = (w.namespace.clone(), w.name.clone());
             if snapshot.by_name.insert(key, w.clone()).is_some() {
@@ -180,6 +176,11 @@ impl Snapshot {
 
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
         self.workloads.iter()
+    }
+
+    /// Every Service VIP and port with what is behind it.
+    pub fn services(&self) -> impl Iterator<Item = (&SocketAddr, &Arc<ServicePort>)> {
+        self.services.iter()
     }
 
     /// What the CNI plugin needs to fail closed while the daemon is away.

@@ -147,6 +147,19 @@ impl Pods {
         self.persist();
     }
 
+    /// This node's enrolled pods and their addresses: when it changes, [`Self::reconcile`] has
+    /// work to do.
+    pub(super) fn local_enrollment(&self) -> Vec<(String, String, Vec<IpAddr>)> {
+        let snapshot = self.deps.state.snapshot();
+        let mut local: Vec<_> = snapshot
+            .workloads()
+            .filter(|w| w.enrolled && w.node == self.deps.node)
+            .map(|w| (w.namespace.clone(), w.name.clone(), w.ips.clone()))
+            .collect();
+        local.sort();
+        local
+    }
+
     async fn add_pod(&self, req: AddPod) -> anyhow::Result<bool> {
         let _serial = self.serial.lock().await;
         let enrolled = self.add_locked(req).await?;

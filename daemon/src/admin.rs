@@ -1,0 +1,122 @@
+//! The node's HTTP endpoints: the admin API (JSON, loopback) and the kubelet's probes.
+//!
+//! Admin (`--admin-addr`, 127.0.0.1:15000): `GET /workloads` (every workload the node knows,
+//! with its enrollment), `GET /services` (VIPs and their ready endpoints), `GET /pods` (pods
+//! wired on this node). Probes (`--readiness-addr`, :15021): `GET /healthz/ready` answers 200
+//! once the daemon serves (discovery synced, running pods rewired) and 503 before that and while
+//! draining; `GET /healthz/live` answers 200 while the runtime runs.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::state::Store;
+
+/// What the endpoints read.
+pub struct Admin {
+    pub state: Arc<Store>,
+    /// The wired pods, as JSON.
+    pub pods: Box<dyn Fn() -> Value + Send + Sync>,
+    pub ready: AtomicBool,
+}
+
+impl Admin {
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    fn answer(&self, req: &Request<Incoming>, probes_only: bool) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+        }
+        match (req.uri().path(), probes_only) {
+            ("/healthz/ready", _) if self.ready.load(Ordering::Relaxed) => {
+                text(StatusCode::OK, "ready\n")
+            }
+            ("/healthz/ready", _) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+            ("/healthz/live", _) => text(StatusCode::OK, "live\n"),
+            ("/workloads", false) => {
+                let snapshot = self.state.snapshot();
+                let workloads: Vec<_> = snapshot.workloads().collect();
+                json_response(&workloads)
+            }
+            ("/services", false) => {
+                let snapshot = self.state.snapshot();
+                let services: Vec<Value> = snapshot
+                    .services()
+                    .map(|(vip, port)| json!({ "vip": vip, "service": port }))
+                    .collect();
+                json_response(&services)
+            }
+            ("/pods", false) => json_response(&(self.pods)()),
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+}
+
+/// Binds `addr` and serves the endpoints there until `stop`; `probes_only` limits it to the
+/// `/healthz` paths (for the address the kubelet reaches).
+pub async fn serve(
+    admin: Arc<Admin>,
+    addr: SocketAddr,
+    probes_only: bool,
+    stop: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    info!(addr = %local, what = if probes_only { "probes" } else { "admin" }, "listening");
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                () = stop.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        debug!(error = %e, "admin accept failed");
+                        continue;
+                    }
+                },
+            };
+            let admin = admin.clone();
+            let service = hyper::service::service_fn(move |req| {
+                let response = admin.answer(&req, probes_only);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            tokio::spawn(async move {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service);
+                if let Err(e) = conn.await {
+                    debug!(error = %e, "admin connection failed");
+                }
+            });
+        }
+    });
+    Ok(local)
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response
+}
+
+fn json_response<T: serde::Serialize + ?Sized>(value: &T) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(value).expect("admin JSON serializes");
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
