@@ -150,6 +150,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         enrolled_namespaces: vec![],
         services: vec![],
         node_flags: vec!["--log".into(), args.daemon_log.clone()],
+        kubeconfig: None,
     };
     eprintln!("culvert-bench: building the lab ({reps} repetition(s))");
     let lab = Lab::start("cvbench", &culvert, spec)?;

@@ -85,6 +85,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         enrolled_namespaces: vec![],
         services: vec![],
         node_flags: vec![],
+        kubeconfig: None,
     };
     println!(
         "culvert demo: two nodes, three pods wired by a CNI chain (bridge, host-local, culvert-cni)..."

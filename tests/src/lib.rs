@@ -12,6 +12,8 @@ pub use culvert::demo::lab::{Lab, PodSpec, Spec};
 pub use culvert::demo::{echo, exchange, serve, wire};
 use sha2::{Digest, Sha256};
 
+pub mod kube;
+
 /// The `culvert` binary built from this workspace: `$CULVERT_BIN`, or next to the test binary.
 pub fn culvert_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("CULVERT_BIN") {
@@ -45,6 +47,7 @@ pub fn spec(pods: Vec<PodSpec>) -> Spec {
         enrolled_namespaces: vec![],
         services: vec![],
         node_flags: vec![],
+        kubeconfig: None,
     }
 }
 

@@ -38,6 +38,11 @@ pub struct Spec {
     pub services: Vec<(String, Ipv4Addr, u16, u16, Vec<String>)>,
     /// Extra flags for every `culvert node`.
     pub node_flags: Vec<String>,
+    /// Discover workloads, services and enrollment from this Kubernetes API instead of the
+    /// node files (which then name only the node and CA). The daemons run in the host's
+    /// network namespace, where the test apiserver listens on loopback, with their admin API
+    /// and probes on free loopback ports.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// One pod of the lab.
@@ -291,6 +296,14 @@ impl Lab {
     }
 
     fn write_node_file(&self, i: usize) -> anyhow::Result<()> {
+        if self.spec.kubeconfig.is_some() {
+            let yaml = format!(
+                "node: {}\ndiscovery: kubernetes\nca: {{ cert: ca.crt, key: ca.key }}\npeerAuthentication: {}\n",
+                self.nodes[i].name, self.spec.mesh_mode
+            );
+            std::fs::write(&self.nodes[i].config, yaml)?;
+            return Ok(());
+        }
         let mut yaml = format!(
             "node: {}\nca: {{ cert: ca.crt, key: ca.key }}\npeerAuthentication: {}\nenrolledNamespaces: [{}]\nworkloads:\n",
             self.nodes[i].name,
@@ -338,10 +351,33 @@ impl Lab {
         let node = &self.nodes[i];
         let _ = std::fs::remove_file(&node.socket);
         let log = File::options().create(true).append(true).open(&node.log)?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &node.netns])
-            .arg(&self.culvert)
-            .args(["--log-format", "json", "node", "--config"])
+        let mut command = match &self.spec.kubeconfig {
+            Some(kubeconfig) => {
+                let mut command = Command::new(&self.culvert);
+                command
+                    .arg("--log-format=json")
+                    .arg("node")
+                    .arg("--kubeconfig")
+                    .arg(kubeconfig);
+                command.args([
+                    "--admin-addr",
+                    "127.0.0.1:0",
+                    "--readiness-addr",
+                    "127.0.0.1:0",
+                ]);
+                command
+            }
+            None => {
+                let mut command = Command::new("ip");
+                command
+                    .args(["netns", "exec", &node.netns])
+                    .arg(&self.culvert);
+                command.args(["--log-format=json", "node"]);
+                command
+            }
+        };
+        let child = command
+            .arg("--config")
             .arg(&node.config)
             .arg("--cni-socket")
             .arg(&node.socket)
@@ -517,6 +553,16 @@ impl Lab {
         std::fs::read_to_string(&self.nodes[node].log).unwrap_or_default()
     }
 
+    /// What the lab was built from.
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
+    /// `GET path` on node `i`'s admin API, as JSON.
+    pub fn admin(&self, i: usize, path: &str) -> anyhow::Result<serde_json::Value> {
+        admin_get(&self.log(i), path).with_context(|| format!("{}'s admin API", self.nodes[i].name))
+    }
+
     /// Starts capturing TCP on node 0's side of the inter-node wire.
     pub fn capture_wire(&self) -> anyhow::Result<super::wire::Capture> {
         super::wire::Capture::start(&self.nodes[0].netns, "wire", &self.dir.join("wire.pcap"))
@@ -571,6 +617,32 @@ impl Drop for Lab {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// `GET path` on the admin API of the daemon that wrote `log` (JSON lines; the address is the
+/// last one it logged, so restarts are followed), as JSON.
+pub fn admin_get(log: &str, path: &str) -> anyhow::Result<serde_json::Value> {
+    use std::io::{Read as _, Write as _};
+    let addr = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "listening" && v["what"] == "admin")
+        .filter_map(|v| v["addr"].as_str()?.parse::<SocketAddr>().ok())
+        .last()
+        .context("no admin address logged yet")?;
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed admin response")?;
+    ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    Ok(serde_json::from_str(body)?)
 }
 
 pub fn netns_path(name: &str) -> PathBuf {

@@ -1,0 +1,544 @@
+//! Kubernetes layer: each test runs its own real kube-apiserver + etcd on loopback
+//! (scripts/kube-test-env; no kubelet or controllers, so tests bind pods and publish their IPs
+//! themselves), applies the shipped manifests, and runs `culvert node` with a token minted for
+//! the manifests' service account. Tests that build a lab also need root.
+
+#![allow(clippy::unwrap_used, clippy::disallowed_types)]
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use culvert_tests::kube::{self, Cluster, PodObject};
+use culvert_tests::{ECHO, Lab, PodSpec, access_line, addr, eventually, round_trip, spec, wire};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn echo_ok(lab: &Lab, from: &str, to: SocketAddr, payload: &[u8]) {
+    let back = round_trip(lab, from, to, payload).unwrap();
+    assert_eq!(back, payload, "{from} -> {to}: echo differs");
+}
+
+/// No request of the daemon's was refused by RBAC: no warning or error in its log mentions
+/// a 403.
+fn assert_no_403(log: &str) {
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.contains(r#""level":"INFO""#) && !l.contains(r#""level":"DEBUG""#))
+        .filter(|l| l.contains("orbidden") || l.contains("code: 403"))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "the API refused the daemon: {refused:#?}"
+    );
+}
+
+/// Waits until node `node` knows pod `pod` enrolled and by its address.
+fn wait_known(lab: &Lab, node: usize, pod: &str) {
+    let ip = lab.pod(pod).ip.to_string();
+    eventually(&format!("node {node} to know {pod} at {ip}"), WAIT, || {
+        let all = lab.admin(node, "/workloads").ok()?;
+        all.as_array()?
+            .iter()
+            .any(|w| w["name"] == pod && w["enrolled"] == true && w["ips"][0] == ip)
+            .then_some(())
+    });
+}
+
+/// Kills a daemon when the test ends, passed or not.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+#[ignore = "needs the test apiserver: scripts/kube-test-env build"]
+fn manifests_apply_with_a_server_side_dry_run_and_for_real() {
+    let cluster = Cluster::start("manifests");
+    let dir = kube::repo().join("manifests");
+    let dir = dir.to_str().unwrap();
+    // A dry run cannot create the namespace the other objects go into: create it first.
+    cluster.kubectl(&["apply", "-f", &format!("{dir}/namespace.yaml")]);
+    let dry = cluster.kubectl(&["apply", "-k", dir, "--dry-run=server"]);
+    for object in [
+        "serviceaccount/culvert-node",
+        "clusterrole.rbac.authorization.k8s.io/culvert-node",
+        "clusterrolebinding.rbac.authorization.k8s.io/culvert-node",
+        "configmap/culvert-node",
+        "daemonset.apps/culvert-node",
+    ] {
+        assert!(
+            dry.contains(&format!("{object} created (server dry run)")),
+            "{object} missing from the dry run:\n{dry}"
+        );
+    }
+    let err = cluster
+        .try_kubectl(&["-n", "culvert-system", "get", "daemonset", "culvert-node"])
+        .unwrap_err();
+    assert!(
+        err.contains("NotFound"),
+        "the dry run created something: {err}"
+    );
+
+    let real = cluster.kubectl(&["apply", "-k", dir]);
+    assert_eq!(real.matches(" created").count(), 5, "{real}");
+    let again = cluster.kubectl(&["apply", "-k", dir]);
+    assert_eq!(again.matches(" unchanged").count(), 6, "{again}");
+
+    let ds: serde_json::Value = serde_json::from_str(&cluster.kubectl(&[
+        "-n",
+        "culvert-system",
+        "get",
+        "daemonset",
+        "culvert-node",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["serviceAccountName"], "culvert-node");
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    assert_eq!(pod["tolerations"][0]["operator"], "Exists");
+    assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"], 1);
+    let container = &pod["containers"][0];
+    assert_eq!(container["readinessProbe"]["httpGet"]["port"], 15021);
+    assert_eq!(
+        container["readinessProbe"]["httpGet"]["path"],
+        "/healthz/ready"
+    );
+    assert_eq!(
+        container["securityContext"]["capabilities"],
+        serde_json::json!({ "add": ["NET_ADMIN", "SYS_ADMIN", "NET_RAW"], "drop": ["ALL"] })
+    );
+    assert!(container["resources"]["requests"]["memory"].is_string());
+}
+
+#[test]
+#[ignore = "needs the test apiserver: scripts/kube-test-env build"]
+fn the_node_service_account_syncs_without_a_403_and_can_neither_read_secrets_nor_write_pods() {
+    let cluster = Cluster::start("rbac");
+    cluster.install();
+    cluster.namespace("shop", true);
+    cluster.pod(&PodObject {
+        name: "web",
+        namespace: "shop",
+        node: "node-a",
+        service_account: "web",
+        mode: None,
+        host_network: false,
+    });
+    cluster.set_pod_ip("shop", "web", "10.244.1.2");
+    cluster.apply(
+        "apiVersion: v1
+kind: Service
+metadata: { name: web, namespace: shop }
+spec: { clusterIP: 10.96.0.80, ports: [{ port: 80, targetPort: 8080 }] }
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: { name: web-1, namespace: shop, labels: { kubernetes.io/service-name: web } }
+addressType: IPv4
+ports: [{ port: 8080 }]
+endpoints: [{ addresses: [10.244.1.2] }]
+",
+    );
+    let node_kubeconfig = cluster.node_kubeconfig();
+
+    // The daemon alone, in this network namespace, with the node's token.
+    let dir = cluster.dir.join("daemon");
+    std::fs::create_dir_all(dir.join("netns")).unwrap();
+    culvert::identity::write_root(&dir, "test CA").unwrap();
+    std::fs::write(
+        dir.join("node.yaml"),
+        "discovery: kubernetes\nca: { cert: ca.crt, key: ca.key }\n",
+    )
+    .unwrap();
+    let log_path = dir.join("node.log");
+    let daemon = Command::new(culvert_tests::culvert_bin())
+        .args(["--log-format=json", "node", "--node-name=node-b"])
+        .arg("--config")
+        .arg(dir.join("node.yaml"))
+        .arg("--kubeconfig")
+        .arg(&node_kubeconfig)
+        .arg("--cni-socket")
+        .arg(dir.join("cni.sock"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--netns-dir")
+        .arg(dir.join("netns"))
+        .args(["--admin-addr=127.0.0.1:0", "--readiness-addr=127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let daemon = Daemon(daemon);
+    let log = || std::fs::read_to_string(&log_path).unwrap();
+    let web = eventually("the daemon to sync from the API", WAIT, || {
+        let services = culvert::demo::lab::admin_get(&log(), "/services").ok()?;
+        services
+            .as_array()?
+            .iter()
+            .find(|s| s["vip"] == "10.96.0.80:80")
+            .cloned()
+    });
+    assert_eq!(web["service"]["endpoints"][0], "10.244.1.2");
+    let workloads = culvert::demo::lab::admin_get(&log(), "/workloads").unwrap();
+    assert_eq!(
+        workloads[0]["identity"],
+        "spiffe://cluster.local/ns/shop/sa/web"
+    );
+    assert_eq!(workloads[0]["enrolled"], true);
+    drop(daemon);
+    assert_no_403(&log());
+
+    // What the token may do is what the daemon needs, and no more.
+    let can_i = |verb: &str, resource: &str| {
+        cluster
+            .kubectl_as(
+                &node_kubeconfig,
+                &["auth", "can-i", verb, resource, "-A"],
+                None,
+            )
+            // "no" comes with exit status 1 and nothing on stderr.
+            .or_else(|e| {
+                if e.trim().is_empty() {
+                    Ok("no".into())
+                } else {
+                    Err(e)
+                }
+            })
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    for resource in [
+        "pods",
+        "namespaces",
+        "services",
+        "endpointslices.discovery.k8s.io",
+    ] {
+        for verb in ["list", "watch"] {
+            assert_eq!(can_i(verb, resource), "yes", "{verb} {resource}");
+        }
+    }
+    for (verb, resource) in [
+        ("get", "secrets"),
+        ("list", "secrets"),
+        ("create", "pods"),
+        ("patch", "pods"),
+        ("delete", "pods"),
+        ("update", "namespaces"),
+        ("get", "configmaps"),
+    ] {
+        assert_eq!(can_i(verb, resource), "no", "{verb} {resource}");
+    }
+    let secrets = cluster
+        .kubectl_as(&node_kubeconfig, &["get", "secrets", "-A"], None)
+        .unwrap_err();
+    assert!(secrets.contains("Forbidden"), "{secrets}");
+    let write = cluster
+        .kubectl_as(
+            &node_kubeconfig,
+            &["-n", "shop", "label", "pod", "web", "x=y"],
+            None,
+        )
+        .unwrap_err();
+    assert!(write.contains("Forbidden"), "{write}");
+}
+
+#[test]
+#[ignore = "needs root and the test apiserver"]
+fn labelling_a_namespace_enrolls_its_pods_and_removing_the_label_releases_them() {
+    let cluster = Cluster::start("label");
+    cluster.install();
+    cluster.namespace("shop", false);
+    let lab = kube::lab(
+        "kblabel",
+        &cluster,
+        spec(vec![
+            PodSpec::in_namespace("client", 0, "shop"),
+            PodSpec::in_namespace("server", 1, "shop"),
+            PodSpec {
+                enrolled: Some(false),
+                ..PodSpec::in_namespace("legacy", 1, "shop")
+            },
+        ]),
+    );
+    cluster.pod(&PodObject {
+        name: "agent",
+        namespace: "shop",
+        node: &lab.nodes[1].name,
+        service_account: "agent",
+        mode: None,
+        host_network: true,
+    });
+    cluster.attach_lab_pods(&lab);
+    lab.pod("server").serve_echo(ECHO).unwrap();
+    eventually("every pod known, none enrolled", WAIT, || {
+        (kube::workloads(&lab, 1, false).len() == 4).then_some(())
+    });
+    assert!(kube::wired(&lab, 0).is_empty() && kube::wired(&lab, 1).is_empty());
+
+    cluster.kubectl(&[
+        "label",
+        "namespace",
+        "shop",
+        "culvert.io/dataplane-mode=ambient",
+    ]);
+    for (node, pods) in [(0, vec!["shop/client"]), (1, vec!["shop/server"])] {
+        eventually(&format!("node {node} to wire {pods:?}"), WAIT, || {
+            (kube::wired(&lab, node) == pods).then_some(())
+        });
+    }
+    assert_eq!(
+        kube::workloads(&lab, 1, true),
+        ["shop/client", "shop/server"]
+    );
+    assert_eq!(
+        kube::workloads(&lab, 1, false),
+        ["shop/agent", "shop/legacy"],
+        "the opted-out pod and the host-network pod stay out"
+    );
+    wait_known(&lab, 0, "server");
+    echo_ok(
+        &lab,
+        "client",
+        addr(&lab, "server", ECHO),
+        b"enrolled by label",
+    );
+    let line = access_line(&lab, 1, |v| {
+        v["direction"] == "inbound" && v["transport"] == "hbone" && v["pod"] == "shop/server"
+    });
+    assert_eq!(line["src.id"], "spiffe://cluster.local/ns/shop/sa/client");
+
+    cluster.kubectl(&["label", "namespace", "shop", "culvert.io/dataplane-mode-"]);
+    for node in [0, 1] {
+        eventually(&format!("node {node} to release its pods"), WAIT, || {
+            kube::wired(&lab, node).is_empty().then_some(())
+        });
+    }
+    assert!(kube::workloads(&lab, 0, true).is_empty());
+    // Released pods talk as they did before Culvert: directly, in plaintext.
+    let capture = lab.capture_wire().unwrap();
+    echo_ok(
+        &lab,
+        "client",
+        addr(&lab, "server", ECHO),
+        b"RELEASED-MARKER-5e1b",
+    );
+    let segments = capture.finish().unwrap();
+    assert!(wire::contains(&segments, b"RELEASED-MARKER-5e1b"));
+    assert_no_403(&lab.log(0));
+    assert_no_403(&lab.log(1));
+}
+
+#[test]
+#[ignore = "needs root and the test apiserver"]
+fn a_service_vip_resolves_to_its_ready_endpoint_and_a_removed_endpoint_is_not_used() {
+    let cluster = Cluster::start("svc");
+    cluster.install();
+    cluster.namespace("shop", true);
+    let lab = kube::lab(
+        "kbsvc",
+        &cluster,
+        spec(vec![
+            PodSpec::in_namespace("client", 0, "shop"),
+            PodSpec::in_namespace("blue", 1, "shop"),
+            PodSpec::in_namespace("green", 1, "shop"),
+        ]),
+    );
+    cluster.attach_lab_pods(&lab);
+    lab.pod("blue").serve_echo(ECHO).unwrap();
+    lab.pod("green").serve_echo(ECHO).unwrap();
+    let slice = |endpoints: &str| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{ name: echo-1, namespace: shop, labels: {{ kubernetes.io/service-name: echo }} }}
+addressType: IPv4
+ports: [{{ name: http, port: {ECHO} }}]
+endpoints: [{endpoints}]
+"
+        )
+    };
+    let (blue, green) = (lab.pod("blue").ip, lab.pod("green").ip);
+    cluster.apply(&format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{ name: echo, namespace: shop }}
+spec: {{ clusterIP: 10.96.0.50, ports: [{{ name: http, port: 80, targetPort: http }}] }}
+---
+{}",
+        slice(&format!(
+            "{{ addresses: [{blue}], conditions: {{ ready: true }} }}, {{ addresses: [{green}], conditions: {{ ready: false }} }}"
+        ))
+    ));
+    let vip: SocketAddr = "10.96.0.50:80".parse().unwrap();
+    let endpoints_of = |lab: &Lab| {
+        let services = lab.admin(0, "/services").unwrap();
+        services
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["vip"] == "10.96.0.50:80")
+            .map(|s| s["service"]["endpoints"].clone())
+    };
+    eventually("the VIP with its ready endpoint", WAIT, || {
+        (endpoints_of(&lab)? == serde_json::json!([blue.to_string()])).then_some(())
+    });
+    let hbone_to = |pod: &str| {
+        culvert_tests::access_log(&lab, 1)
+            .iter()
+            .filter(|v| v["transport"] == "hbone" && v["pod"] == format!("shop/{pod}"))
+            .count()
+    };
+    for _ in 0..4 {
+        echo_ok(&lab, "client", vip, b"to the VIP");
+    }
+    eventually("four HBONE streams to blue", WAIT, || {
+        (hbone_to("blue") == 4).then_some(())
+    });
+    let line = access_line(&lab, 1, |v| v["pod"] == "shop/blue");
+    assert_eq!(line["src.id"], "spiffe://cluster.local/ns/shop/sa/client");
+    assert_eq!(line["dst.addr"], format!("{blue}:{ECHO}"));
+    assert_eq!(hbone_to("green"), 0, "a not-ready endpoint was used");
+
+    // Blue goes away, green becomes ready.
+    cluster.apply(&slice(&format!(
+        "{{ addresses: [{green}], conditions: {{ ready: true }} }}"
+    )));
+    eventually("the VIP to lose blue", WAIT, || {
+        (endpoints_of(&lab)? == serde_json::json!([green.to_string()])).then_some(())
+    });
+    for _ in 0..4 {
+        echo_ok(&lab, "client", vip, b"to the VIP again");
+    }
+    eventually("four HBONE streams to green", WAIT, || {
+        (hbone_to("green") == 4).then_some(())
+    });
+    assert_eq!(hbone_to("blue"), 4, "the removed endpoint was used");
+}
+
+#[test]
+#[ignore = "needs root and the test apiserver"]
+fn traffic_keeps_flowing_while_the_apiserver_is_down_and_later_changes_arrive() {
+    let cluster = Cluster::start("outage");
+    cluster.install();
+    cluster.namespace("shop", true);
+    let lab = kube::lab(
+        "kbapi",
+        &cluster,
+        spec(vec![
+            PodSpec::in_namespace("client", 0, "shop"),
+            PodSpec::in_namespace("server", 1, "shop"),
+        ]),
+    );
+    cluster.attach_lab_pods(&lab);
+    lab.pod("server").serve_echo(ECHO).unwrap();
+    let to_server = addr(&lab, "server", ECHO);
+    wait_known(&lab, 0, "server");
+    echo_ok(&lab, "client", to_server, b"before");
+
+    cluster.stop_apiserver();
+    for i in 0..5 {
+        echo_ok(
+            &lab,
+            "client",
+            to_server,
+            format!("during outage {i}").as_bytes(),
+        );
+    }
+    assert_eq!(
+        kube::wired(&lab, 0),
+        ["shop/client"],
+        "the outage released a pod"
+    );
+    eventually(
+        "six HBONE streams logged by the server's node",
+        WAIT,
+        || {
+            let hbone = culvert_tests::access_log(&lab, 1)
+                .iter()
+                .filter(|v| v["transport"] == "hbone" && v["pod"] == "shop/server")
+                .count();
+            (hbone == 6).then_some(())
+        },
+    );
+    // The watches noticed.
+    eventually("the daemon to log the lost watch", WAIT, || {
+        lab.log(0).contains("watch failed").then_some(())
+    });
+
+    cluster.start_apiserver();
+    // A change made after the restart reaches the daemons: the server opts out.
+    cluster.kubectl(&[
+        "-n",
+        "shop",
+        "label",
+        "pod",
+        "server",
+        "culvert.io/dataplane-mode=none",
+    ]);
+    eventually(
+        "node 1 to release the server",
+        Duration::from_secs(60),
+        || kube::wired(&lab, 1).is_empty().then_some(()),
+    );
+    assert_eq!(kube::workloads(&lab, 0, false), ["shop/server"]);
+    assert_no_403(&lab.log(0));
+}
+
+#[test]
+#[ignore = "needs root and the test apiserver"]
+fn pods_of_a_labelled_namespace_talk_across_nodes_over_hbone_and_the_log_names_both() {
+    let cluster = Cluster::start("flow");
+    cluster.install();
+    cluster.namespace("shop", true);
+    let mut pods = spec(vec![
+        PodSpec::in_namespace("client", 0, "shop"),
+        PodSpec::in_namespace("server", 1, "shop"),
+    ]);
+    pods.pods[1].service_account = "api".into();
+    let lab = kube::lab("kbflow", &cluster, pods);
+    cluster.attach_lab_pods(&lab);
+    lab.pod("server").serve_echo(ECHO).unwrap();
+    wait_known(&lab, 0, "server");
+    let capture = lab.capture_wire().unwrap();
+    let marker = b"KUBE-FLOW-MARKER-93ab";
+    let payload = marker.repeat(100);
+    for _ in 0..3 {
+        echo_ok(&lab, "client", addr(&lab, "server", ECHO), &payload);
+    }
+    let segments = capture.finish().unwrap();
+    let report = wire::Report::of(&segments, 15008);
+    assert!(report.tls13 && report.hbone_segments > 0, "{report:?}");
+    assert_eq!(
+        report.other_segments, 0,
+        "traffic bypassed the tunnel: {report:?}"
+    );
+    assert!(
+        !wire::contains(&segments, marker),
+        "plaintext seen on the wire"
+    );
+
+    let (client_id, server_id) = (
+        "spiffe://cluster.local/ns/shop/sa/client",
+        "spiffe://cluster.local/ns/shop/sa/api",
+    );
+    for (node, direction) in [(0, "outbound"), (1, "inbound")] {
+        let line = access_line(&lab, node, |v| {
+            v["direction"] == direction && v["transport"] == "hbone"
+        });
+        assert_eq!(
+            (line["src.id"].as_str(), line["dst.id"].as_str()),
+            (Some(client_id), Some(server_id))
+        );
+    }
+    assert_no_403(&lab.log(0));
+    assert_no_403(&lab.log(1));
+}

@@ -1,0 +1,305 @@
+//! The Kubernetes layer's harness: a real kube-apiserver + etcd per test (started by
+//! `scripts/kube-test-env`, envtest-style: no kubelet, scheduler or controllers), `kubectl` to
+//! drive it, the shipped manifests applied to it, and lab pods mirrored as Pod objects.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::{Lab, culvert_bin};
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// One apiserver + etcd, stopped on drop.
+pub struct Cluster {
+    pub dir: PathBuf,
+    /// Admin (system:masters) kubeconfig.
+    pub kubeconfig: PathBuf,
+    kubectl: PathBuf,
+}
+
+impl Cluster {
+    /// Starts a fresh control plane; fails loudly when the binaries are not built
+    /// (`scripts/kube-test-env build`) or it does not come up.
+    pub fn start(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("culvert-kube-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = Command::new(repo().join("scripts/kube-test-env"))
+            .arg("start")
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "the test apiserver did not start (scripts/kube-test-env): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let env = std::fs::read_to_string(dir.join("env")).unwrap();
+        let var = |name: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("{name} missing from {}/env", dir.display()))
+                .to_owned()
+        };
+        Self {
+            kubeconfig: var("KUBECONFIG").into(),
+            kubectl: var("KUBECTL").into(),
+            dir,
+        }
+    }
+
+    /// Runs kubectl as admin; `Err` carries its stderr.
+    pub fn try_kubectl(&self, args: &[&str]) -> Result<String, String> {
+        self.kubectl_as(&self.kubeconfig, args, None)
+    }
+
+    /// Runs kubectl as admin and returns stdout; panics with stderr when it fails.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        self.try_kubectl(args)
+            .unwrap_or_else(|e| panic!("kubectl {}: {e}", args.join(" ")))
+    }
+
+    /// Runs kubectl with `kubeconfig`, feeding `stdin` if given.
+    pub fn kubectl_as(
+        &self,
+        kubeconfig: &Path,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<String, String> {
+        let mut child = Command::new(&self.kubectl)
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input
+            .write_all(stdin.unwrap_or_default().as_bytes())
+            .unwrap();
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// `kubectl apply -f -` as admin.
+    pub fn apply(&self, yaml: &str) {
+        self.kubectl_as(&self.kubeconfig, &["apply", "-f", "-"], Some(yaml))
+            .unwrap_or_else(|e| panic!("applying\n{yaml}\n: {e}"));
+    }
+
+    /// Applies the shipped manifests, unchanged.
+    pub fn install(&self) {
+        let manifests = repo().join("manifests");
+        self.kubectl(&[
+            "apply",
+            "-f",
+            manifests.join("namespace.yaml").to_str().unwrap(),
+        ]);
+        self.kubectl(&["apply", "-k", manifests.to_str().unwrap()]);
+    }
+
+    /// A kubeconfig holding a token minted (TokenRequest) for the node daemon's service
+    /// account, as a DaemonSet pod would have. Needs [`Self::install`].
+    pub fn node_kubeconfig(&self) -> PathBuf {
+        let token = self.kubectl(&[
+            "-n",
+            "culvert-system",
+            "create",
+            "token",
+            "culvert-node",
+            "--duration=2h",
+        ]);
+        let admin = std::fs::read_to_string(&self.kubeconfig).unwrap();
+        let node: String = admin
+            .lines()
+            .map(|l| match l.trim_start().strip_prefix("token: ") {
+                Some(_) => format!("    token: {}", token.trim()),
+                None => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let path = self.dir.join("node.kubeconfig");
+        std::fs::write(&path, node).unwrap();
+        path
+    }
+
+    pub fn stop_apiserver(&self) {
+        self.script("stop-apiserver");
+    }
+
+    pub fn start_apiserver(&self) {
+        self.script("start-apiserver");
+    }
+
+    fn script(&self, verb: &str) {
+        let status = Command::new(repo().join("scripts/kube-test-env"))
+            .arg(verb)
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kube-test-env {verb} failed");
+    }
+
+    /// Creates namespace `name`, enrolled or not.
+    pub fn namespace(&self, name: &str, enrolled: bool) {
+        let labels = if enrolled {
+            format!("labels: {{ {MODE}: ambient }}")
+        } else {
+            String::new()
+        };
+        self.apply(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{ name: {name}, {labels} }}\n"
+        ));
+    }
+
+    /// Creates a Pod object as the scheduler would leave it: bound to `node`, no IP yet.
+    pub fn pod(&self, pod: &PodObject<'_>) {
+        let mut labels = String::new();
+        if let Some(mode) = pod.mode {
+            labels = format!("labels: {{ {MODE}: {mode} }}");
+        }
+        self.apply(&format!(
+            "apiVersion: v1
+kind: Pod
+metadata: {{ name: {}, namespace: {}, {labels} }}
+spec:
+  nodeName: {}
+  serviceAccountName: {}
+  hostNetwork: {}
+  containers: [{{ name: app, image: registry.invalid/app }}]
+",
+            pod.name, pod.namespace, pod.node, pod.service_account, pod.host_network
+        ));
+    }
+
+    /// Sets a pod's IP in its status, as the kubelet does once the sandbox runs.
+    pub fn set_pod_ip(&self, namespace: &str, name: &str, ip: &str) {
+        let patch = format!(
+            r#"{{"status":{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}]}}}}"#
+        );
+        self.kubectl(&[
+            "-n",
+            namespace,
+            "patch",
+            "pod",
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &patch,
+        ]);
+    }
+
+    /// Mirrors every lab pod as a Pod object on its lab node (labelled `none` when the lab
+    /// spec opts it out), runs its CNI ADD, and publishes its IP.
+    pub fn attach_lab_pods(&self, lab: &Lab) {
+        for pod in &lab.pods {
+            let spec = lab.spec().pods.iter().find(|p| p.name == pod.name).unwrap();
+            self.pod(&PodObject {
+                name: &pod.name,
+                namespace: &pod.namespace,
+                node: &lab.nodes[pod.node].name,
+                service_account: &spec.service_account,
+                mode: spec.enrolled.map(|e| if e { "ambient" } else { "none" }),
+                host_network: false,
+            });
+        }
+        for pod in &lab.pods {
+            // The daemon may not have seen the Pod object yet; the runtime would retry.
+            crate::eventually(
+                &format!("CNI ADD of {}", pod.name),
+                std::time::Duration::from_secs(10),
+                || lab.cni_add(&pod.name).ok(),
+            );
+            self.set_pod_ip(&pod.namespace, &pod.name, &pod.ip.to_string());
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("scripts/kube-test-env"))
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+/// The enrollment label.
+pub const MODE: &str = culvert::discovery::MODE_LABEL;
+
+/// A Pod object to create.
+pub struct PodObject<'a> {
+    pub name: &'a str,
+    pub namespace: &'a str,
+    pub node: &'a str,
+    pub service_account: &'a str,
+    /// The pod's own `culvert.io/dataplane-mode` label, if any.
+    pub mode: Option<&'a str>,
+    pub host_network: bool,
+}
+
+/// A lab whose daemons discover everything from `cluster`, using the node service account's
+/// token. Pods are created unattached: see [`Cluster::attach_lab_pods`].
+pub fn lab(tag: &str, cluster: &Cluster, mut spec: crate::Spec) -> Lab {
+    for pod in &mut spec.pods {
+        pod.attach = false;
+    }
+    spec.kubeconfig = Some(cluster.node_kubeconfig());
+    Lab::start(tag, &culvert_bin(), spec).unwrap_or_else(|e| panic!("starting the lab: {e:#}"))
+}
+
+/// Names of the workloads node `i` reports with `enrolled == enrolled`, as `namespace/name`.
+pub fn workloads(lab: &Lab, i: usize, enrolled: bool) -> Vec<String> {
+    let all = lab.admin(i, "/workloads").unwrap();
+    let mut names: Vec<String> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["enrolled"] == enrolled)
+        .map(|w| {
+            format!(
+                "{}/{}",
+                w["namespace"].as_str().unwrap(),
+                w["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// Pods node `i` has wired, as `namespace/name`.
+pub fn wired(lab: &Lab, i: usize) -> Vec<String> {
+    let pods = lab.admin(i, "/pods").unwrap();
+    let mut names: Vec<String> = pods
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            format!(
+                "{}/{}",
+                p["pod"]["namespace"].as_str().unwrap(),
+                p["pod"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    names.sort();
+    names
+}
