@@ -3,7 +3,7 @@
 //!
 //! Owns the watches (kube-rs watchers feeding reflector stores, objects trimmed to the fields
 //! used here before they are cached) and the translation from API objects to
-//! [`state`](crate::state) types. The translation is pure and unit-tested; the watches are
+//! [`crate::state`] types. The translation is pure and unit-tested; the watches are
 //! tested against a real kube-apiserver (tests/kube). While the API is unreachable the stores
 //! keep their last contents and the watchers retry with backoff; a watch that expires relists,
 //! and the store swaps in the new list only once it is complete.

@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node daemon.
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Write a self-signed root CA (ca.crt, ca.key) for demos and tests.
     LocalCa {
         /// Directory to write into.
@@ -56,7 +56,7 @@ fn main() -> ExitCode {
         return ExitCode::from(64);
     }
     let result = match cli.command {
-        Command::Node(args) => runtime().and_then(|rt| rt.block_on(culvert::app::run(args))),
+        Command::Node(args) => runtime().and_then(|rt| rt.block_on(culvert::app::run(*args))),
         Command::LocalCa { out } => culvert::identity::write_root(&out, "Culvert local CA"),
         Command::CniUninstall {
             cni_bin_dir,

@@ -625,10 +625,10 @@ pub fn admin_get(log: &str, path: &str) -> anyhow::Result<serde_json::Value> {
     use std::io::{Read as _, Write as _};
     let addr = log
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["message"] == "listening" && v["what"] == "admin")
-        .filter_map(|v| v["addr"].as_str()?.parse::<SocketAddr>().ok())
-        .last()
+        .find_map(|v| v["addr"].as_str()?.parse::<SocketAddr>().ok())
         .context("no admin address logged yet")?;
     let mut stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
