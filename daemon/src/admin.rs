@@ -17,7 +17,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
@@ -73,7 +72,16 @@ pub async fn serve(
     probes_only: bool,
     stop: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
+    // SO_REUSEPORT: during a DaemonSet surge the new daemon binds next to the old one, which
+    // still answers until it exits.
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(64)?;
     let local = listener.local_addr()?;
     info!(addr = %local, what = if probes_only { "probes" } else { "admin" }, "listening");
     tokio::spawn(async move {

@@ -45,13 +45,52 @@ fn wait_known(lab: &Lab, node: usize, pod: &str) {
     });
 }
 
-/// Kills a daemon when the test ends, passed or not.
-struct Daemon(std::process::Child);
+/// `culvert node` alone in the test's network namespace (no lab), as node-b; killed when the
+/// test ends, passed or not.
+struct Daemon {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl Daemon {
+    fn start(cluster: &Cluster, kubeconfig: &std::path::Path) -> Self {
+        let dir = cluster.dir.join("daemon");
+        std::fs::create_dir_all(dir.join("netns")).unwrap();
+        culvert::identity::write_root(&dir, "test CA").unwrap();
+        std::fs::write(
+            dir.join("node.yaml"),
+            "discovery: kubernetes\nca: { cert: ca.crt, key: ca.key }\n",
+        )
+        .unwrap();
+        let child = Command::new(culvert_tests::culvert_bin())
+            .args(["--log-format=json", "node", "--node-name=node-b"])
+            .arg("--config")
+            .arg(dir.join("node.yaml"))
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg("--cni-socket")
+            .arg(dir.join("cni.sock"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--netns-dir")
+            .arg(dir.join("netns"))
+            .args(["--admin-addr=127.0.0.1:0", "--readiness-addr=127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("node.log")).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("node.log")).unwrap()
+    }
+}
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -149,35 +188,8 @@ endpoints: [{ addresses: [10.244.1.2] }]
     );
     let node_kubeconfig = cluster.node_kubeconfig();
 
-    // The daemon alone, in this network namespace, with the node's token.
-    let dir = cluster.dir.join("daemon");
-    std::fs::create_dir_all(dir.join("netns")).unwrap();
-    culvert::identity::write_root(&dir, "test CA").unwrap();
-    std::fs::write(
-        dir.join("node.yaml"),
-        "discovery: kubernetes\nca: { cert: ca.crt, key: ca.key }\n",
-    )
-    .unwrap();
-    let log_path = dir.join("node.log");
-    let daemon = Command::new(culvert_tests::culvert_bin())
-        .args(["--log-format=json", "node", "--node-name=node-b"])
-        .arg("--config")
-        .arg(dir.join("node.yaml"))
-        .arg("--kubeconfig")
-        .arg(&node_kubeconfig)
-        .arg("--cni-socket")
-        .arg(dir.join("cni.sock"))
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--netns-dir")
-        .arg(dir.join("netns"))
-        .args(["--admin-addr=127.0.0.1:0", "--readiness-addr=127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let daemon = Daemon(daemon);
-    let log = || std::fs::read_to_string(&log_path).unwrap();
+    let daemon = Daemon::start(&cluster, &node_kubeconfig);
+    let log = || daemon.log();
     let web = eventually("the daemon to sync from the API", WAIT, || {
         let services = culvert::demo::lab::admin_get(&log(), "/services").ok()?;
         services
@@ -193,8 +205,9 @@ endpoints: [{ addresses: [10.244.1.2] }]
         "spiffe://cluster.local/ns/shop/sa/web"
     );
     assert_eq!(workloads[0]["enrolled"], true);
+    let log = daemon.log();
     drop(daemon);
-    assert_no_403(&log());
+    assert_no_403(&log);
 
     // What the token may do is what the daemon needs, and no more.
     let can_i = |verb: &str, resource: &str| {
@@ -249,6 +262,51 @@ endpoints: [{ addresses: [10.244.1.2] }]
         )
         .unwrap_err();
     assert!(write.contains("Forbidden"), "{write}");
+}
+
+#[test]
+#[ignore = "needs the test apiserver: scripts/kube-test-env build"]
+fn the_daemon_is_not_ready_and_takes_no_registrations_until_the_api_has_been_listed() {
+    let cluster = Cluster::start("ready");
+    cluster.install();
+    cluster.namespace("shop", true);
+    let kubeconfig = cluster.node_kubeconfig();
+    cluster.stop_apiserver();
+    let daemon = Daemon::start(&cluster, &kubeconfig);
+    let socket = daemon.dir.join("cni.sock");
+    let status = eventually("the probes to answer", WAIT, || {
+        culvert::demo::lab::probe(&daemon.log(), "/healthz/ready").ok()
+    });
+    assert_eq!(status, 503);
+    assert_eq!(
+        culvert::demo::lab::probe(&daemon.log(), "/healthz/live").unwrap(),
+        200
+    );
+    // Long enough for several watch retries: still not serving registrations.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        culvert::demo::lab::probe(&daemon.log(), "/healthz/ready").unwrap(),
+        503
+    );
+    assert!(
+        !socket.exists(),
+        "registrations served before the API was listed"
+    );
+
+    cluster.start_apiserver();
+    eventually(
+        "the daemon to become ready",
+        Duration::from_secs(60),
+        || {
+            let ready = culvert::demo::lab::probe(&daemon.log(), "/healthz/ready").ok()?;
+            (ready == 200).then_some(())
+        },
+    );
+    assert!(socket.exists());
+    let workloads = culvert::demo::lab::admin_get(&daemon.log(), "/workloads").unwrap();
+    assert_eq!(workloads, serde_json::json!([]));
+    let enrollment = std::fs::read_to_string(daemon.dir.join("state/enrollment.json")).unwrap();
+    assert!(enrollment.contains("\"shop\""), "{enrollment}");
 }
 
 #[test]

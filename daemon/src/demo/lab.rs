@@ -619,30 +619,46 @@ impl Drop for Lab {
     }
 }
 
-/// `GET path` on the admin API of the daemon that wrote `log` (JSON lines; the address is the
-/// last one it logged, so restarts are followed), as JSON.
+/// `GET path` on the admin API of the daemon that wrote `log`, as JSON.
 pub fn admin_get(log: &str, path: &str) -> anyhow::Result<serde_json::Value> {
+    let (status, body) = http_get(log, "admin", path)?;
+    ensure!(status == 200, "GET {path}: {status} {body}");
+    Ok(serde_json::from_str(&body)?)
+}
+
+/// The status code of `GET path` on the probes of the daemon that wrote `log`.
+pub fn probe(log: &str, path: &str) -> anyhow::Result<u16> {
+    Ok(http_get(log, "probes", path)?.0)
+}
+
+/// `GET path` on the endpoint (`admin` or `probes`) of the daemon that wrote `log` (JSON
+/// lines; the address is the last one it logged, so restarts are followed): status and body.
+fn http_get(log: &str, what: &str, path: &str) -> anyhow::Result<(u16, String)> {
     use std::io::{Read as _, Write as _};
     let addr = log
         .lines()
         .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["message"] == "listening" && v["what"] == "admin")
+        .filter(|v| v["message"] == "listening" && v["what"] == what)
         .find_map(|v| v["addr"].as_str()?.parse::<SocketAddr>().ok())
-        .context("no admin address logged yet")?;
+        .with_context(|| format!("no {what} address logged yet"))?;
     let mut stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: culvert\r\nConnection: close\r\n\r\n"
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response
         .split_once("\r\n\r\n")
-        .context("malformed admin response")?;
-    ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
-    Ok(serde_json::from_str(body)?)
+        .context("malformed HTTP response")?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("malformed HTTP status line")?;
+    Ok((status, body.to_owned()))
 }
 
 pub fn netns_path(name: &str) -> PathBuf {
