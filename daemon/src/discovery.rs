@@ -189,7 +189,14 @@ fn trim_slice(slice: &mut EndpointSlice) {
     for endpoint in slice.endpoints.iter_mut().flatten() {
         endpoint.hints = None;
         endpoint.deprecated_topology = None;
-        endpoint.target_ref = None;
+        if let Some(target) = endpoint.target_ref.take() {
+            endpoint.target_ref = Some(k8s_openapi::api::core::v1::ObjectReference {
+                kind: target.kind,
+                name: target.name,
+                namespace: target.namespace,
+                ..Default::default()
+            });
+        }
         endpoint.hostname = None;
         endpoint.zone = None;
     }
@@ -219,7 +226,7 @@ pub fn build(
     });
     let mut claimed = std::collections::HashSet::new();
     let mut workloads = Vec::with_capacity(pods.len());
-    for pod in pods {
+    for &pod in &pods {
         let Some(mut workload) = workload(&settings.trust_domain, pod) else {
             continue;
         };
@@ -233,6 +240,18 @@ pub fn build(
         });
         workloads.push(workload);
     }
+
+    let host_network = pods
+        .iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.host_network) == Some(true))
+        .filter_map(|p| {
+            Some((
+                p.metadata.namespace.as_deref()?,
+                p.metadata.name.as_deref()?,
+            ))
+        })
+        .collect();
+    adopt_endpoint_ips(&mut workloads, &host_network, &mut claimed, slices);
 
     let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
     for slice in slices {
@@ -266,6 +285,53 @@ pub fn build(
         workloads,
         services,
     )
+}
+
+/// Gives a pod the endpoint addresses its EndpointSlices list for it (`targetRef`) before its
+/// own status does: the two objects arrive separately, and until the pod's IP is known a
+/// connection to that endpoint would leave the node unencrypted. Addresses another pod claims
+/// are left alone.
+fn adopt_endpoint_ips(
+    workloads: &mut [Workload],
+    host_network: &std::collections::HashSet<(&str, &str)>,
+    claimed: &mut std::collections::HashSet<IpAddr>,
+    slices: &[Arc<EndpointSlice>],
+) {
+    // A host-network pod's endpoint is its node's address, not the pod's own.
+    let by_name: HashMap<(&str, &str), usize> = workloads
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| !host_network.contains(&(w.namespace.as_str(), w.name.as_str())))
+        .map(|(i, w)| ((w.namespace.as_str(), w.name.as_str()), i))
+        .collect();
+    let mut adopted: Vec<(usize, IpAddr)> = Vec::new();
+    for slice in slices {
+        for endpoint in slice.endpoints.iter().flatten() {
+            let Some(target) = &endpoint.target_ref else {
+                continue;
+            };
+            let namespace = target
+                .namespace
+                .as_deref()
+                .or(slice.metadata.namespace.as_deref());
+            let (Some("Pod"), Some(name), Some(namespace)) =
+                (target.kind.as_deref(), target.name.as_deref(), namespace)
+            else {
+                continue;
+            };
+            let Some(&i) = by_name.get(&(namespace, name)) else {
+                continue;
+            };
+            for ip in endpoint.addresses.iter().filter_map(|a| a.parse().ok()) {
+                if claimed.insert(ip) {
+                    adopted.push((i, ip));
+                }
+            }
+        }
+    }
+    for (i, ip) in adopted {
+        workloads[i].ips.push(ip);
+    }
 }
 
 fn label<'a>(meta: &'a kube::api::ObjectMeta, key: &str) -> Option<&'a str> {
@@ -570,5 +636,47 @@ endpoints: [{{ addresses: [10.244.3.3] }}]"
             "named target port that no slice resolves"
         );
         assert_eq!(snap.services().count(), 2);
+    }
+
+    #[test]
+    fn an_endpoint_names_its_pod_before_the_pod_status_does() {
+        let fresh = pod("api", "");
+        let agent = pod("agent", "");
+        let mut agent = (*agent).clone();
+        agent.spec.as_mut().unwrap().host_network = Some(true);
+        let old = with_ip(&pod("old", ""), "10.244.1.8");
+        let slice: Arc<EndpointSlice> = from_yaml(&format!(
+            "metadata: {{ name: api-x, namespace: shop, labels: {{ {SERVICE_NAME_LABEL}: api }} }}
+addressType: IPv4
+endpoints:
+  - {{ addresses: [10.244.1.7], targetRef: {{ kind: Pod, name: api }} }}
+  - {{ addresses: [192.0.2.1], targetRef: {{ kind: Pod, name: agent, namespace: shop }} }}
+  - {{ addresses: [10.244.1.8], targetRef: {{ kind: Pod, name: api }} }}
+  - {{ addresses: [10.244.1.9], targetRef: {{ kind: Pod, name: gone }} }}"
+        ));
+        let snap = build(
+            &settings(),
+            &[fresh, Arc::new(agent), old],
+            &[namespace("shop", Some(ENROLLED))],
+            &[],
+            &[slice],
+        )
+        .unwrap();
+        let by_ip = |ip: &str| {
+            snap.workload_by_ip(ip.parse().unwrap())
+                .map(|w| w.name.as_str())
+        };
+        assert_eq!(by_ip("10.244.1.7"), Some("api"), "adopted from the slice");
+        assert_eq!(
+            by_ip("10.244.1.8"),
+            Some("old"),
+            "claimed by a pod's own status"
+        );
+        assert_eq!(
+            by_ip("192.0.2.1"),
+            None,
+            "a host-network pod's node address"
+        );
+        assert_eq!(by_ip("10.244.1.9"), None, "no such pod");
     }
 }

@@ -484,6 +484,56 @@ spec: {{ clusterIP: 10.96.0.50, ports: [{{ name: http, port: 80, targetPort: htt
 
 #[test]
 #[ignore = "needs root and the test apiserver"]
+fn an_endpoint_whose_pod_has_not_published_its_ip_is_still_reached_over_hbone() {
+    let cluster = Cluster::start("early");
+    cluster.install();
+    cluster.namespace("shop", true);
+    let lab = kube::lab(
+        "kbearly",
+        &cluster,
+        spec(vec![
+            PodSpec::in_namespace("client", 0, "shop"),
+            PodSpec::in_namespace("server", 1, "shop"),
+        ]),
+    );
+    // The server's status never gets its IP: only the EndpointSlice names it.
+    cluster.attach_lab_pods_publishing(&lab, |name| name != "server");
+    lab.pod("server").serve_echo(ECHO).unwrap();
+    let server = lab.pod("server").ip;
+    cluster.apply(&format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{ name: api, namespace: shop }}
+spec: {{ clusterIP: 10.96.0.60, ports: [{{ port: 80, targetPort: {ECHO} }}] }}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{ name: api-1, namespace: shop, labels: {{ kubernetes.io/service-name: api }} }}
+addressType: IPv4
+ports: [{{ port: {ECHO} }}]
+endpoints: [{{ addresses: [{server}], targetRef: {{ kind: Pod, name: server, namespace: shop }} }}]
+"
+    ));
+    wait_known(&lab, 0, "server");
+    let capture = lab.capture_wire().unwrap();
+    echo_ok(
+        &lab,
+        "client",
+        "10.96.0.60:80".parse().unwrap(),
+        b"EARLY-MARKER-44d0",
+    );
+    let segments = capture.finish().unwrap();
+    assert!(
+        !wire::contains(&segments, b"EARLY-MARKER-44d0"),
+        "plaintext on the wire"
+    );
+    let line = access_line(&lab, 1, |v| v["pod"] == "shop/server");
+    assert_eq!(line["transport"], "hbone");
+    assert_eq!(line["src.id"], "spiffe://cluster.local/ns/shop/sa/client");
+}
+
+#[test]
+#[ignore = "needs root and the test apiserver"]
 fn traffic_keeps_flowing_while_the_apiserver_is_down_and_later_changes_arrive() {
     let cluster = Cluster::start("outage");
     cluster.install();

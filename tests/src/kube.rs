@@ -209,6 +209,11 @@ spec:
     /// Mirrors every lab pod as a Pod object on its lab node (labelled `none` when the lab
     /// spec opts it out), runs its CNI ADD, and publishes its IP.
     pub fn attach_lab_pods(&self, lab: &Lab) {
+        self.attach_lab_pods_publishing(lab, |_| true);
+    }
+
+    /// [`Self::attach_lab_pods`], publishing the IPs only of the pods `publish` picks by name.
+    pub fn attach_lab_pods_publishing(&self, lab: &Lab, publish: impl Fn(&str) -> bool) {
         for pod in &lab.pods {
             let spec = lab.spec().pods.iter().find(|p| p.name == pod.name).unwrap();
             self.pod(&PodObject {
@@ -227,7 +232,9 @@ spec:
                 std::time::Duration::from_secs(10),
                 || lab.cni_add(&pod.name).ok(),
             );
-            self.set_pod_ip(&pod.namespace, &pod.name, &pod.ip.to_string());
+            if publish(&pod.name) {
+                self.set_pod_ip(&pod.namespace, &pod.name, &pod.ip.to_string());
+            }
         }
     }
 }
