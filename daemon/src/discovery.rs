@@ -233,7 +233,8 @@ pub fn build(
         workload.ips.retain(|ip| {
             let fresh = claimed.insert(*ip);
             if !fresh {
-                warn!(pod = %format!("{}/{}", workload.namespace, workload.name), %ip,
+                // Debug: every rebuild would repeat it while the stale status lasts.
+                debug!(pod = %format!("{}/{}", workload.namespace, workload.name), %ip,
                     "IP also claimed by a newer pod; ignoring it for this one");
             }
             fresh
