@@ -71,7 +71,7 @@ pub async fn serve(
     addr: SocketAddr,
     probes_only: bool,
     stop: CancellationToken,
-) -> std::io::Result<SocketAddr> {
+) -> std::io::Result<()> {
     // SO_REUSEPORT: during a DaemonSet surge the new daemon binds next to the old one, which
     // still answers until it exits.
     let socket = match addr {
@@ -110,7 +110,7 @@ pub async fn serve(
             });
         }
     });
-    Ok(local)
+    Ok(())
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -105,7 +105,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             args.state_dir.clone(),
         ));
     }
-    write_enrollment(&args.state_dir, &state)?;
+    write_enrollment(&args.state_dir, &state.snapshot().enrollment())?;
     // Pods that run already (daemon restart, node reboot) are rewired before registrations are
     // served: until then the plugin fails closed for them.
     pods.reconcile().await;
@@ -142,7 +142,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
                 match file.discovery {
                     Discovery::File => {
                         state.replace(new.snapshot);
-                        if let Err(e) = write_enrollment(&args.state_dir, &state) {
+                        if let Err(e) = write_enrollment(&args.state_dir, &state.snapshot().enrollment()) {
                             error!(error = format!("{e:#}"), "recording enrollment for the CNI plugin");
                         }
                         pods.reconcile().await;
@@ -202,6 +202,7 @@ async fn follow(
     state_dir: std::path::PathBuf,
 ) {
     let mut last = pods.local_enrollment();
+    let mut recorded = state.snapshot().enrollment();
     loop {
         tokio::select! {
             () = watches.changed() => {}
@@ -217,11 +218,17 @@ async fn follow(
                 continue;
             }
         }
-        if let Err(e) = write_enrollment(&state_dir, &state) {
-            error!(
-                error = format!("{e:#}"),
-                "recording enrollment for the CNI plugin"
-            );
+        // Most events (IPs, endpoints) leave enrollment as it was: rewrite the file only when
+        // it changed.
+        let enrollment = state.snapshot().enrollment();
+        if enrollment != recorded {
+            match write_enrollment(&state_dir, &enrollment) {
+                Ok(()) => recorded = enrollment,
+                Err(e) => error!(
+                    error = format!("{e:#}"),
+                    "recording enrollment for the CNI plugin"
+                ),
+            }
         }
         let local = pods.local_enrollment();
         if local != last {
@@ -290,10 +297,12 @@ fn install_cni(args: &NodeArgs, stop: CancellationToken) -> anyhow::Result<()> {
 
 /// Records which pods are enrolled, for the CNI plugin to fail closed on while the daemon is
 /// away (restart, upgrade, crash, reboot).
-fn write_enrollment(state_dir: &std::path::Path, state: &Store) -> anyhow::Result<()> {
+fn write_enrollment(
+    state_dir: &std::path::Path,
+    enrollment: &culvert_cni_proto::Enrollment,
+) -> anyhow::Result<()> {
     let path = state_dir.join("enrollment.json");
-    let json =
-        serde_json::to_vec_pretty(&state.snapshot().enrollment()).expect("enrollment serializes");
+    let json = serde_json::to_vec_pretty(enrollment).expect("enrollment serializes");
     write_atomically(&path, &json).with_context(|| format!("writing {}", path.display()))
 }
 

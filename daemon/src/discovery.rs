@@ -226,10 +226,21 @@ pub fn build(
     });
     let mut claimed = std::collections::HashSet::new();
     let mut workloads = Vec::with_capacity(pods.len());
+    // Pods an EndpointSlice may give an address to: all but host-network ones, whose endpoint
+    // is their node's address.
+    let mut adoptable: HashMap<(&str, &str), usize> = HashMap::new();
     for &pod in &pods {
         let Some(mut workload) = workload(&settings.trust_domain, pod) else {
             continue;
         };
+        let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+        if let (false, Some(namespace), Some(name)) = (
+            host_network,
+            pod.metadata.namespace.as_deref(),
+            pod.metadata.name.as_deref(),
+        ) {
+            adoptable.insert((namespace, name), workloads.len());
+        }
         workload.ips.retain(|ip| {
             let fresh = claimed.insert(*ip);
             if !fresh {
@@ -242,17 +253,7 @@ pub fn build(
         workloads.push(workload);
     }
 
-    let host_network = pods
-        .iter()
-        .filter(|p| p.spec.as_ref().and_then(|s| s.host_network) == Some(true))
-        .filter_map(|p| {
-            Some((
-                p.metadata.namespace.as_deref()?,
-                p.metadata.name.as_deref()?,
-            ))
-        })
-        .collect();
-    adopt_endpoint_ips(&mut workloads, &host_network, &mut claimed, slices);
+    adopt_endpoint_ips(&mut workloads, &adoptable, &mut claimed, slices);
 
     let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
     for slice in slices {
@@ -294,18 +295,10 @@ pub fn build(
 /// are left alone.
 fn adopt_endpoint_ips(
     workloads: &mut [Workload],
-    host_network: &std::collections::HashSet<(&str, &str)>,
+    adoptable: &HashMap<(&str, &str), usize>,
     claimed: &mut std::collections::HashSet<IpAddr>,
     slices: &[Arc<EndpointSlice>],
 ) {
-    // A host-network pod's endpoint is its node's address, not the pod's own.
-    let by_name: HashMap<(&str, &str), usize> = workloads
-        .iter()
-        .enumerate()
-        .filter(|(_, w)| !host_network.contains(&(w.namespace.as_str(), w.name.as_str())))
-        .map(|(i, w)| ((w.namespace.as_str(), w.name.as_str()), i))
-        .collect();
-    let mut adopted: Vec<(usize, IpAddr)> = Vec::new();
     for slice in slices {
         for endpoint in slice.endpoints.iter().flatten() {
             let Some(target) = &endpoint.target_ref else {
@@ -320,18 +313,15 @@ fn adopt_endpoint_ips(
             else {
                 continue;
             };
-            let Some(&i) = by_name.get(&(namespace, name)) else {
+            let Some(&i) = adoptable.get(&(namespace, name)) else {
                 continue;
             };
             for ip in endpoint.addresses.iter().filter_map(|a| a.parse().ok()) {
                 if claimed.insert(ip) {
-                    adopted.push((i, ip));
+                    workloads[i].ips.push(ip);
                 }
             }
         }
-    }
-    for (i, ip) in adopted {
-        workloads[i].ips.push(ip);
     }
 }
 
