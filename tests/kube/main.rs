@@ -160,9 +160,7 @@ fn manifests_apply_with_a_server_side_dry_run_and_for_real() {
 #[test]
 #[ignore = "needs the test apiserver: scripts/kube-test-env build"]
 fn the_node_service_account_syncs_without_a_403_and_can_neither_read_secrets_nor_write_pods() {
-    let cluster = Cluster::start("rbac");
-    cluster.install();
-    cluster.namespace("shop", true);
+    let cluster = Cluster::with_shop("rbac", true);
     cluster.pod(&PodObject {
         name: "web",
         namespace: "shop",
@@ -267,9 +265,7 @@ endpoints: [{ addresses: [10.244.1.2] }]
 #[test]
 #[ignore = "needs the test apiserver: scripts/kube-test-env build"]
 fn the_daemon_is_not_ready_and_takes_no_registrations_until_the_api_has_been_listed() {
-    let cluster = Cluster::start("ready");
-    cluster.install();
-    cluster.namespace("shop", true);
+    let cluster = Cluster::with_shop("ready", true);
     let kubeconfig = cluster.node_kubeconfig();
     cluster.stop_apiserver();
     let daemon = Daemon::start(&cluster, &kubeconfig);
@@ -312,9 +308,7 @@ fn the_daemon_is_not_ready_and_takes_no_registrations_until_the_api_has_been_lis
 #[test]
 #[ignore = "needs root and the test apiserver"]
 fn labelling_a_namespace_enrolls_its_pods_and_removing_the_label_releases_them() {
-    let cluster = Cluster::start("label");
-    cluster.install();
-    cluster.namespace("shop", false);
+    let cluster = Cluster::with_shop("label", false);
     let lab = kube::lab(
         "kblabel",
         &cluster,
@@ -398,9 +392,7 @@ fn labelling_a_namespace_enrolls_its_pods_and_removing_the_label_releases_them()
 #[test]
 #[ignore = "needs root and the test apiserver"]
 fn a_service_vip_resolves_to_its_ready_endpoint_and_a_removed_endpoint_is_not_used() {
-    let cluster = Cluster::start("svc");
-    cluster.install();
-    cluster.namespace("shop", true);
+    let cluster = Cluster::with_shop("svc", true);
     let lab = kube::lab(
         "kbsvc",
         &cluster,
@@ -485,9 +477,7 @@ spec: {{ clusterIP: 10.96.0.50, ports: [{{ name: http, port: 80, targetPort: htt
 #[test]
 #[ignore = "needs root and the test apiserver"]
 fn an_endpoint_whose_pod_has_not_published_its_ip_is_still_reached_over_hbone() {
-    let cluster = Cluster::start("early");
-    cluster.install();
-    cluster.namespace("shop", true);
+    let cluster = Cluster::with_shop("early", true);
     let lab = kube::lab(
         "kbearly",
         &cluster,
@@ -535,9 +525,7 @@ endpoints: [{{ addresses: [{server}], targetRef: {{ kind: Pod, name: server, nam
 #[test]
 #[ignore = "needs root and the test apiserver"]
 fn traffic_keeps_flowing_while_the_apiserver_is_down_and_later_changes_arrive() {
-    let cluster = Cluster::start("outage");
-    cluster.install();
-    cluster.namespace("shop", true);
+    let cluster = Cluster::with_shop("outage", true);
     let lab = kube::lab(
         "kbapi",
         &cluster,
@@ -606,9 +594,7 @@ fn traffic_keeps_flowing_while_the_apiserver_is_down_and_later_changes_arrive() 
 #[test]
 #[ignore = "needs root and the test apiserver"]
 fn pods_of_a_labelled_namespace_talk_across_nodes_over_hbone_and_the_log_names_both() {
-    let cluster = Cluster::start("flow");
-    cluster.install();
-    cluster.namespace("shop", true);
+    let cluster = Cluster::with_shop("flow", true);
     let mut pods = spec(vec![
         PodSpec::in_namespace("client", 0, "shop"),
         PodSpec::in_namespace("server", 1, "shop"),

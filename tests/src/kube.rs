@@ -56,6 +56,15 @@ impl Cluster {
         }
     }
 
+    /// A fresh control plane with the shipped manifests applied and a namespace `shop`,
+    /// enrolled or not: where most tests start.
+    pub fn with_shop(tag: &str, enrolled: bool) -> Self {
+        let cluster = Self::start(tag);
+        cluster.install();
+        cluster.namespace("shop", enrolled);
+        cluster
+    }
+
     /// Runs kubectl as admin; `Err` carries its stderr.
     pub fn try_kubectl(&self, args: &[&str]) -> Result<String, String> {
         self.kubectl_as(&self.kubeconfig, args, None)
