@@ -23,7 +23,7 @@ use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::identity::Id;
 use crate::state::{self, PeerAuthentication, ServiceSpec, Snapshot, Workload};
@@ -112,15 +112,29 @@ where
         .default_backoff()
         .modify(trim)
         .reflect(writer);
+    let store = reader.clone();
     tokio::spawn(async move {
         let mut events = std::pin::pin!(events);
+        let mut listed = false;
         loop {
             let event = tokio::select! {
                 () = stop.cancelled() => return,
                 event = events.next() => event,
             };
             match event {
+                // A relist (after 410 Gone) only replaces the store once it is complete.
+                Some(Ok(watcher::Event::InitDone)) => {
+                    if listed {
+                        info!(%kind, objects = store.state().len(), "relisted");
+                    }
+                    listed = true;
+                    changed.notify_one();
+                }
                 Some(Ok(_)) => changed.notify_one(),
+                // etcd compacted past our resource version: the watcher relists.
+                Some(Err(watcher::Error::WatchError(status))) if status.code == 410 => {
+                    info!(%kind, "watch expired; relisting, serving the last state");
+                }
                 // The backoff wrapper retries; until it succeeds the store keeps what it had.
                 Some(Err(e)) => {
                     warn!(%kind, error = %e, "watch failed; retrying, serving the last state");

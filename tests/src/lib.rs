@@ -98,10 +98,17 @@ pub fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> O
 
 /// The JSON access-log lines a node has written so far.
 pub fn access_log(lab: &Lab, node: usize) -> Vec<serde_json::Value> {
+    log_lines(lab, node)
+        .into_iter()
+        .filter(|v| v["target"] == "access")
+        .collect()
+}
+
+/// Node `node`'s JSON log lines.
+pub fn log_lines(lab: &Lab, node: usize) -> Vec<serde_json::Value> {
     lab.log(node)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["target"] == "access")
         .collect()
 }
 
