@@ -378,13 +378,11 @@ impl NodeFile {
                 ports: s
                     .ports
                     .iter()
-                    .map(|p| (p.port, p.target_port.unwrap_or(p.port)))
-                    .collect(),
-                ready_endpoints: s
-                    .endpoints
-                    .iter()
-                    .filter(|e| e.ready)
-                    .map(|e| e.ip)
+                    .map(|p| {
+                        let target = p.target_port.unwrap_or(p.port);
+                        let ready = s.endpoints.iter().filter(|e| e.ready);
+                        (p.port, ready.map(|e| (e.ip, target).into()).collect())
+                    })
                     .collect(),
             })
             .collect();
@@ -468,7 +466,7 @@ services:
             .snapshot
             .service("10.96.0.10:80".parse().unwrap())
             .unwrap();
-        assert_eq!(port.endpoints, ["10.244.2.9".parse::<IpAddr>().unwrap()]);
+        assert_eq!(port.endpoints, ["10.244.2.9:8080".parse().unwrap()]);
     }
 
     #[test]
@@ -509,7 +507,7 @@ services:
             ),
             (
                 GOOD.replace("port: 80,", "port: 0,"),
-                "services[0].ports[0] = 0->8080: port 0",
+                "services[0].ports[0] = 0: port 0",
             ),
             (
                 format!("{GOOD}certTtl: 10s\n"),

@@ -10,13 +10,12 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Debug;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Api, Client, Resource};
@@ -411,9 +410,11 @@ fn pod_ips(status: Option<&k8s_openapi::api::core::v1::PodStatus>) -> Vec<IpAddr
     ips
 }
 
-/// A Service's VIPs, one spec per cluster IP. Target ports come from the EndpointSlices' port
-/// of the same name (which resolves named target ports), else from a numeric `targetPort`.
-/// Endpoints count as ready unless their `ready` condition is false, as the API advises.
+/// A Service's VIPs, one spec per cluster IP. Each EndpointSlice's port of the same name gives
+/// the target port of that slice's endpoints (the endpoint controller groups endpoints by the
+/// number a named port resolves to); a slice without that port adds no endpoint to it, as
+/// with kube-proxy. Endpoints count as ready unless their `ready` condition is false, as the
+/// API advises.
 fn service(svc: &Service, slices: &[&EndpointSlice]) -> Vec<ServiceSpec> {
     let (Some(name), Some(namespace), Some(spec)) = (
         svc.metadata.name.as_ref(),
@@ -434,48 +435,56 @@ fn service(svc: &Service, slices: &[&EndpointSlice]) -> Vec<ServiceSpec> {
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let ports: Vec<(u16, u16)> = spec
+    let ports: Vec<(u16, Vec<SocketAddr>)> = spec
         .ports
         .iter()
         .flatten()
         .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
         .filter_map(|p| {
-            let port = u16::try_from(p.port).ok()?;
+            let port = u16::try_from(p.port).ok().filter(|&port| port != 0)?;
             let port_name = p.name.as_deref().unwrap_or_default();
-            let from_slice = slices
+            let endpoints = slices
                 .iter()
-                .flat_map(|s| s.ports.iter().flatten())
-                .find(|sp| sp.name.as_deref().unwrap_or_default() == port_name)
-                .and_then(|sp| sp.port);
-            let target = match (from_slice, p.target_port.clone()) {
-                (Some(n), _) | (None, Some(IntOrString::Int(n))) => u16::try_from(n).ok()?,
-                (None, None) => port,
-                (None, Some(IntOrString::String(_))) => return None,
-            };
-            Some((port, target))
+                .filter_map(|s| {
+                    let target = s
+                        .ports
+                        .iter()
+                        .flatten()
+                        .find(|sp| sp.name.as_deref().unwrap_or_default() == port_name)
+                        .and_then(|sp| u16::try_from(sp.port?).ok())
+                        .filter(|&t| t != 0)?;
+                    Some((s, target))
+                })
+                .flat_map(|(s, target)| {
+                    ready_addresses(s).map(move |ip| SocketAddr::new(ip, target))
+                })
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            Some((port, endpoints))
         })
-        .filter(|&(port, target)| port != 0 && target != 0)
         .collect();
     if ports.is_empty() {
         return Vec::new();
     }
-    let ready_endpoints: Vec<IpAddr> = slices
-        .iter()
-        .flat_map(|s| s.endpoints.iter().flatten())
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
-        .flat_map(|e| e.addresses.iter().filter_map(|a| a.parse().ok()))
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
     vips.into_iter()
         .map(|vip| ServiceSpec {
             name: name.clone(),
             namespace: namespace.clone(),
             vip,
             ports: ports.clone(),
-            ready_endpoints: ready_endpoints.clone(),
         })
         .collect()
+}
+
+/// The addresses of a slice's endpoints that are not known to be unready.
+fn ready_addresses(slice: &EndpointSlice) -> impl Iterator<Item = IpAddr> + '_ {
+    slice
+        .endpoints
+        .iter()
+        .flatten()
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+        .flat_map(|e| e.addresses.iter().filter_map(|a| a.parse().ok()))
 }
 
 #[cfg(test)]
@@ -599,7 +608,7 @@ status: {{ phase: Running }}
     }
 
     #[test]
-    fn services_resolve_target_ports_through_slices_and_keep_ready_endpoints() {
+    fn services_resolve_target_ports_per_slice_and_keep_ready_endpoints() {
         let svc: Arc<Service> = from_yaml(
             "metadata: { name: echo, namespace: shop }
 spec:
@@ -620,6 +629,13 @@ endpoints:
   - {{ addresses: [10.244.2.2], conditions: {{ ready: false }} }}
   - {{ addresses: [10.244.2.3] }}"
         ));
+        // Mid-rollout, the new pods number the named port differently: their own slice.
+        let rolled: Arc<EndpointSlice> = from_yaml(&format!(
+            "metadata: {{ name: echo-y, namespace: shop, labels: {{ {SERVICE_NAME_LABEL}: echo }} }}
+addressType: IPv4
+ports: [{{ name: http, port: 8443 }}]
+endpoints: [{{ addresses: [10.244.1.9] }}]"
+        ));
         let other: Arc<EndpointSlice> = from_yaml(&format!(
             "metadata: {{ name: x, namespace: elsewhere, labels: {{ {SERVICE_NAME_LABEL}: echo }} }}
 addressType: IPv4
@@ -628,19 +644,29 @@ endpoints: [{{ addresses: [10.244.3.3] }}]"
         let headless: Arc<Service> = from_yaml(
             "metadata: { name: db, namespace: shop }\nspec: { clusterIP: None, ports: [{ port: 5432 }] }",
         );
-        let snap = build(&settings(), &[], &[], &[svc, headless], &[slice, other]).unwrap();
-        let port = |p: u16| snap.service(format!("10.96.0.10:{p}").parse().unwrap());
-        let http = port(80).unwrap();
-        assert_eq!(http.target_port, 8080);
-        let ready: Vec<String> = http.endpoints.iter().map(ToString::to_string).collect();
-        assert_eq!(ready, ["10.244.1.2", "10.244.2.3"]);
-        assert_eq!(port(81).unwrap().target_port, 9001, "the slice's port wins");
-        assert!(port(53).is_none(), "UDP is not carried");
-        assert!(
-            port(82).is_none(),
-            "named target port that no slice resolves"
+        let slices = [slice, rolled, other];
+        let snap = build(&settings(), &[], &[], &[svc, headless], &slices).unwrap();
+        let endpoints = |p: u16| -> Option<Vec<String>> {
+            let port = snap.service(format!("10.96.0.10:{p}").parse().unwrap())?;
+            Some(port.endpoints.iter().map(ToString::to_string).collect())
+        };
+        assert_eq!(
+            endpoints(80).unwrap(),
+            ["10.244.1.2:8080", "10.244.1.9:8443", "10.244.2.3:8080"],
+            "each slice's number for the named port, ready endpoints only"
         );
-        assert_eq!(snap.services().count(), 2);
+        assert_eq!(
+            endpoints(81).unwrap(),
+            ["10.244.1.2:9001", "10.244.2.3:9001"],
+            "the slice's port wins; a slice without the port name has no endpoint for it"
+        );
+        assert!(endpoints(53).is_none(), "UDP is not carried");
+        assert_eq!(
+            endpoints(82).unwrap(),
+            Vec::<String>::new(),
+            "a named target port that no slice resolves has no endpoint"
+        );
+        assert_eq!(snap.services().count(), 3);
     }
 
     #[test]

@@ -46,9 +46,9 @@ pub struct Workload {
 pub struct ServicePort {
     pub service: String,
     pub namespace: String,
-    pub target_port: u16,
-    /// Ready endpoint addresses only.
-    pub endpoints: Vec<IpAddr>,
+    /// Ready endpoints only, each with its own target port: the pods behind one named port
+    /// may number it differently (a rollout that changes the container port).
+    pub endpoints: Vec<SocketAddr>,
 }
 
 /// An immutable picture of the cluster; the data path reads one per connection.
@@ -83,9 +83,8 @@ pub struct ServiceSpec {
     pub name: String,
     pub namespace: String,
     pub vip: IpAddr,
-    /// `(port, target port)` pairs.
-    pub ports: Vec<(u16, u16)>,
-    pub ready_endpoints: Vec<IpAddr>,
+    /// Each port with the ready endpoints (address and target port) behind it.
+    pub ports: Vec<(u16, Vec<SocketAddr>)>,
 }
 
 impl Snapshot {
@@ -137,20 +136,18 @@ impl Snapshot {
                 let reason = "is also a workload address".to_owned();
                 return Err(err(format!("services[{i}].vip"), &s.vip, reason));
             }
-            for (j, &(port, target_port)) in s.ports.iter().enumerate() {
-                if port == 0 || target_port == 0 {
-                    let value = format!("{port}->{target_port}");
-                    return Err(err(
-                        format!("services[{i}].ports[{j}]"),
-                        &value,
-                        "port 0".into(),
-                    ));
+            for (j, (port, endpoints)) in s.ports.into_iter().enumerate() {
+                let path = format!("services[{i}].ports[{j}]");
+                if port == 0 {
+                    return Err(err(path, &port, "port 0".into()));
+                }
+                if let Some(e) = endpoints.iter().find(|e| e.port() == 0) {
+                    return Err(err(path, e, "target port 0".into()));
                 }
                 let entry = Arc::new(ServicePort {
                     service: s.name.clone(),
                     namespace: s.namespace.clone(),
-                    target_port,
-                    endpoints: s.ready_endpoints.clone(),
+                    endpoints,
                 });
                 let vip = SocketAddr::new(s.vip, port);
                 if snapshot.services.insert(vip, entry).is_some() {
@@ -258,8 +255,7 @@ mod tests {
             name: "echo".into(),
             namespace: "demo".into(),
             vip: "10.96.0.10".parse().unwrap(),
-            ports: vec![(80, 8080)],
-            ready_endpoints: vec!["10.0.0.2".parse().unwrap()],
+            ports: vec![(80, vec!["10.0.0.2:8080".parse().unwrap()])],
         };
         let snap = Snapshot::build(
             "cluster.local",
@@ -280,7 +276,7 @@ mod tests {
             "10.0.0.1"
         );
         let port = snap.service("10.96.0.10:80".parse().unwrap()).unwrap();
-        assert_eq!((port.target_port, port.endpoints.len()), (8080, 1));
+        assert_eq!(port.endpoints, ["10.0.0.2:8080".parse().unwrap()]);
         assert!(snap.service("10.96.0.10:81".parse().unwrap()).is_none());
         assert_eq!(
             snap.peer_authentication_of(&workload("c", "10.0.0.3")),

@@ -197,7 +197,7 @@ endpoints: [{ addresses: [10.244.1.2] }]
             .find(|s| s["vip"] == "10.96.0.80:80")
             .cloned()
     });
-    assert_eq!(web["service"]["endpoints"][0], "10.244.1.2");
+    assert_eq!(web["service"]["endpoints"][0], "10.244.1.2:8080");
     let workloads = culvert::demo::lab::admin_get(&log(), "/workloads").unwrap();
     assert_eq!(
         workloads[0]["identity"],
@@ -440,7 +440,7 @@ spec: {{ clusterIP: 10.96.0.50, ports: [{{ name: http, port: 80, targetPort: htt
             .map(|s| s["service"]["endpoints"].clone())
     };
     eventually("the VIP with its ready endpoint", WAIT, || {
-        (endpoints_of(&lab)? == serde_json::json!([blue.to_string()])).then_some(())
+        (endpoints_of(&lab)? == serde_json::json!([format!("{blue}:{ECHO}")])).then_some(())
     });
     let hbone_to = |pod: &str| {
         culvert_tests::access_log(&lab, 1)
@@ -464,7 +464,7 @@ spec: {{ clusterIP: 10.96.0.50, ports: [{{ name: http, port: 80, targetPort: htt
         "{{ addresses: [{green}], conditions: {{ ready: true }} }}"
     )));
     eventually("the VIP to lose blue", WAIT, || {
-        (endpoints_of(&lab)? == serde_json::json!([green.to_string()])).then_some(())
+        (endpoints_of(&lab)? == serde_json::json!([format!("{green}:{ECHO}")])).then_some(())
     });
     for _ in 0..4 {
         echo_ok(&lab, "client", vip, b"to the VIP again");

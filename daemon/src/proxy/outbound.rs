@@ -30,7 +30,7 @@ fn route(snapshot: &Snapshot, dst: SocketAddr, turn: &AtomicUsize) -> Route {
     let target = match snapshot.service(dst) {
         Some(port) if !port.endpoints.is_empty() => {
             let i = turn.fetch_add(1, Ordering::Relaxed) % port.endpoints.len();
-            SocketAddr::new(port.endpoints[i], port.target_port)
+            port.endpoints[i]
         }
         // Not a VIP, or no ready endpoint: dial what the app dialled, as it would without us.
         _ => dst,
