@@ -115,7 +115,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         install_cni(&args, stop_installer.clone())?;
     }
 
-    let listener = cni::bind(&args.cni_socket).with_context(|| {
+    let (listener, socket_file) = cni::bind(&args.cni_socket).with_context(|| {
         format!(
             "binding the registration socket {}",
             args.cni_socket.display()
@@ -160,7 +160,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     admin.set_ready(false);
     stop_registrations.cancel();
     stop_installer.cancel();
-    let _ = std::fs::remove_file(&args.cni_socket);
+    socket_file.remove(&args.cni_socket);
     let left = proxy.drain(args.drain_timeout).await;
     if left > 0 {
         warn!(

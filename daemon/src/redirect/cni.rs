@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,8 +31,35 @@ pub trait Registry: Send + Sync + 'static {
     fn list(&self) -> Response;
 }
 
-/// Binds the socket (replacing a stale one from an earlier run), readable by root only.
-pub fn bind(path: &Path) -> io::Result<UnixListener> {
+/// The file a bind made at the socket path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketFile {
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    fn at(path: &Path) -> io::Result<Self> {
+        let meta = std::fs::metadata(path)?;
+        Ok(Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
+    /// Removes the file at `path` if it is still this one: during a rolling update the new
+    /// daemon binds the same path before the old one stops, and the old one must not take the
+    /// new one's socket away with it.
+    pub fn remove(self, path: &Path) {
+        if Self::at(path).is_ok_and(|now| now == self) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Binds the socket (replacing one from an earlier daemon, or from an older one that is still
+/// draining), readable by root only.
+pub fn bind(path: &Path) -> io::Result<(UnixListener, SocketFile)> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -42,7 +69,7 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    Ok((listener, SocketFile::at(path)?))
 }
 
 /// Serves registrations until `shutdown` fires. Each connection is handled on its own task, so
@@ -156,7 +183,7 @@ mod tests {
     async fn bad_requests_get_a_reason_and_the_server_keeps_serving() {
         let path =
             std::env::temp_dir().join(format!("culvert-cni-test-{}.sock", std::process::id()));
-        let listener = bind(&path).unwrap();
+        let (listener, _) = bind(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "registration socket must be root-only");
         let stop = CancellationToken::new();
@@ -184,6 +211,23 @@ mod tests {
         }
         let listed = send_raw(&path, &encode(&Request::ListPods)).await;
         assert_eq!(listed, Response::Pods { pods: vec![] });
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_draining_daemon_leaves_its_successors_socket_in_place() {
+        let path =
+            std::env::temp_dir().join(format!("culvert-cni-surge-{}.sock", std::process::id()));
+        let (_old, old_file) = bind(&path).unwrap();
+        let (new, new_file) = bind(&path).unwrap();
+        old_file.remove(&path);
+        assert!(path.exists(), "the old daemon removed the new one's socket");
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(new, Arc::new(Empty), stop.clone()));
+        let listed = send_raw(&path, &encode(&Request::ListPods)).await;
+        assert!(matches!(listed, Response::Pods { .. }), "{listed:?}");
+        new_file.remove(&path);
+        assert!(!path.exists(), "the last daemon's socket outlived it");
         stop.cancel();
     }
 }
