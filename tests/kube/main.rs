@@ -151,9 +151,10 @@ fn manifests_apply_with_a_server_side_dry_run_and_for_real() {
         container["readinessProbe"]["httpGet"]["path"],
         "/healthz/ready"
     );
+    // The lab runs every daemon with exactly these, so the other layers test that they suffice.
     assert_eq!(
         container["securityContext"]["capabilities"],
-        serde_json::json!({ "add": ["NET_ADMIN", "SYS_ADMIN", "NET_RAW"], "drop": ["ALL"] })
+        serde_json::json!({ "add": culvert::demo::lab::NODE_CAPABILITIES, "drop": ["ALL"] })
     );
     assert!(container["resources"]["requests"]["memory"].is_string());
 }

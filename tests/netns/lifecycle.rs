@@ -590,3 +590,89 @@ fn status_and_gc_reach_the_daemon_and_a_pod_deleted_while_it_was_down_is_forgott
         "{recorded}"
     );
 }
+
+/// Kills the process on drop.
+struct Holder(std::process::Child);
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+#[ignore = "needs root: netns"]
+fn a_pod_whose_namespace_only_a_non_root_process_holds_is_wired_and_found_again() {
+    // As under cri-dockerd: the runtime passes /proc/<pid>/ns/net, and the sandbox's process
+    // (pause) runs as 65535. Opening that takes CAP_SYS_PTRACE, which the DaemonSet grants and
+    // the lab's daemons hold, with nothing more.
+    let mut pods = spec(vec![
+        PodSpec::new("client", 0, true),
+        PodSpec::new("server", 1, true),
+    ]);
+    pods.pods[1].attach = false;
+    let mut lab = lab("cvproc", pods);
+    let pid = lab.daemon_pid(1).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
+        .unwrap();
+    // Bit numbers from linux/capability.h.
+    let bits = |name: &str| match name {
+        "NET_ADMIN" => 12,
+        "NET_RAW" => 13,
+        "SYS_PTRACE" => 19,
+        "SYS_ADMIN" => 21,
+        other => panic!("no bit for {other}"),
+    };
+    let granted = culvert::demo::lab::NODE_CAPABILITIES
+        .iter()
+        .fold(0u64, |mask, c| mask | 1 << bits(c));
+    assert_eq!(effective, granted, "the daemon's effective capabilities");
+
+    let netns = lab.pod("server").netns.clone();
+    let holder = Holder(
+        Command::new("ip")
+            .args(["netns", "exec", &netns, "setpriv", "--reuid=65535"])
+            .args(["--regid=65535", "--clear-groups", "--", "sleep", "600"])
+            .spawn()
+            .unwrap(),
+    );
+    let held = std::path::PathBuf::from(format!("/proc/{}/ns/net", holder.0.id()));
+    eventually(
+        "the holder to enter the pod",
+        Duration::from_secs(5),
+        || {
+            culvert::redirect::netns::same(&held, &culvert::demo::lab::netns_path(&netns))
+                .then_some(())
+        },
+    );
+    // Only /proc leads to the pod now: not the node's netns directory, not the sandbox.
+    std::fs::remove_file(lab.dir.join("netns-n1").join(&netns)).unwrap();
+    let k = lab.pods.iter().position(|p| p.name == "server").unwrap();
+    lab.pods[k].sandbox.netns = held;
+    lab.cni_add("server").unwrap();
+    assert_eq!(copies(&lab, "server"), (1, 1, 1));
+    lab.pod("server").serve_echo(ECHO).unwrap();
+    let to = addr(&lab, "server", ECHO);
+    assert_eq!(round_trip(&lab, "client", to, b"first").unwrap(), b"first");
+
+    // After a restart the daemon finds it again by scanning /proc.
+    lab.stop_node(1, nix::sys::signal::Signal::SIGKILL).unwrap();
+    lab.start_node(1).unwrap();
+    let back = eventually("traffic after the restart", Duration::from_secs(20), || {
+        round_trip(&lab, "client", to, b"again")
+            .ok()
+            .filter(|b| b == b"again")
+    });
+    assert_eq!(back, b"again");
+    assert_eq!(copies(&lab, "server"), (1, 1, 1));
+    let hbone = access_log(&lab, 1)
+        .iter()
+        .filter(|v| v["transport"] == "hbone" && v["pod"] == "demo/server")
+        .count();
+    assert_eq!(hbone, 2, "both connections came over HBONE");
+}

@@ -26,6 +26,13 @@ pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
 /// The primary CNI's configuration file in each node's conf dir.
 pub const PRIMARY_CONFIG: &str = "10-bridge.conflist";
 
+/// The capabilities every lab daemon runs with: exactly those the DaemonSet grants
+/// (manifests/daemonset.yaml; the kube layer checks the two agree), so every test that runs a
+/// daemon shows they suffice. NET_ADMIN: netfilter rules, SO_MARK, IP_TRANSPARENT. NET_RAW:
+/// transparent sockets. SYS_ADMIN: setns into pods. SYS_PTRACE: opening a pod's namespace
+/// through /proc when its processes run as another user.
+pub const NODE_CAPABILITIES: [&str; 4] = ["NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE"];
+
 /// What to build.
 #[derive(Debug, Clone)]
 pub struct Spec {
@@ -351,10 +358,23 @@ impl Lab {
         let node = &self.nodes[i];
         let _ = std::fs::remove_file(&node.socket);
         let log = File::options().create(true).append(true).open(&node.log)?;
+        // setpriv: root, but with only the DaemonSet's capabilities (permitted = bounding set).
+        let bounding: Vec<String> = NODE_CAPABILITIES
+            .iter()
+            .map(|c| format!("+{}", c.to_lowercase()))
+            .collect();
+        let setpriv = [
+            "setpriv".to_owned(),
+            "--inh-caps=-all".to_owned(),
+            format!("--bounding-set=-all,{}", bounding.join(",")),
+            "--".to_owned(),
+        ];
         let mut command = match &self.spec.kubeconfig {
             Some(kubeconfig) => {
-                let mut command = Command::new(&self.culvert);
+                let mut command = Command::new(&setpriv[0]);
                 command
+                    .args(&setpriv[1..])
+                    .arg(&self.culvert)
                     .arg("--log-format=json")
                     .arg("node")
                     .arg("--kubeconfig")
@@ -371,6 +391,7 @@ impl Lab {
                 let mut command = Command::new("ip");
                 command
                     .args(["netns", "exec", &node.netns])
+                    .args(setpriv)
                     .arg(&self.culvert);
                 command.args(["--log-format=json", "node"]);
                 command
@@ -429,7 +450,7 @@ impl Lab {
     pub fn signal_node(&self, i: usize, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
         let child = self.nodes[i].child.lock().expect("lab lock poisoned");
         if let Some(child) = child.as_ref() {
-            // `ip netns exec` execs the daemon, so the child pid is the daemon's.
+            // `ip netns exec` and setpriv exec the daemon, so the child pid is the daemon's.
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
             nix::sys::signal::kill(pid, signal)?;
         }
