@@ -542,12 +542,17 @@ fn traffic_keeps_flowing_while_the_apiserver_is_down_and_expired_watches_relist_
         spec(vec![
             PodSpec::in_namespace("client", 0, "shop"),
             PodSpec::in_namespace("server", 1, "shop"),
+            PodSpec::in_namespace("gone", 1, "shop"),
         ]),
     );
     cluster.attach_lab_pods(&lab);
     lab.pod("server").serve_echo(ECHO).unwrap();
     let to_server = addr(&lab, "server", ECHO);
     wait_known(&lab, 0, "server");
+    wait_known(&lab, 0, "gone");
+    eventually("node 1 to wire both its pods", WAIT, || {
+        (kube::wired(&lab, 1) == ["shop/gone", "shop/server"]).then_some(())
+    });
     echo_ok(&lab, "client", to_server, b"before");
 
     cluster.stop_apiserver();
@@ -574,8 +579,10 @@ fn traffic_keeps_flowing_while_the_apiserver_is_down_and_expired_watches_relist_
         lab.log(0).contains("watch failed").then_some(())
     });
 
-    // While it is down, etcd's history is compacted away: every watch resumes from a
-    // resource version that is gone (410 Gone) and has to relist.
+    // While it is down, pod `gone` is deleted behind its back and etcd's history is compacted
+    // away: every watch resumes from a resource version that is gone (410 Gone) and has to
+    // relist, and only the relist can tell that `gone` went.
+    cluster.delete_pod_in_etcd("shop", "gone");
     cluster.compact_etcd();
     cluster.start_apiserver();
     for node in 0..2 {
@@ -592,9 +599,23 @@ fn traffic_keeps_flowing_while_the_apiserver_is_down_and_expired_watches_relist_
             },
         );
     }
-    // The relist replaced the stores without emptying them on the way.
+    // The relist dropped what went and nothing else: no store was emptied on the way.
+    eventually("node 1 to release the deleted pod", WAIT, || {
+        (kube::wired(&lab, 1) == ["shop/server"]).then_some(())
+    });
+    eventually("node 0 to forget the deleted pod", WAIT, || {
+        (!kube::workloads(&lab, 0, true).contains(&"shop/gone".to_owned())).then_some(())
+    });
     assert_eq!(kube::wired(&lab, 0), ["shop/client"]);
-    assert_eq!(kube::wired(&lab, 1), ["shop/server"]);
+    for node in 0..2 {
+        let released: Vec<String> = culvert_tests::log_lines(&lab, node)
+            .iter()
+            .filter(|v| v["message"] == "pod released")
+            .map(|v| v["pod"].to_string())
+            .collect();
+        let expected: &[&str] = if node == 1 { &["\"shop/gone\""] } else { &[] };
+        assert_eq!(released, expected, "pods released by node {node}");
+    }
     echo_ok(&lab, "client", to_server, b"after the relist");
     eventually("the seventh HBONE stream in the server's log", WAIT, || {
         (hbone_streams(&lab) == 7).then_some(())

@@ -161,10 +161,24 @@ impl Cluster {
         self.script("compact");
     }
 
+    /// Deletes pod `namespace/name` from etcd behind the apiserver's back (while it is down,
+    /// say): no watch event will ever tell of it, only a relist.
+    pub fn delete_pod_in_etcd(&self, namespace: &str, name: &str) {
+        self.script_with(
+            "etcd-delete",
+            &[&format!("/registry/pods/{namespace}/{name}")],
+        );
+    }
+
     fn script(&self, verb: &str) {
+        self.script_with(verb, &[]);
+    }
+
+    fn script_with(&self, verb: &str, args: &[&str]) {
         let status = Command::new(repo().join("scripts/kube-test-env"))
             .arg(verb)
             .arg(&self.dir)
+            .args(args)
             .stdin(Stdio::null())
             .status()
             .unwrap();
