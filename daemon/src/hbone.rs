@@ -279,6 +279,8 @@ mod tests {
         dst: Id,
         peer: SocketAddr,
         accepted: Arc<AtomicUsize>,
+        /// One drain token per accepted connection, as if each had its own daemon.
+        drains: Arc<std::sync::Mutex<Vec<CancellationToken>>>,
     }
 
     impl Fixture {
@@ -301,15 +303,15 @@ mod tests {
                 Arc::new(Hold),
             ));
             let accepted = Arc::new(AtomicUsize::new(0));
-            let counter = accepted.clone();
+            let drains = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let (counter, tokens) = (accepted.clone(), drains.clone());
             tokio::spawn(async move {
                 loop {
                     let (tcp, from) = listener.accept().await.unwrap();
                     counter.fetch_add(1, Ordering::SeqCst);
-                    let server = server.clone();
-                    tokio::spawn(
-                        async move { server.serve(tcp, from, CancellationToken::new()).await },
-                    );
+                    let (server, drain) = (server.clone(), CancellationToken::new());
+                    tokens.lock().unwrap().push(drain.clone());
+                    tokio::spawn(async move { server.serve(tcp, from, drain).await });
                 }
             });
             Self {
@@ -318,7 +320,17 @@ mod tests {
                 dst,
                 peer,
                 accepted,
+                drains,
             }
+        }
+
+        /// Drains the connections accepted so far (their daemon is being replaced).
+        fn drain_existing(&self) {
+            self.drains
+                .lock()
+                .unwrap()
+                .iter()
+                .for_each(CancellationToken::cancel);
         }
 
         fn request(&self, peer: SocketAddr) -> Request<'_> {
@@ -370,6 +382,23 @@ mod tests {
             Err(Error::Connect { .. })
         ));
         assert_eq!(client.pooled_keys(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_draining_peer_keeps_its_streams_and_new_ones_go_to_a_new_connection() {
+        let f = Fixture::start("pool-goaway").await;
+        let client = Client::new(f.certs.clone());
+        let held = client.connect(f.request(f.peer)).await.unwrap();
+        f.drain_existing();
+        // Whether the GOAWAY arrives before or after this stream is sent, it succeeds.
+        let mut streams = Vec::new();
+        for _ in 0..3 {
+            streams.push(client.connect(f.request(f.peer)).await.unwrap());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(f.accepted(), 2, "one new connection after the GOAWAY");
+        assert_eq!(client.pooled_keys(), 1);
+        drop((held, streams));
     }
 
     #[tokio::test]

@@ -2,6 +2,8 @@
 //! across daemon outages, restarts, simulated reboots and enrollment changes.
 
 use std::process::Command;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use culvert::demo::runtime::PluginError;
@@ -675,4 +677,81 @@ fn a_pod_whose_namespace_only_a_non_root_process_holds_is_wired_and_found_again(
         .filter(|v| v["transport"] == "hbone" && v["pod"] == "demo/server")
         .count();
     assert_eq!(hbone, 2, "both connections came over HBONE");
+}
+
+#[test]
+#[ignore = "needs root: netns"]
+fn a_rolling_update_with_surge_drops_no_connection() {
+    let lab = lab(
+        "cvsurge",
+        spec(vec![
+            PodSpec::new("client", 0, true),
+            PodSpec::new("server", 1, true),
+        ]),
+    );
+    lab.pod("server").serve_echo(ECHO).unwrap();
+    let to = addr(&lab, "server", ECHO);
+    assert_eq!(round_trip(&lab, "client", to, b"warm").unwrap(), b"warm");
+
+    let stop = AtomicBool::new(false);
+    let (ok, failed) = (AtomicUsize::new(0), Mutex::new(Vec::new()));
+    std::thread::scope(|scope| {
+        // New connections back to back, all through the updates.
+        scope.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                match round_trip(&lab, "client", to, b"load") {
+                    Ok(back) if back == b"load" => ok.fetch_add(1, Ordering::Relaxed),
+                    other => {
+                        failed.lock().unwrap().push(format!("{other:?}"));
+                        0
+                    }
+                };
+            }
+        });
+        // The server's node first (inbound HBONE), then the client's (outbound capture).
+        for node in [1, 0] {
+            let mut long = lab.pod("client").connect(to).unwrap();
+            echo_on(&mut long, b"before the update");
+            let old = lab.surge(node).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            let pid = nix::unistd::Pid::from_raw(old.id() as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            // The old daemon drains: what it carries keeps working until it closes.
+            echo_on(&mut long, b"while the old daemon drains");
+            drop(long);
+            let mut old = old;
+            let status = old.wait().unwrap();
+            assert!(status.success(), "node {node}'s old daemon: {status}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    let failed = failed.into_inner().unwrap();
+    let ok = ok.into_inner();
+    eprintln!("surge: {ok} connections, {} failed", failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
+    assert!(ok > 20, "only {ok} connections during the updates");
+    for node in 0..2 {
+        assert!(
+            lab.call(node, &Request::ListPods).is_ok(),
+            "node {node}'s socket"
+        );
+    }
+    assert_eq!(copies(&lab, "client"), (1, 1, 1));
+    assert_eq!(copies(&lab, "server"), (1, 1, 1));
+}
+
+/// Sends `payload` on `stream` and reads the echo back.
+fn echo_on(stream: &mut std::net::TcpStream, payload: &[u8]) {
+    use std::io::{Read as _, Write as _};
+    stream.write_all(payload).unwrap();
+    let mut back = vec![0; payload.len()];
+    stream.read_exact(&mut back).unwrap();
+    assert_eq!(back, payload);
 }

@@ -440,6 +440,20 @@ impl Lab {
         Ok(())
     }
 
+    /// Starts a second daemon for node `i` next to the running one, as a DaemonSet rolling
+    /// update with `maxSurge` does, and waits until it serves registrations. Returns the old
+    /// daemon, which the caller stops.
+    pub fn surge(&self, i: usize) -> anyhow::Result<Child> {
+        let old = self.nodes[i]
+            .child
+            .lock()
+            .expect("lab lock poisoned")
+            .take()
+            .with_context(|| format!("{} runs no daemon", self.nodes[i].name))?;
+        self.start_node(i)?;
+        Ok(old)
+    }
+
     /// Stops node `i`'s daemon with `signal` and waits for it to exit.
     pub fn stop_node(&self, i: usize, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
         self.signal_node(i, signal)?;

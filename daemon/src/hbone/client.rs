@@ -154,11 +154,30 @@ impl Client {
 
     /// Opens a CONNECT stream to `req.target` through `req.peer`. Answers only once the peer
     /// has replied 200, i.e. its policy allowed the connection and its upstream connect worked.
+    ///
+    /// A peer that drains (a daemon being replaced) sends GOAWAY: its connection leaves the
+    /// pool, and a stream it refused unprocessed is opened again, once, on a new connection,
+    /// which reaches the daemon that replaces it.
     pub async fn connect(&self, req: Request<'_>) -> Result<Stream, Error> {
-        let (conn, slot) = self.checkout(&req).await?;
+        match self.try_connect(&req).await {
+            Err(Error::Http2 { source, .. }) if source.is_go_away() && source.is_remote() => {
+                debug!(peer = %req.peer, "peer is going away; opening a new connection");
+                self.try_connect(&req).await
+            }
+            result => result,
+        }
+    }
+
+    async fn try_connect(&self, req: &Request<'_>) -> Result<Stream, Error> {
+        let (conn, slot) = self.checkout(req).await?;
         let peer = req.peer;
-        let http2 = |source| Error::Http2 { peer, source };
-        let mut send = conn.send.ready().await.map_err(http2)?;
+        let http2 = |source: h2::Error| {
+            if source.is_go_away() {
+                conn.load.close();
+            }
+            Error::Http2 { peer, source }
+        };
+        let mut send = conn.send.clone().ready().await.map_err(http2)?;
         let request = http::Request::builder()
             .method(http::Method::CONNECT)
             .uri(req.target.to_string())

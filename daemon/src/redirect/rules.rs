@@ -290,15 +290,23 @@ fn install_routes(ipv6: bool) -> Result<(), Error> {
     } else {
         ("-4", "0.0.0.0/0")
     };
-    // `ip rule add` does not deduplicate: remove every copy, then add one.
-    remove_rule(family);
+    // `ip rule add` does not deduplicate, and re-wiring a live pod (a restarted or surging
+    // daemon) must never leave it without the rule: replies to transparent upstream sockets
+    // would be routed out of the pod and answered with a reset. So add it only when missing,
+    // then trim extra copies.
     let table = ROUTE_TABLE.to_string();
     let fwmark = format!("{REPLY_CONNMARK:#x}/{MARK_MASK:#x}");
-    run(
-        "ip",
-        &[family, "rule", "add", "fwmark", &fwmark, "lookup", &table],
-        None,
-    )?;
+    let rule = |verb| {
+        let args = [family, "rule", verb, "fwmark", &fwmark, "lookup", &table];
+        output("ip", &args, None)
+    };
+    let copies = rule("list")?.lines().count();
+    if copies == 0 {
+        rule("add")?;
+    }
+    for _ in 1..copies {
+        rule("del")?;
+    }
     run(
         "ip",
         &[
@@ -321,6 +329,11 @@ fn remove_rule(family: &str) {
 }
 
 fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), Error> {
+    output(program, args, stdin).map(drop)
+}
+
+/// Runs `program` and returns its standard output.
+fn output(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Error> {
     let command = format!("{program} {}", args.join(" "));
     let spawn = |source| Error::Spawn {
         command: command.clone(),
@@ -333,7 +346,7 @@ fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), Error> {
         } else {
             Stdio::null()
         })
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(spawn)?;
@@ -342,7 +355,7 @@ fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), Error> {
     }
     let output = child.wait_with_output().map_err(spawn)?;
     if output.status.success() {
-        return Ok(());
+        return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
     }
     Err(Error::Failed {
         command,
