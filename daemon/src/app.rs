@@ -307,8 +307,9 @@ fn write_enrollment(
 }
 
 /// Replaces `path` with `contents` so that readers see the old or the new file, never a mix.
+/// The temporary file is this process's own: during a surge two daemons write the same files.
 fn write_atomically(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     std::fs::write(&tmp, contents)?;
     std::fs::rename(&tmp, path)
 }

@@ -190,7 +190,19 @@ fn trim_service(svc: &mut Service) {
         svc.spec = Some(k8s_openapi::api::core::v1::ServiceSpec {
             cluster_ip: spec.cluster_ip,
             cluster_ips: spec.cluster_ips,
-            ports: spec.ports,
+            // `build` reads each port's name, number and protocol; target ports come from the
+            // EndpointSlices.
+            ports: spec.ports.map(|ports| {
+                ports
+                    .into_iter()
+                    .map(|p| k8s_openapi::api::core::v1::ServicePort {
+                        name: p.name,
+                        port: p.port,
+                        protocol: p.protocol,
+                        ..Default::default()
+                    })
+                    .collect()
+            }),
             type_: spec.type_,
             ..Default::default()
         });

@@ -443,12 +443,7 @@ spec: {{ clusterIP: 10.96.0.50, ports: [{{ name: http, port: 80, targetPort: htt
     eventually("the VIP with its ready endpoint", WAIT, || {
         (endpoints_of(&lab)? == serde_json::json!([format!("{blue}:{ECHO}")])).then_some(())
     });
-    let hbone_to = |pod: &str| {
-        culvert_tests::access_log(&lab, 1)
-            .iter()
-            .filter(|v| v["transport"] == "hbone" && v["pod"] == format!("shop/{pod}"))
-            .count()
-    };
+    let hbone_to = |pod: &str| culvert_tests::hbone_streams(&lab, 1, &format!("shop/{pod}"));
     for _ in 0..4 {
         echo_ok(&lab, "client", vip, b"to the VIP");
     }
@@ -524,14 +519,6 @@ endpoints: [{{ addresses: [{server}], targetRef: {{ kind: Pod, name: server, nam
     assert_eq!(line["src.id"], "spiffe://cluster.local/ns/shop/sa/client");
 }
 
-/// How many HBONE streams to shop/server node 1 has logged.
-fn hbone_streams(lab: &Lab) -> usize {
-    culvert_tests::access_log(lab, 1)
-        .iter()
-        .filter(|v| v["transport"] == "hbone" && v["pod"] == "shop/server")
-        .count()
-}
-
 #[test]
 #[ignore = "needs root and the test apiserver"]
 fn traffic_keeps_flowing_while_the_apiserver_is_down_and_expired_watches_relist_without_loss() {
@@ -572,7 +559,7 @@ fn traffic_keeps_flowing_while_the_apiserver_is_down_and_expired_watches_relist_
     eventually(
         "six HBONE streams logged by the server's node",
         WAIT,
-        || (hbone_streams(&lab) == 6).then_some(()),
+        || (culvert_tests::hbone_streams(&lab, 1, "shop/server") == 6).then_some(()),
     );
     // The watches noticed.
     eventually("the daemon to log the lost watch", WAIT, || {
@@ -618,7 +605,7 @@ fn traffic_keeps_flowing_while_the_apiserver_is_down_and_expired_watches_relist_
     }
     echo_ok(&lab, "client", to_server, b"after the relist");
     eventually("the seventh HBONE stream in the server's log", WAIT, || {
-        (hbone_streams(&lab) == 7).then_some(())
+        (culvert_tests::hbone_streams(&lab, 1, "shop/server") == 7).then_some(())
     });
 
     // A change made after the restart reaches the daemons: the server opts out.

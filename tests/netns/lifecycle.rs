@@ -672,11 +672,11 @@ fn a_pod_whose_namespace_only_a_non_root_process_holds_is_wired_and_found_again(
     });
     assert_eq!(back, b"again");
     assert_eq!(copies(&lab, "server"), (1, 1, 1));
-    let hbone = access_log(&lab, 1)
-        .iter()
-        .filter(|v| v["transport"] == "hbone" && v["pod"] == "demo/server")
-        .count();
-    assert_eq!(hbone, 2, "both connections came over HBONE");
+    assert_eq!(
+        hbone_streams(&lab, 1, "demo/server"),
+        2,
+        "both connections came over HBONE"
+    );
 }
 
 #[test]

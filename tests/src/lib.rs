@@ -104,6 +104,14 @@ pub fn access_log(lab: &Lab, node: usize) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// How many HBONE connections to pod `pod` (`namespace/name`) node `node` has logged.
+pub fn hbone_streams(lab: &Lab, node: usize, pod: &str) -> usize {
+    access_log(lab, node)
+        .iter()
+        .filter(|v| v["transport"] == "hbone" && v["pod"] == pod)
+        .count()
+}
+
 /// Node `node`'s JSON log lines.
 pub fn log_lines(lab: &Lab, node: usize) -> Vec<serde_json::Value> {
     lab.log(node)

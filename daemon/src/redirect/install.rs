@@ -50,7 +50,8 @@ pub enum Error {
 pub fn install_binary(src: &Path, bin_dir: &Path) -> Result<PathBuf, Error> {
     use std::os::unix::fs::PermissionsExt;
     let dst = bin_dir.join(PLUGIN);
-    let tmp = bin_dir.join(format!(".{PLUGIN}.tmp"));
+    // This process's own temporary file: during a surge two daemons may install at once.
+    let tmp = bin_dir.join(format!(".{PLUGIN}.tmp.{}", std::process::id()));
     let write = |source| Error::Write {
         path: dst.clone(),
         source,
