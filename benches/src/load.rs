@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use culvert::demo::lab::Pod;
+use culvert_lab::Pod;
 
 /// Round-trip times in nanoseconds.
 #[derive(Debug, Default)]
@@ -96,7 +96,7 @@ pub(crate) fn connections(
 
 /// Echo server for request/response: one thread per connection, echoing whatever arrives.
 pub(crate) fn serve_echo(listener: TcpListener) {
-    culvert::demo::serve(listener, |mut stream| {
+    culvert_lab::serve(listener, |mut stream| {
         let _ = stream.set_nodelay(true);
         let mut buf = vec![0u8; 64 << 10];
         while let Ok(n) = stream.read(&mut buf) {

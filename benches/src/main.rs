@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::{Parser, Subcommand};
-use culvert::demo::lab::{Lab, PodSpec, Spec};
+use culvert_lab::{Lab, PodSpec, Spec};
 use serde::{Deserialize, Serialize};
 
 #[derive(Parser)]
@@ -313,7 +313,7 @@ enum Test {
 fn verify_paths(lab: &Lab) -> anyhow::Result<()> {
     for (client, server) in [Mode::Culvert.pods(), Mode::Direct.pods()] {
         let to = std::net::SocketAddr::from((lab.pod(server).ip, ECHO_PORT));
-        let back = culvert::demo::exchange(lab.pod(client).connect(to)?, b"probe")?;
+        let back = culvert_lab::exchange(lab.pod(client).connect(to)?, b"probe")?;
         ensure!(back == b"probe", "{client} -> {server}: probe failed");
     }
     let deadline = Instant::now() + Duration::from_secs(5);

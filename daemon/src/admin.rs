@@ -20,17 +20,26 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use crate::cni::Registry;
 use crate::state::Store;
 
 /// What the endpoints read.
 pub struct Admin {
-    pub state: Arc<Store>,
-    /// The wired pods, as JSON.
-    pub pods: Box<dyn Fn() -> Value + Send + Sync>,
-    pub ready: AtomicBool,
+    state: Arc<Store>,
+    registry: Arc<Registry>,
+    ready: AtomicBool,
 }
 
 impl Admin {
+    /// Not ready until [`Self::set_ready`].
+    pub fn new(state: Arc<Store>, registry: Arc<Registry>) -> Self {
+        Self {
+            state,
+            registry,
+            ready: AtomicBool::new(false),
+        }
+    }
+
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
     }
@@ -58,20 +67,20 @@ impl Admin {
                     .collect();
                 json_response(&services)
             }
-            ("/pods", false) => json_response(&(self.pods)()),
+            ("/pods", false) => json_response(&self.registry.list()),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }
 }
 
 /// Binds `addr` and serves the endpoints there until `stop`; `probes_only` limits it to the
-/// `/healthz` paths (for the address the kubelet reaches).
+/// `/healthz` paths (for the address the kubelet reaches). Returns the bound address.
 pub async fn serve(
     admin: Arc<Admin>,
     addr: SocketAddr,
     probes_only: bool,
     stop: CancellationToken,
-) -> std::io::Result<()> {
+) -> std::io::Result<SocketAddr> {
     // SO_REUSEPORT: during a DaemonSet surge the new daemon binds next to the old one, which
     // still answers until it exits.
     let socket = match addr {
@@ -110,7 +119,7 @@ pub async fn serve(
             });
         }
     });
-    Ok(())
+    Ok(local)
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

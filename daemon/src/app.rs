@@ -1,38 +1,70 @@
-//! Composition root: builds every subsystem from the configuration and runs the node daemon
-//! until SIGTERM.
+//! Composition root: builds every subsystem from the configuration, starts the node daemon and
+//! hands back a [`Node`]: its bound addresses and the ways to reload and stop it.
 //!
-//! The only module that knows all the others.
+//! The only module that knows all the others. Owns no policy of its own and no signals: the
+//! caller (`main.rs`, or a test) decides when to reload and when to stop.
 
-mod pods;
-
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
-use tokio::signal::unix::{SignalKind, signal};
+use anyhow::{Context, bail};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::admin::Admin;
-use crate::config::{Discovery, NodeArgs, NodeFile, RedirectChoice};
-use crate::discovery::{self, Settings};
+use crate::admin::{self, Admin};
+use crate::cni::{self, Registry, install};
+use crate::config::{Discovery, NodeArgs, NodeFile};
+use crate::discovery::{self, Settings, Watches};
 use crate::identity::{self, LocalCa};
 use crate::proxy::Proxy;
-use crate::redirect::{Backend, cni, install, netns};
+use crate::redirect::{Backend, Capture, Netfilter};
 use crate::state::Store;
 use crate::tls;
 
-/// Runs `culvert node` until SIGTERM or SIGINT, then drains.
-pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
+/// A running node daemon.
+pub struct Node {
+    /// Where the admin API listens (the real port when the flag asked for port 0).
+    pub admin_addr: SocketAddr,
+    /// Where the probes listen.
+    pub readiness_addr: SocketAddr,
+    args: NodeArgs,
+    /// The node file as loaded at start; a reload may not change its fixed fields.
+    file: NodeFile,
+    state: Arc<Store>,
+    registry: Arc<Registry>,
+    proxy: Arc<Proxy>,
+    admin: Arc<Admin>,
+    /// With Kubernetes discovery: the node file's settings the API's snapshots are built with.
+    settings: Option<watch::Sender<Settings>>,
+    socket_file: cni::SocketFile,
+    /// Stops the registration socket and the CNI installer's watch first, on shutdown.
+    stop_registrations: CancellationToken,
+    /// Stops everything else once connections have drained.
+    stop: CancellationToken,
+}
+
+/// Starts `culvert node` with the real in-pod capture (nftables or iptables, per `--redirect`).
+pub async fn start(args: NodeArgs) -> anyhow::Result<Node> {
+    let backend = Backend::choose(args.redirect);
+    let capture = Netfilter::new(backend, args.netns_dirs.clone())
+        .context("opening the daemon's own network namespace")?;
+    start_with(args, Arc::new(capture)).await
+}
+
+/// Starts the node daemon with `capture` doing the in-pod wiring, and returns once it is ready:
+/// discovery synced, running enrolled pods rewired, the registration socket open.
+pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Result<Node> {
     let mut file = NodeFile::load(&args.config, args.node_name.as_deref())?;
-    let backend = choose_backend(args.redirect);
     info!(config = %serde_json::to_string(&args).unwrap_or_default(), node = file.node,
-        trust_domain = file.trust_domain, discovery = ?file.discovery, backend = backend.name(),
+        trust_domain = file.trust_domain, discovery = ?file.discovery, backend = capture.name(),
         "starting");
     let stop = CancellationToken::new();
     // Connect first: a bad kubeconfig should stop the daemon before it touches anything.
     let client = match file.discovery {
-        Discovery::Kubernetes => Some(kube_client(&args).await?),
+        Discovery::Kubernetes => Some(discovery::client(args.kubeconfig.as_deref()).await?),
         Discovery::File => None,
     };
 
@@ -45,51 +77,37 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     let certs = identity::Cache::new(Arc::new(ca), tls::provider());
     let state = Arc::new(Store::new(std::mem::take(&mut file.snapshot)));
     let proxy = Arc::new(Proxy::new(state.clone(), certs.clone(), args.ports));
-    let home = netns::home().context("opening the daemon's own network namespace")?;
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating the state directory {}", args.state_dir.display()))?;
-    let pods = Arc::new(pods::Pods::new(pods::Deps {
+    let registry = Arc::new(Registry::new(cni::Deps {
         node: file.node.clone(),
         state: state.clone(),
         certs,
         proxy: proxy.clone(),
-        backend,
+        capture,
         ports: args.ports,
-        home,
         state_dir: args.state_dir.clone(),
-        netns_dirs: args.netns_dirs.clone(),
     }));
-    let admin = Arc::new(Admin {
-        state: state.clone(),
-        pods: Box::new({
-            let pods = pods.clone();
-            move || match cni::Registry::list(&*pods) {
-                culvert_cni_proto::Response::Pods { pods } => serde_json::json!(pods),
-                _ => serde_json::Value::Null,
-            }
-        }),
-        ready: false.into(),
-    });
-    crate::admin::serve(admin.clone(), args.admin_addr, false, stop.clone())
+    let admin = Arc::new(Admin::new(state.clone(), registry.clone()));
+    let admin_addr = admin::serve(admin.clone(), args.admin_addr, false, stop.clone())
         .await
         .with_context(|| format!("binding the admin API on {}", args.admin_addr))?;
-    crate::admin::serve(admin.clone(), args.readiness_addr, true, stop.clone())
+    let readiness_addr = admin::serve(admin.clone(), args.readiness_addr, true, stop.clone())
         .await
         .with_context(|| format!("binding the probes on {}", args.readiness_addr))?;
 
-    let settings = Settings {
-        trust_domain: file.trust_domain.clone(),
-        peer_authentication: state.snapshot().peer_authentication,
-    };
-    let (settings_tx, settings_rx) = tokio::sync::watch::channel(settings);
+    let mut settings = None;
     if let Some(client) = client {
+        let (tx, rx) = watch::channel(Settings {
+            trust_domain: file.trust_domain.clone(),
+            peer_authentication: state.snapshot().peer_authentication,
+        });
         // Until the first full list, the daemon knows no enrollment: registrations wait (the
         // plugin fails closed from the last recorded state) rather than admit pods unwired.
-        let watches = discovery::Discovery::start(&client, &stop);
+        let watches = Watches::start(&client, &stop);
         info!("waiting for the Kubernetes API's first lists");
         watches.synced().await;
-        let settings = settings_rx.borrow().clone();
-        match watches.snapshot(&settings) {
+        match watches.snapshot(&rx.borrow()) {
             Ok(snapshot) => state.replace(snapshot),
             Err(e) => warn!(error = %e, "first snapshot from the API refused; starting empty"),
         }
@@ -99,109 +117,135 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         );
         tokio::spawn(follow(
             watches,
-            settings_rx,
+            rx,
             state.clone(),
-            pods.clone(),
+            registry.clone(),
             args.state_dir.clone(),
         ));
+        settings = Some(tx);
     }
-    write_enrollment(&args.state_dir, &state.snapshot().enrollment())?;
+    record_enrollment(&args.state_dir, &state)?;
     // Pods that run already (daemon restart, node reboot) are rewired before registrations are
     // served: until then the plugin fails closed for them.
-    pods.reconcile().await;
+    registry.reconcile().await;
 
-    let stop_installer = CancellationToken::new();
+    let stop_registrations = CancellationToken::new();
     if args.cni.install {
-        install_cni(&args, stop_installer.clone())?;
+        install_cni(&args, stop_registrations.clone())?;
     }
-
     let (listener, socket_file) = cni::bind(&args.cni_socket).with_context(|| {
         format!(
             "binding the registration socket {}",
             args.cni_socket.display()
         )
     })?;
-    let stop_registrations = CancellationToken::new();
     tokio::spawn(cni::serve(
         listener,
-        pods.clone(),
+        registry.clone(),
         stop_registrations.clone(),
     ));
     admin.set_ready(true);
     info!(socket = %args.cni_socket.display(), "ready");
-
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => {
-                let Some(new) = reload(&args, &file) else { continue };
-                match file.discovery {
-                    Discovery::File => {
-                        state.replace(new.snapshot);
-                        if let Err(e) = write_enrollment(&args.state_dir, &state.snapshot().enrollment()) {
-                            error!(error = format!("{e:#}"), "recording enrollment for the CNI plugin");
-                        }
-                        pods.reconcile().await;
-                    }
-                    Discovery::Kubernetes => settings_tx.send_modify(|s| {
-                        s.peer_authentication = new.snapshot.peer_authentication;
-                    }),
-                }
-                info!("configuration reloaded");
-            }
-        }
-    }
-
-    info!(timeout = ?args.drain_timeout, "draining");
-    admin.set_ready(false);
-    stop_registrations.cancel();
-    stop_installer.cancel();
-    socket_file.remove(&args.cni_socket);
-    let left = proxy.drain(args.drain_timeout).await;
-    if left > 0 {
-        warn!(
-            connections = left,
-            "drain deadline passed; closing the rest"
-        );
-    }
-    // Rules stay in the pods on purpose: with no daemon, captured traffic is refused, never
-    // sent in plaintext. A restarted daemon (or pod deletion) takes over from here.
-    stop.cancel();
-    info!("stopped");
-    Ok(())
+    Ok(Node {
+        admin_addr,
+        readiness_addr,
+        args,
+        file,
+        state,
+        registry,
+        proxy,
+        admin,
+        settings,
+        socket_file,
+        stop_registrations,
+        stop,
+    })
 }
 
-async fn kube_client(args: &NodeArgs) -> anyhow::Result<kube::Client> {
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-                .await
-                .with_context(|| format!("using kubeconfig {}", path.display()))?
+impl Node {
+    /// Re-reads the node file and applies it. A broken file, or one that changes what needs a
+    /// restart (node name, trust domain, CA, discovery source), is refused and the running
+    /// configuration stays.
+    pub async fn reload(&self) -> anyhow::Result<()> {
+        let new = NodeFile::load(&self.args.config, self.args.node_name.as_deref())?;
+        let current = &self.file;
+        let fixed = [
+            ("node", new.node != current.node),
+            ("trustDomain", new.trust_domain != current.trust_domain),
+            ("ca", new.ca != current.ca),
+            ("discovery", new.discovery != current.discovery),
+        ];
+        if let Some((field, _)) = fixed.iter().find(|(_, changed)| *changed) {
+            bail!("changing {field} needs a restart");
         }
-        None => kube::Config::infer()
-            .await
-            .context("finding the Kubernetes API (in-cluster, $KUBECONFIG or ~/.kube/config)")?,
-    };
-    info!(api = %config.cluster_url, "Kubernetes API");
-    kube::Client::try_from(config).context("building the Kubernetes client")
+        match &self.settings {
+            None => {
+                self.state.replace(new.snapshot);
+                if let Err(e) = record_enrollment(&self.args.state_dir, &self.state) {
+                    error!(
+                        error = format!("{e:#}"),
+                        "recording enrollment for the CNI plugin"
+                    );
+                }
+                self.registry.reconcile().await;
+            }
+            Some(settings) => settings.send_modify(|s| {
+                s.peer_authentication = new.snapshot.peer_authentication;
+            }),
+        }
+        info!("configuration reloaded");
+        Ok(())
+    }
+
+    /// The wired pods.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The data plane, shared by every wired pod.
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.proxy
+    }
+
+    /// The node's current view of the cluster.
+    pub fn state(&self) -> &Arc<Store> {
+        &self.state
+    }
+
+    /// Stops taking registrations and connections, lets open connections finish for up to
+    /// `--drain-timeout`, then stops everything. Returns how many connections were still open
+    /// at the deadline.
+    ///
+    /// Rules stay in the pods on purpose: with no daemon, captured traffic is refused, never
+    /// sent in plaintext. A restarted daemon (or pod deletion) takes over from there.
+    pub async fn shutdown(self) -> usize {
+        info!(timeout = ?self.args.drain_timeout, "draining");
+        self.admin.set_ready(false);
+        self.stop_registrations.cancel();
+        self.socket_file.remove(&self.args.cni_socket);
+        let left = self.proxy.drain(self.args.drain_timeout).await;
+        if left > 0 {
+            warn!(
+                connections = left,
+                "drain deadline passed; closing the rest"
+            );
+        }
+        self.stop.cancel();
+        info!("stopped");
+        left
+    }
 }
 
 /// Rebuilds the state whenever the API's objects or the node file's settings change, and
 /// rewires when this node's set of enrolled pods changes.
 async fn follow(
-    watches: discovery::Discovery,
-    mut settings: tokio::sync::watch::Receiver<Settings>,
+    watches: Watches,
+    mut settings: watch::Receiver<Settings>,
     state: Arc<Store>,
-    pods: Arc<pods::Pods>,
-    state_dir: std::path::PathBuf,
+    registry: Arc<Registry>,
+    state_dir: PathBuf,
 ) {
-    let mut last = pods.local_enrollment();
+    let mut last = registry.local_enrollment();
     let mut recorded = state.snapshot().enrollment();
     loop {
         tokio::select! {
@@ -222,49 +266,25 @@ async fn follow(
         // it changed.
         let enrollment = state.snapshot().enrollment();
         if enrollment != recorded {
-            match write_enrollment(&state_dir, &enrollment) {
+            match cni::write_enrollment(&state_dir, &enrollment) {
                 Ok(()) => recorded = enrollment,
                 Err(e) => error!(
-                    error = format!("{e:#}"),
+                    error = &e as &dyn std::error::Error,
                     "recording enrollment for the CNI plugin"
                 ),
             }
         }
-        let local = pods.local_enrollment();
+        let local = registry.local_enrollment();
         if local != last {
-            pods.reconcile().await;
+            registry.reconcile().await;
             last = local;
         }
     }
 }
 
-/// Re-reads the node file; `None` (logged) when it is broken or changes what needs a restart:
-/// the node name, trust domain, CA or discovery source.
-fn reload(args: &NodeArgs, current: &NodeFile) -> Option<NodeFile> {
-    let file = match NodeFile::load(&args.config, args.node_name.as_deref()) {
-        Ok(file) => file,
-        Err(e) => {
-            error!(
-                error = format!("{:#}", anyhow::Error::from(e)),
-                "reload failed; keeping the previous configuration"
-            );
-            return None;
-        }
-    };
-    let fixed = [
-        ("node", file.node != current.node),
-        ("trustDomain", file.trust_domain != current.trust_domain),
-        ("ca", file.ca != current.ca),
-        ("discovery", file.discovery != current.discovery),
-    ];
-    if let Some((field, _)) = fixed.iter().find(|(_, changed)| *changed) {
-        error!(
-            field,
-            "reload failed: changing this field needs a restart; keeping the previous configuration"
-        );
-        return None;
-    }
-    Some(file)
+fn record_enrollment(state_dir: &std::path::Path, state: &Store) -> anyhow::Result<()> {
+    cni::write_enrollment(state_dir, &state.snapshot().enrollment())
+        .with_context(|| format!("writing {}", state_dir.join(cni::ENROLLMENT_FILE).display()))
 }
 
 /// Installs the plugin binary and keeps its entry in the primary CNI configuration.
@@ -278,7 +298,7 @@ fn install_cni(args: &NodeArgs, stop: CancellationToken) -> anyhow::Result<()> {
     let entry = serde_json::json!({
         "type": install::PLUGIN,
         "socket": args.cni_socket,
-        "stateFile": args.state_dir.join("enrollment.json"),
+        "stateFile": args.state_dir.join(cni::ENROLLMENT_FILE),
     });
     // Insert once now, so pods created right after start already get the plugin; then keep it.
     match install::insert(&args.cni.cni_conf_dir, &entry)? {
@@ -293,42 +313,4 @@ fn install_cni(args: &NodeArgs, stop: CancellationToken) -> anyhow::Result<()> {
         stop,
     ));
     Ok(())
-}
-
-/// Records which pods are enrolled, for the CNI plugin to fail closed on while the daemon is
-/// away (restart, upgrade, crash, reboot).
-fn write_enrollment(
-    state_dir: &std::path::Path,
-    enrollment: &culvert_cni_proto::Enrollment,
-) -> anyhow::Result<()> {
-    let path = state_dir.join("enrollment.json");
-    let json = serde_json::to_vec_pretty(enrollment).expect("enrollment serializes");
-    write_atomically(&path, &json).with_context(|| format!("writing {}", path.display()))
-}
-
-/// Replaces `path` with `contents` so that readers see the old or the new file, never a mix.
-/// The temporary file is this process's own: during a surge two daemons write the same files.
-fn write_atomically(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::write(&tmp, contents)?;
-    std::fs::rename(&tmp, path)
-}
-
-fn choose_backend(choice: RedirectChoice) -> Backend {
-    match choice {
-        RedirectChoice::Nftables => Backend::Nftables,
-        RedirectChoice::Iptables => Backend::Iptables,
-        RedirectChoice::Auto => {
-            let nft = std::process::Command::new("nft")
-                .arg("--version")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status();
-            if nft.is_ok_and(|s| s.success()) {
-                Backend::Nftables
-            } else {
-                Backend::Iptables
-            }
-        }
-    }
 }

@@ -16,6 +16,9 @@ use crate::state::{self, PeerAuthentication, ServiceSpec, Snapshot, Workload};
 
 /// Default trust domain, as in Istio.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// Where a host's CNI plugins and configuration live, by convention.
+pub const DEFAULT_CNI_BIN_DIR: &str = "/opt/cni/bin";
+pub const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
 /// Default workload certificate lifetime.
 pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -77,10 +80,10 @@ pub struct CniInstall {
     #[arg(long = "install-cni", env = "CULVERT_INSTALL_CNI")]
     pub install: bool,
     /// The host's CNI plugin directory.
-    #[arg(long, env = "CULVERT_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    #[arg(long, env = "CULVERT_CNI_BIN_DIR", default_value = DEFAULT_CNI_BIN_DIR)]
     pub cni_bin_dir: PathBuf,
     /// The host's CNI configuration directory.
-    #[arg(long, env = "CULVERT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    #[arg(long, env = "CULVERT_CNI_CONF_DIR", default_value = DEFAULT_CNI_CONF_DIR)]
     pub cni_conf_dir: PathBuf,
     /// The culvert-cni binary to install; default: next to this executable.
     #[arg(long, env = "CULVERT_CNI_PLUGIN")]

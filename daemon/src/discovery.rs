@@ -42,7 +42,7 @@ pub struct Settings {
 }
 
 /// The four watched collections; each is kept current by its own task.
-pub struct Discovery {
+pub struct Watches {
     pods: Store<Pod>,
     namespaces: Store<Namespace>,
     services: Store<Service>,
@@ -50,7 +50,27 @@ pub struct Discovery {
     changed: Arc<Notify>,
 }
 
-impl Discovery {
+/// A client for the Kubernetes API: from `kubeconfig`, or the in-cluster service account,
+/// `$KUBECONFIG` or `~/.kube/config`.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> {
+    use anyhow::Context as _;
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("finding the Kubernetes API (in-cluster, $KUBECONFIG or ~/.kube/config)")?,
+    };
+    info!(api = %config.cluster_url, "Kubernetes API");
+    Client::try_from(config).context("building the Kubernetes client")
+}
+
+impl Watches {
     /// Starts one watch per kind, cluster-wide, until `stop`.
     pub fn start(client: &Client, stop: &CancellationToken) -> Self {
         let changed = Arc::new(Notify::new());

@@ -4,8 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use culvert::config::NodeArgs;
+use culvert::config::{self, NodeArgs};
 use culvert::telemetry;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info};
 
 #[derive(Parser)]
 #[command(
@@ -37,14 +39,11 @@ enum Command {
     /// Remove culvert-cni from the host's CNI configuration and plugin directory (undoing
     /// `culvert node --install-cni`).
     CniUninstall {
-        #[arg(long, default_value = "/opt/cni/bin")]
+        #[arg(long, default_value = config::DEFAULT_CNI_BIN_DIR)]
         cni_bin_dir: PathBuf,
-        #[arg(long, default_value = "/etc/cni/net.d")]
+        #[arg(long, default_value = config::DEFAULT_CNI_CONF_DIR)]
         cni_conf_dir: PathBuf,
     },
-    /// Build two simulated nodes with pods in network namespaces, send traffic between them
-    /// over mTLS, report what happened, and tear it all down. Needs root.
-    Demo(culvert::demo::Args),
 }
 
 // Before logging exists, stderr is the only place to say why we cannot start.
@@ -56,23 +55,47 @@ fn main() -> ExitCode {
         return ExitCode::from(64);
     }
     let result = match cli.command {
-        Command::Node(args) => runtime().and_then(|rt| rt.block_on(culvert::app::run(*args))),
+        Command::Node(args) => runtime().and_then(|rt| rt.block_on(node(*args))),
         Command::LocalCa { out } => culvert::identity::write_root(&out, "Culvert local CA"),
         Command::CniUninstall {
             cni_bin_dir,
             cni_conf_dir,
-        } => culvert::redirect::install::uninstall(&cni_conf_dir, &cni_bin_dir)
-            .map(|changed| tracing::info!(files = ?changed, "culvert-cni uninstalled"))
+        } => culvert::cni::install::uninstall(&cni_conf_dir, &cni_bin_dir)
+            .map(|changed| info!(files = ?changed, "culvert-cni uninstalled"))
             .map_err(Into::into),
-        Command::Demo(args) => culvert::demo::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            error!("{e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs `culvert node`: SIGHUP reloads the node file, SIGTERM or SIGINT drains and stops.
+async fn node(args: NodeArgs) -> anyhow::Result<()> {
+    // Signals first: one that arrives while the daemon starts must neither kill it (SIGHUP's
+    // default action) nor be lost.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let node = tokio::select! {
+        node = culvert::app::start(args) => node?,
+        _ = term.recv() => return Ok(()),
+        _ = int.recv() => return Ok(()),
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => if let Err(e) = node.reload().await {
+                error!(error = format!("{e:#}"), "reload failed; keeping the previous configuration");
+            },
+        }
+    }
+    node.shutdown().await;
+    Ok(())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -110,7 +110,7 @@ impl Proxy {
 
         let (proxy, p) = (self.clone(), pod.clone());
         self.accept_loop(listeners.outbound, stop, move |stream, peer| {
-            outbound::handle(proxy.clone(), p.clone(), stream, peer)
+            outbound::accepted(proxy.clone(), p.clone(), stream, peer)
         });
         let (proxy, p) = (self.clone(), pod);
         self.accept_loop(listeners.inbound_plaintext, stop, move |stream, peer| {
@@ -122,6 +122,22 @@ impl Proxy {
             async move { server.serve(stream, peer, drain).await }
         });
         Ok(())
+    }
+
+    /// Carries one outbound connection of `pod`'s app, from `src` to its original destination
+    /// `dst`: what the pod's outbound listener does with every connection it accepts. Public
+    /// so that tests without redirection (no root) can hand connections in directly.
+    pub async fn outbound(
+        self: &Arc<Self>,
+        pod: Arc<Pod>,
+        app: TcpStream,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) {
+        let tracked = self
+            .tasks
+            .track_future(outbound::handle(self.clone(), pod, app, src, dst));
+        tracked.await;
     }
 
     /// Stops accepting on every pod, sends GOAWAY to HBONE peers, and waits up to `timeout`

@@ -1,16 +1,17 @@
-//! In-pod capture: the registration socket, entering pod namespaces, the redirection rules, and
-//! the sockets the proxy opens inside pods.
+//! In-pod capture: entering pod namespaces, the redirection rules, and the sockets the proxy
+//! opens inside pods.
 //!
 //! Owns everything that touches a pod's network namespace or its netfilter rules. Does not
-//! decide what traffic means: it hands accepted sockets and original destinations to the proxy.
+//! decide what traffic means (it hands accepted sockets and original destinations to the
+//! proxy) and does not decide which pods are wired (that is `cni`'s registry, which drives it
+//! through [`Capture`]).
 
-pub mod cni;
-pub mod install;
 pub mod netns;
 pub mod rules;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nix::sys::socket::{getsockopt, sockopt};
@@ -20,12 +21,145 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 pub use netns::Netns;
 pub use rules::Backend;
 
-use crate::config::Ports;
+use crate::config::{Ports, RedirectChoice};
+
+/// What wiring a pod does inside its network namespace, as the pod registry sees it. All
+/// methods block (they enter namespaces and run `nft`): call them off the async workers.
+///
+/// [`Netfilter`] is the real thing. Tests without root use a stand-in that places a pod's
+/// sockets on loopback addresses and keeps its "rules" in memory (`test_util::Loopback`).
+pub trait Capture: Send + Sync + 'static {
+    /// The backend's name, for logs and the pod list.
+    fn name(&self) -> &'static str;
+    /// Opens the network namespace at `path` (refusing anything that is not one) and returns
+    /// the factory for sockets inside it; `ips` are the pod's addresses there.
+    fn open(&self, path: &Path, ips: &[IpAddr]) -> io::Result<Sockets>;
+    /// Installs the pod's redirection rules, replacing any earlier copy atomically.
+    fn install(&self, sockets: &Sockets, spec: &rules::Spec) -> Result<(), rules::Error>;
+    /// Removes the pod's redirection rules.
+    fn remove(&self, sockets: &Sockets) -> Result<(), rules::Error>;
+    /// Verifies that the rules are in place and the listeners listen.
+    fn check(&self, sockets: &Sockets, ports: Ports) -> Result<(), Missing>;
+    /// The host's network namespaces other than the daemon's, with their addresses: where
+    /// running pods are found by IP when the daemon starts or a pod becomes enrolled.
+    fn scan(&self) -> Vec<(PathBuf, Vec<IpAddr>)>;
+    /// Whether two paths name one namespace (one may be a bind mount or link of the other).
+    fn same_netns(&self, a: &Path, b: &Path) -> bool;
+}
+
+/// What [`Capture::check`] found missing.
+#[derive(Debug, thiserror::Error)]
+pub enum Missing {
+    #[error("redirection rules are missing")]
+    Rules,
+    #[error("nothing listens on port {0}")]
+    Listener(u16),
+    #[error("inspecting the pod")]
+    Inspect(#[source] io::Error),
+    #[error("reading the rules")]
+    Read(#[source] rules::Error),
+}
+
+/// Pods' network namespaces and nftables or iptables rules, for real.
+#[derive(Debug)]
+pub struct Netfilter {
+    backend: Backend,
+    /// The daemon's own namespace, to return to after entering a pod's.
+    home: Arc<std::fs::File>,
+    /// Where the runtime keeps pod namespaces (searched, with /proc, by [`Capture::scan`]).
+    netns_dirs: Vec<PathBuf>,
+}
+
+impl Netfilter {
+    pub fn new(backend: Backend, netns_dirs: Vec<PathBuf>) -> io::Result<Self> {
+        Ok(Self {
+            backend,
+            home: netns::home()?,
+            netns_dirs,
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+}
+
+impl Capture for Netfilter {
+    fn name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    fn open(&self, path: &Path, _ips: &[IpAddr]) -> io::Result<Sockets> {
+        let netns = Netns::open(path, self.home.clone())?;
+        Ok(Sockets::new(Arc::new(netns)))
+    }
+
+    fn install(&self, sockets: &Sockets, spec: &rules::Spec) -> Result<(), rules::Error> {
+        rules::apply(sockets.pod_netns()?, self.backend, spec)
+    }
+
+    fn remove(&self, sockets: &Sockets) -> Result<(), rules::Error> {
+        rules::remove(sockets.pod_netns()?, self.backend)
+    }
+
+    fn check(&self, sockets: &Sockets, ports: Ports) -> Result<(), Missing> {
+        let netns = sockets.pod_netns().map_err(Missing::Read)?;
+        if !rules::present(netns, self.backend).map_err(Missing::Read)? {
+            return Err(Missing::Rules);
+        }
+        let listening = listening_ports(netns).map_err(Missing::Inspect)?;
+        for port in [ports.outbound, ports.inbound_plaintext, ports.hbone] {
+            if !listening.contains(&port) {
+                return Err(Missing::Listener(port));
+            }
+        }
+        Ok(())
+    }
+
+    fn scan(&self) -> Vec<(PathBuf, Vec<IpAddr>)> {
+        netns::scan(&self.netns_dirs, &self.home)
+    }
+
+    fn same_netns(&self, a: &Path, b: &Path) -> bool {
+        netns::same(a, b)
+    }
+}
+
+impl Backend {
+    /// The backend to use: the one asked for, or with `auto` nftables when `nft` runs here.
+    pub fn choose(choice: RedirectChoice) -> Self {
+        match choice {
+            RedirectChoice::Nftables => Self::Nftables,
+            RedirectChoice::Iptables => Self::Iptables,
+            RedirectChoice::Auto => {
+                let nft = std::process::Command::new("nft")
+                    .arg("--version")
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status();
+                if nft.is_ok_and(|s| s.success()) {
+                    Self::Nftables
+                } else {
+                    Self::Iptables
+                }
+            }
+        }
+    }
+}
 
 /// Creates sockets inside one pod's namespace, marked so the pod's rules never capture them.
 #[derive(Debug, Clone)]
 pub struct Sockets {
-    netns: Arc<Netns>,
+    place: Place,
+}
+
+#[derive(Debug, Clone)]
+enum Place {
+    /// Inside the pod's own network namespace.
+    Pod(Arc<Netns>),
+    /// In the daemon's namespace, on the pod's (loopback) addresses: for tests without root,
+    /// where `path` stands for the namespace the pod would have.
+    Loopback { path: PathBuf, ips: Vec<IpAddr> },
 }
 
 /// The three listeners of one pod.
@@ -37,29 +171,87 @@ pub struct Listeners {
 
 impl Sockets {
     pub fn new(netns: Arc<Netns>) -> Self {
-        Self { netns }
+        Self {
+            place: Place::Pod(netns),
+        }
     }
 
-    pub fn netns(&self) -> &Arc<Netns> {
-        &self.netns
+    /// Sockets in the daemon's own namespace bound to `ips`, standing in for the namespace at
+    /// `path`: lets tests without root wire pods on loopback addresses.
+    pub fn loopback(path: &Path, ips: Vec<IpAddr>) -> Self {
+        Self {
+            place: Place::Loopback {
+                path: path.to_owned(),
+                ips,
+            },
+        }
+    }
+
+    /// Whether `path` names the namespace these sockets are made in.
+    pub fn is_in(&self, path: &Path) -> bool {
+        match &self.place {
+            Place::Pod(netns) => netns.same_as(path),
+            Place::Loopback { path: own, .. } => own == path,
+        }
+    }
+
+    /// The pod's namespace; an error for loopback placement, which has no rules to touch.
+    fn pod_netns(&self) -> Result<&Netns, rules::Error> {
+        match &self.place {
+            Place::Pod(netns) => Ok(netns),
+            Place::Loopback { .. } => Err(rules::Error::Netns(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "loopback placement has no network namespace",
+            ))),
+        }
+    }
+
+    /// Runs `f` where this pod's sockets live.
+    fn run<R>(&self, f: impl FnOnce() -> R) -> io::Result<R> {
+        match &self.place {
+            Place::Pod(netns) => netns.run(f),
+            Place::Loopback { .. } => Ok(f()),
+        }
+    }
+
+    /// The address a listener on `port` binds: every address in a pod's namespace, the pod's
+    /// own address on loopback.
+    fn listen_addr(&self, port: u16) -> SocketAddr {
+        match &self.place {
+            Place::Loopback { ips, .. } if !ips.is_empty() => SocketAddr::new(ips[0], port),
+            _ => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)),
+        }
+    }
+
+    /// The pod's own address for dialling `dst`, where the kernel would not pick it by itself.
+    fn source_for(&self, dst: SocketAddr) -> Option<IpAddr> {
+        match &self.place {
+            Place::Pod(_) => None,
+            Place::Loopback { ips, .. } => {
+                ips.iter().copied().find(|ip| ip.is_ipv4() == dst.is_ipv4())
+            }
+        }
     }
 
     /// Binds the pod's listeners on all its addresses. `SO_REUSEPORT` lets a new daemon bind
     /// next to an old one during an upgrade.
     pub fn listen(&self, ports: Ports) -> io::Result<Listeners> {
         let listen = |port| -> io::Result<TcpListener> {
-            let socket = self.netns.run(|| {
+            let addr = self.listen_addr(port);
+            let socket = self.run(|| {
                 Socket::new(
-                    Domain::IPV6,
+                    Domain::for_address(addr),
                     Type::STREAM.nonblocking(),
                     Some(Protocol::TCP),
                 )
             })??;
-            socket.set_only_v6(false)?;
+            if addr.is_ipv6() {
+                socket.set_only_v6(false)?;
+            }
             socket.set_reuse_address(true)?;
             socket.set_reuse_port(true)?;
             socket.set_mark(rules::PROXY_MARK)?;
-            socket.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+            socket.bind(&addr.into())?;
             socket.listen(1024)?;
             TcpListener::from_std(socket.into())
         };
@@ -73,6 +265,9 @@ impl Sockets {
     /// A marked socket for dialling `dst` from the pod's own address.
     pub fn socket_for(&self, dst: SocketAddr) -> io::Result<TcpSocket> {
         let socket = self.raw(dst)?;
+        if let Some(src) = self.source_for(dst) {
+            socket.bind(&SocketAddr::new(src, 0).into())?;
+        }
         Ok(TcpSocket::from_std_stream(socket.into()))
     }
 
@@ -80,6 +275,12 @@ impl Sockets {
     /// app then sees the real client address. Falls back to the pod's own address where the
     /// kernel refuses the spoofed bind (no CAP_NET_ADMIN, or address family mismatch).
     pub async fn connect_as(&self, src: IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
+        if matches!(self.place, Place::Loopback { .. }) {
+            // Every loopback address is local: bind the client's own, no privilege needed.
+            let socket = self.raw(dst)?;
+            socket.bind(&SocketAddr::new(src, 0).into())?;
+            return TcpSocket::from_std_stream(socket.into()).connect(dst).await;
+        }
         if src.is_ipv4() == dst.is_ipv4() {
             let socket = self.raw(dst)?;
             let transparent = match src {
@@ -102,9 +303,8 @@ impl Sockets {
 
     fn raw(&self, dst: SocketAddr) -> io::Result<Socket> {
         let domain = Domain::for_address(dst);
-        let socket = self
-            .netns
-            .run(|| Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP)))??;
+        let socket =
+            self.run(|| Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP)))??;
         socket.set_mark(rules::PROXY_MARK)?;
         Ok(socket)
     }

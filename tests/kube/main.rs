@@ -154,7 +154,7 @@ fn manifests_apply_with_a_server_side_dry_run_and_for_real() {
     // The lab runs every daemon with exactly these, so the other layers test that they suffice.
     assert_eq!(
         container["securityContext"]["capabilities"],
-        serde_json::json!({ "add": culvert::demo::lab::NODE_CAPABILITIES, "drop": ["ALL"] })
+        serde_json::json!({ "add": culvert_lab::NODE_CAPABILITIES, "drop": ["ALL"] })
     );
     assert!(container["resources"]["requests"]["memory"].is_string());
 }
@@ -191,7 +191,7 @@ endpoints: [{ addresses: [10.244.1.2] }]
     let daemon = Daemon::start(&cluster, &node_kubeconfig);
     let log = || daemon.log();
     let web = eventually("the daemon to sync from the API", WAIT, || {
-        let services = culvert::demo::lab::admin_get(&log(), "/services").ok()?;
+        let services = culvert_lab::admin_get(&log(), "/services").ok()?;
         services
             .as_array()?
             .iter()
@@ -199,7 +199,7 @@ endpoints: [{ addresses: [10.244.1.2] }]
             .cloned()
     });
     assert_eq!(web["service"]["endpoints"][0], "10.244.1.2:8080");
-    let workloads = culvert::demo::lab::admin_get(&log(), "/workloads").unwrap();
+    let workloads = culvert_lab::admin_get(&log(), "/workloads").unwrap();
     assert_eq!(
         workloads[0]["identity"],
         "spiffe://cluster.local/ns/shop/sa/web"
@@ -273,17 +273,17 @@ fn the_daemon_is_not_ready_and_takes_no_registrations_until_the_api_has_been_lis
     let daemon = Daemon::start(&cluster, &kubeconfig);
     let socket = daemon.dir.join("cni.sock");
     let status = eventually("the probes to answer", WAIT, || {
-        culvert::demo::lab::probe(&daemon.log(), "/healthz/ready").ok()
+        culvert_lab::probe(&daemon.log(), "/healthz/ready").ok()
     });
     assert_eq!(status, 503);
     assert_eq!(
-        culvert::demo::lab::probe(&daemon.log(), "/healthz/live").unwrap(),
+        culvert_lab::probe(&daemon.log(), "/healthz/live").unwrap(),
         200
     );
     // Long enough for several watch retries: still not serving registrations.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
-        culvert::demo::lab::probe(&daemon.log(), "/healthz/ready").unwrap(),
+        culvert_lab::probe(&daemon.log(), "/healthz/ready").unwrap(),
         503
     );
     assert!(
@@ -296,12 +296,12 @@ fn the_daemon_is_not_ready_and_takes_no_registrations_until_the_api_has_been_lis
         "the daemon to become ready",
         Duration::from_secs(60),
         || {
-            let ready = culvert::demo::lab::probe(&daemon.log(), "/healthz/ready").ok()?;
+            let ready = culvert_lab::probe(&daemon.log(), "/healthz/ready").ok()?;
             (ready == 200).then_some(())
         },
     );
     assert!(socket.exists());
-    let workloads = culvert::demo::lab::admin_get(&daemon.log(), "/workloads").unwrap();
+    let workloads = culvert_lab::admin_get(&daemon.log(), "/workloads").unwrap();
     assert_eq!(workloads, serde_json::json!([]));
     let enrollment = std::fs::read_to_string(daemon.dir.join("state/enrollment.json")).unwrap();
     assert!(enrollment.contains("\"shop\""), "{enrollment}");

@@ -6,8 +6,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use culvert::demo::runtime::PluginError;
 use culvert_cni_proto::{Request, Response};
+use culvert_lab::runtime::PluginError;
 use culvert_tests::*;
 
 /// (nft tables named culvert, fwmark rules, listeners on the outbound port) in a pod.
@@ -446,10 +446,7 @@ fn installer_keeps_the_plugin_in_the_chain_and_uninstall_restores_the_original()
         ]),
     );
     let node = &lab.nodes[0];
-    let primary = node
-        .runtime
-        .conf_dir
-        .join(culvert::demo::lab::PRIMARY_CONFIG);
+    let primary = node.runtime.conf_dir.join(culvert_lab::PRIMARY_CONFIG);
     let plugin_types = || -> Vec<String> {
         let config: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&primary).unwrap()).unwrap();
@@ -630,7 +627,7 @@ fn a_pod_whose_namespace_only_a_non_root_process_holds_is_wired_and_found_again(
         "SYS_ADMIN" => 21,
         other => panic!("no bit for {other}"),
     };
-    let granted = culvert::demo::lab::NODE_CAPABILITIES
+    let granted = culvert_lab::NODE_CAPABILITIES
         .iter()
         .fold(0u64, |mask, c| mask | 1 << bits(c));
     assert_eq!(effective, granted, "the daemon's effective capabilities");
@@ -647,10 +644,7 @@ fn a_pod_whose_namespace_only_a_non_root_process_holds_is_wired_and_found_again(
     eventually(
         "the holder to enter the pod",
         Duration::from_secs(5),
-        || {
-            culvert::redirect::netns::same(&held, &culvert::demo::lab::netns_path(&netns))
-                .then_some(())
-        },
+        || culvert::redirect::netns::same(&held, &culvert_lab::netns_path(&netns)).then_some(()),
     );
     // Only /proc leads to the pod now: not the node's netns directory, not the sandbox.
     std::fs::remove_file(lab.dir.join("netns-n1").join(&netns)).unwrap();

@@ -1,4 +1,4 @@
-//! Test harness shared by the test layers: the lab (re-exported from the daemon, so the demo and
+//! Test harness shared by the test layers: the lab (re-exported from `culvert-lab`, so the demo and
 //! the tests run one topology), apps to run inside pods, and waiting helpers.
 
 #![allow(clippy::unwrap_used, clippy::disallowed_types, clippy::print_stderr)]
@@ -8,10 +8,10 @@ use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-pub use culvert::demo::lab::{Lab, PodSpec, Spec};
-pub use culvert::demo::{echo, exchange, serve, wire};
+pub use culvert_lab::{Lab, PodSpec, Spec, echo, exchange, serve, wire};
 use sha2::{Digest, Sha256};
 
+pub mod inproc;
 pub mod kube;
 
 /// The `culvert` binary built from this workspace: `$CULVERT_BIN`, or next to the test binary.

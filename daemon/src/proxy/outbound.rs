@@ -44,18 +44,27 @@ fn route(snapshot: &Snapshot, dst: SocketAddr, turn: &AtomicUsize) -> Route {
     }
 }
 
-pub(super) async fn handle(proxy: Arc<Proxy>, pod: Arc<Pod>, app: TcpStream, src: SocketAddr) {
-    let dst = match original_dst(&app) {
-        Ok(dst) => canonical(dst),
-        Err(e) => {
-            tracing::warn!(
-                pod = pod.label(),
-                error = &e as &dyn std::error::Error,
-                "outbound connection without an original destination"
-            );
-            return;
-        }
-    };
+/// A connection accepted on the pod's outbound listener: where it was going is its original
+/// destination.
+pub(super) async fn accepted(proxy: Arc<Proxy>, pod: Arc<Pod>, app: TcpStream, src: SocketAddr) {
+    match original_dst(&app) {
+        Ok(dst) => handle(proxy, pod, app, src, canonical(dst)).await,
+        Err(e) => tracing::warn!(
+            pod = pod.label(),
+            error = &e as &dyn std::error::Error,
+            "outbound connection without an original destination"
+        ),
+    }
+}
+
+/// Carries `app`'s connection from `src` to `dst`: over HBONE, or plain TCP.
+pub(super) async fn handle(
+    proxy: Arc<Proxy>,
+    pod: Arc<Pod>,
+    app: TcpStream,
+    src: SocketAddr,
+    dst: SocketAddr,
+) {
     let span = info_span!("outbound", pod = pod.label(), src.addr = %src, dst.addr = %dst);
     async move {
         let _ = app.set_nodelay(true);

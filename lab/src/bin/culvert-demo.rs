@@ -1,77 +1,52 @@
-//! `culvert demo` and the lab it runs in: two simulated nodes in network namespaces.
+//! `culvert-demo`: two simulated nodes with pods in network namespaces, traffic between them
+//! over mTLS, a report of what crossed the wire, and a clean teardown. Needs root.
 //!
-//! Owns building and tearing down the lab (namespaces, veths, daemons) and reading packet
-//! captures. It is scaffolding around the product, never on the data path; the netns tests
-//! use the same lab so the demo and the tests exercise one topology.
+//! Runs the `culvert` and `culvert-cni` binaries that sit next to this one.
 
-// The lab is synchronous code that times real processes; tokio's paused clock is irrelevant.
-#![allow(clippy::disallowed_types)]
 // The demo's report is its output.
-#![allow(clippy::print_stdout)]
+#![allow(clippy::print_stdout, clippy::print_stderr)]
 
-pub mod lab;
-pub mod runtime;
-pub mod wire;
-
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail, ensure};
+use clap::Parser;
+use culvert_lab::{Lab, PodSpec, Spec, exchange, wire};
 
-use lab::{Lab, PodSpec, Spec};
-
-#[derive(Debug, clap::Args)]
-pub struct Args {
+#[derive(Debug, Parser)]
+#[command(
+    name = "culvert-demo",
+    version,
+    about = "Two simulated nodes talking over mTLS"
+)]
+struct Args {
     /// Bytes the client sends through the tunnel (and gets echoed back).
     #[arg(long, default_value_t = 1 << 20)]
-    pub bytes: usize,
+    bytes: usize,
 }
 
-/// Accepts on `listener` from a background thread, serving each connection on its own thread.
-pub fn serve(listener: TcpListener, app: fn(TcpStream)) {
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || app(stream));
-        }
-    });
-}
-
-/// Echoes until the client half-closes, then half-closes too.
-pub fn echo(mut stream: TcpStream) {
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if stream.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("culvert-demo: {e:#}");
+            ExitCode::FAILURE
         }
     }
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-}
-
-/// Sends `payload`, half-closes, and returns everything the peer sent back.
-pub fn exchange(mut stream: TcpStream, payload: &[u8]) -> std::io::Result<Vec<u8>> {
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut reader = stream.try_clone()?;
-    let reading = std::thread::spawn(move || {
-        let mut back = Vec::new();
-        reader.read_to_end(&mut back).map(|_| back)
-    });
-    stream.write_all(payload)?;
-    stream.shutdown(std::net::Shutdown::Write)?;
-    reading
-        .join()
-        .map_err(|_| std::io::Error::other("reader thread panicked"))?
 }
 
 /// Runs the demo; tears the lab down on success, failure and Ctrl-C alike.
-pub fn run(args: Args) -> anyhow::Result<()> {
-    let culvert = std::env::current_exe().context("locating the culvert binary")?;
+fn run(args: Args) -> anyhow::Result<()> {
+    let culvert = std::env::current_exe()
+        .context("locating this binary")?
+        .with_file_name("culvert");
+    ensure!(
+        culvert.exists(),
+        "{} is missing: build it (cargo build -p culvert -p culvert-cni)",
+        culvert.display()
+    );
     let spec = Spec {
         pods: vec![
             PodSpec::new("client", 0, true),

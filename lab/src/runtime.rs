@@ -135,7 +135,7 @@ impl Runtime {
     /// The network configuration in force: the primary file, a single-plugin `.conf` read as a
     /// list of one.
     pub fn network(&self) -> anyhow::Result<Value> {
-        let (path, mut config) = crate::redirect::install::primary(&self.conf_dir)?
+        let (path, mut config) = culvert::cni::install::primary(&self.conf_dir)?
             .with_context(|| format!("no CNI configuration in {}", self.conf_dir.display()))?;
         if config.get("plugins").is_none() {
             let (version, name) = (config["cniVersion"].clone(), config["name"].clone());

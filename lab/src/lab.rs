@@ -18,8 +18,9 @@ use anyhow::{Context, bail, ensure};
 use culvert_cni_proto::{AddPod, DelPod, PodRef, Request, Response};
 use serde_json::json;
 
-use super::runtime::{Runtime, Sandbox};
-use crate::redirect::Netns;
+use culvert::redirect::Netns;
+
+use crate::runtime::{Runtime, Sandbox};
 
 /// Where Debian's containernetworking-plugins put the reference plugins.
 pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
@@ -165,7 +166,7 @@ impl Lab {
         };
         lab.build_nodes()?;
         lab.build_pods()?;
-        crate::identity::write_root(&lab.dir, "Culvert lab CA")?;
+        culvert::identity::write_root(&lab.dir, "Culvert lab CA")?;
         for i in 0..lab.nodes.len() {
             lab.write_node_file(i)?;
             lab.start_node(i)?;
@@ -267,7 +268,7 @@ impl Lab {
     }
 
     fn build_pods(&mut self) -> anyhow::Result<()> {
-        let home = crate::redirect::netns::home()?;
+        let home = culvert::redirect::netns::home()?;
         // Pods ask host-local for the addresses the node files give them; every ADD checks it.
         let mut next_host = [2u8, 2u8];
         for (k, spec) in self.spec.pods.iter().enumerate() {
@@ -599,8 +600,8 @@ impl Lab {
     }
 
     /// Starts capturing TCP on node 0's side of the inter-node wire.
-    pub fn capture_wire(&self) -> anyhow::Result<super::wire::Capture> {
-        super::wire::Capture::start(&self.nodes[0].netns, "wire", &self.dir.join("wire.pcap"))
+    pub fn capture_wire(&self) -> anyhow::Result<crate::wire::Capture> {
+        crate::wire::Capture::start(&self.nodes[0].netns, "wire", &self.dir.join("wire.pcap"))
     }
 
     /// Kills the daemons and deletes every namespace; safe to call more than once.
@@ -643,7 +644,7 @@ impl Pod {
 
     /// Serves echo on `port` from a background thread for as long as the process lives.
     pub fn serve_echo(&self, port: u16) -> std::io::Result<()> {
-        super::serve(self.listen(port)?, super::echo);
+        crate::serve(self.listen(port)?, crate::echo);
         Ok(())
     }
 }

@@ -1,22 +1,25 @@
 //! The pod registry: turns registrations into wired pods (certificate, listeners, rules), keeps
 //! them in step with enrollment, and remembers them across restarts.
+//!
+//! Everything it does inside a pod's namespace goes through [`Capture`], so its decisions are
+//! unit-tested without root (`tests` below, on the loopback stand-in).
 
 use std::collections::HashMap;
-use std::fs::File;
+use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, bail};
 use culvert_cni_proto::{AddPod, CheckPod, DelPod, Gc, PodRef, PodStatus, Response};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::server::Handler;
 use crate::config::Ports;
-use crate::identity;
+use crate::identity::{self, Id};
 use crate::proxy::{Pod, Proxy};
-use crate::redirect::{Backend, Netns, Sockets, cni, netns, rules};
+use crate::redirect::{Capture, Missing, Sockets, rules};
 use crate::state::Store;
 
 /// File in the state directory listing wired sandboxes, so a restarted daemon keeps the
@@ -24,19 +27,65 @@ use crate::state::Store;
 const PODS_FILE: &str = "pods.json";
 
 /// What the registry is built from.
-pub(super) struct Deps {
+pub struct Deps {
+    /// The node this daemon serves: pods scheduled elsewhere are refused.
     pub node: String,
     pub state: Arc<Store>,
     pub certs: Arc<identity::Cache>,
     pub proxy: Arc<Proxy>,
-    pub backend: Backend,
+    pub capture: Arc<dyn Capture>,
     pub ports: Ports,
-    pub home: Arc<File>,
+    /// Where `pods.json` is kept.
     pub state_dir: PathBuf,
-    pub netns_dirs: Vec<PathBuf>,
 }
 
-pub(super) struct Pods {
+/// Why a pod could not be wired or checked; the registrar receives the whole chain.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("pod {pod} is in an enrolled namespace but unknown to this node")]
+    Unknown { pod: String },
+    #[error("pod {pod} is on node {on:?}, this daemon serves {this:?}")]
+    OtherNode {
+        pod: String,
+        on: String,
+        this: String,
+    },
+    #[error("getting a certificate for {id}")]
+    Certificate {
+        id: Id,
+        #[source]
+        source: identity::Error,
+    },
+    #[error("opening network namespace {path}")]
+    Netns {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("binding the pod's listeners")]
+    Listen(#[source] io::Error),
+    #[error("installing redirection rules")]
+    Rules(#[source] rules::Error),
+    #[error("building the pod's TLS config")]
+    Tls(#[source] rustls::Error),
+    #[error("pod {pod} is enrolled but not wired")]
+    NotWired { pod: String },
+    #[error("pod {pod}")]
+    Check {
+        pod: String,
+        #[source]
+        source: Missing,
+    },
+    #[error("the wiring task for pod {pod} died")]
+    Task {
+        pod: String,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+/// The wired pods of this node.
+pub struct Registry {
     deps: Deps,
     /// Wired pods by container id.
     wired: Mutex<HashMap<String, Wired>>,
@@ -60,8 +109,8 @@ struct Wired {
     stop: CancellationToken,
 }
 
-impl Pods {
-    pub(super) fn new(deps: Deps) -> Self {
+impl Registry {
+    pub fn new(deps: Deps) -> Self {
         Self {
             deps,
             wired: Mutex::default(),
@@ -73,7 +122,7 @@ impl Pods {
     /// enrolled pods of this node that run but are not wired (found by IP among the host's
     /// network namespaces). Run at start, before registrations are served, and after every
     /// change of state.
-    pub(super) async fn reconcile(&self) {
+    pub async fn reconcile(&self) {
         let _serial = self.serial.lock().await;
         let snapshot = self.deps.state.snapshot();
         let released: Vec<Wired> = {
@@ -101,8 +150,8 @@ impl Pods {
             .cloned()
             .collect();
         if !wanted.is_empty() {
-            let (dirs, home) = (self.deps.netns_dirs.clone(), self.deps.home.clone());
-            let found = tokio::task::spawn_blocking(move || netns::scan(&dirs, &home))
+            let capture = self.deps.capture.clone();
+            let found = tokio::task::spawn_blocking(move || capture.scan())
                 .await
                 .unwrap_or_default();
             let known = self.read_sandboxes();
@@ -126,7 +175,7 @@ impl Pods {
                     .find(|s| {
                         s.pod.namespace == pod.namespace
                             && s.pod.name == pod.name
-                            && netns::same(Path::new(&s.netns), path)
+                            && self.deps.capture.same_netns(Path::new(&s.netns), path)
                     })
                     .map_or_else(
                         || format!("reconciled.{}.{}", pod.namespace, pod.name),
@@ -140,7 +189,7 @@ impl Pods {
                     ips: ips.clone(),
                 };
                 if let Err(e) = self.add_locked(add).await {
-                    warn!(pod = %format!("{}/{}", w.namespace, w.name), error = format!("{e:#}"), "rewiring failed");
+                    warn!(pod = %format!("{}/{}", w.namespace, w.name), error = &e as &dyn std::error::Error, "rewiring failed");
                 }
             }
         }
@@ -149,7 +198,7 @@ impl Pods {
 
     /// This node's enrolled pods and their addresses: when it changes, [`Self::reconcile`] has
     /// work to do.
-    pub(super) fn local_enrollment(&self) -> Vec<(String, String, Vec<IpAddr>)> {
+    pub fn local_enrollment(&self) -> Vec<(String, String, Vec<IpAddr>)> {
         let snapshot = self.deps.state.snapshot();
         let mut local: Vec<_> = snapshot
             .workloads()
@@ -160,14 +209,16 @@ impl Pods {
         local
     }
 
-    async fn add_pod(&self, req: AddPod) -> anyhow::Result<bool> {
+    /// Wires the pod if it is enrolled (`Ok(true)`); `Ok(false)` leaves it alone. Answers only
+    /// once listeners and rules are in place.
+    pub async fn add(&self, req: AddPod) -> Result<bool, Error> {
         let _serial = self.serial.lock().await;
         let enrolled = self.add_locked(req).await?;
         self.persist();
         Ok(enrolled)
     }
 
-    async fn add_locked(&self, req: AddPod) -> anyhow::Result<bool> {
+    async fn add_locked(&self, req: AddPod) -> Result<bool, Error> {
         let snapshot = self.deps.state.snapshot();
         let workload = snapshot
             .workload(&req.pod.namespace, &req.pod.name)
@@ -177,10 +228,9 @@ impl Pods {
             None if snapshot.enrolled_namespaces.contains(&req.pod.namespace) => {
                 // Enrolled namespace, but no identity known for the pod: refusing keeps it from
                 // starting unredirected; the runtime retries once the node knows it.
-                bail!(
-                    "pod {} is in an enrolled namespace but unknown to this node",
-                    label(&req.pod)
-                );
+                return Err(Error::Unknown {
+                    pod: label(&req.pod),
+                });
             }
             _ => {
                 info!(pod = %label(&req.pod), "pod not enrolled; left alone");
@@ -188,12 +238,11 @@ impl Pods {
             }
         };
         if workload.node != self.deps.node {
-            bail!(
-                "pod {} is on node {:?}, this daemon serves {:?}",
-                label(&req.pod),
-                workload.node,
-                self.deps.node
-            );
+            return Err(Error::OtherNode {
+                pod: label(&req.pod),
+                on: workload.node.clone(),
+                this: self.deps.node.clone(),
+            });
         }
         let ips = if req.ips.is_empty() {
             workload.ips.clone()
@@ -206,16 +255,14 @@ impl Pods {
         };
 
         if let Some(old_id) = self.find(&req.container_id, &req.pod) {
-            let same = self.with_wired(&old_id, |w| {
-                w.pod.sockets.netns().same_as(Path::new(&req.netns))
-            });
+            let same = self.with_wired(&old_id, |w| w.pod.sockets.is_in(Path::new(&req.netns)));
             if same == Some(true) {
                 // A repeated ADD, or the runtime's id for a pod rewired at start: keep the
                 // listeners, make sure the rules are (still) there, track it under this id.
-                let netns = self
-                    .with_wired(&old_id, |w| w.pod.sockets.netns().clone())
+                let sockets = self
+                    .with_wired(&old_id, |w| w.pod.sockets.clone())
                     .expect("found above");
-                self.apply_rules(netns, spec).await?;
+                self.apply_rules(sockets, spec, &req.pod).await?;
                 let mut wired = self.wired.lock().expect("pods lock poisoned");
                 if let Some(mut w) = wired.remove(&old_id) {
                     w.sandbox.container_id = req.container_id.clone();
@@ -238,15 +285,21 @@ impl Pods {
             .certs
             .ensure(&workload.identity)
             .await
-            .with_context(|| format!("getting a certificate for {}", workload.identity))?;
-        let netns = Netns::open(Path::new(&req.netns), self.deps.home.clone())
-            .with_context(|| format!("opening network namespace {}", req.netns))?;
-        let sockets = Sockets::new(Arc::new(netns));
+            .map_err(|source| Error::Certificate {
+                id: workload.identity.clone(),
+                source,
+            })?;
+        let sockets = self
+            .deps
+            .capture
+            .open(Path::new(&req.netns), &ips)
+            .map_err(|source| Error::Netns {
+                path: req.netns.clone(),
+                source,
+            })?;
         // Listeners before rules: once a rule redirects a connection, something must be there.
-        let listeners = sockets
-            .listen(self.deps.ports)
-            .context("binding the pod's listeners")?;
-        self.apply_rules(sockets.netns().clone(), spec).await?;
+        let listeners = sockets.listen(self.deps.ports).map_err(Error::Listen)?;
+        self.apply_rules(sockets.clone(), spec, &req.pod).await?;
 
         let pod = Arc::new(Pod::new(
             req.pod.namespace.clone(),
@@ -259,8 +312,8 @@ impl Pods {
         self.deps
             .proxy
             .serve_pod(pod.clone(), listeners, &stop)
-            .context("building the pod's TLS config")?;
-        info!(pod = pod.label(), id = %pod.identity, ips = ?pod.ips, backend = self.deps.backend.name(),
+            .map_err(Error::Tls)?;
+        info!(pod = pod.label(), id = %pod.identity, ips = ?pod.ips, backend = self.deps.capture.name(),
             "pod wired");
         let sandbox = Sandbox {
             container_id: req.container_id.clone(),
@@ -275,48 +328,53 @@ impl Pods {
         Ok(true)
     }
 
-    async fn apply_rules(&self, netns: Arc<Netns>, spec: rules::Spec) -> anyhow::Result<()> {
-        let backend = self.deps.backend;
-        tokio::task::spawn_blocking(move || rules::apply(&netns, backend, &spec))
+    async fn apply_rules(
+        &self,
+        sockets: Sockets,
+        spec: rules::Spec,
+        pod: &PodRef,
+    ) -> Result<(), Error> {
+        let capture = self.deps.capture.clone();
+        tokio::task::spawn_blocking(move || capture.install(&sockets, &spec))
             .await
-            .context("rule installer task")?
-            .context("installing redirection rules")
+            .map_err(|source| Error::Task {
+                pod: label(pod),
+                source,
+            })?
+            .map_err(Error::Rules)
     }
 
     /// Verifies that an enrolled pod is wired: known here, rules present, listeners listening.
-    async fn check_pod(&self, req: CheckPod) -> anyhow::Result<()> {
+    pub async fn check(&self, req: CheckPod) -> Result<(), Error> {
         let snapshot = self.deps.state.snapshot();
         let enrolled = snapshot
             .workload(&req.pod.namespace, &req.pod.name)
             .is_some_and(|w| w.enrolled);
-        let Some(id) = self.find(&req.container_id, &req.pod) else {
-            if enrolled {
-                bail!("pod {} is enrolled but not wired", label(&req.pod));
-            }
-            return Ok(());
+        let not_wired = || Error::NotWired {
+            pod: label(&req.pod),
         };
-        let netns = self
-            .with_wired(&id, |w| w.pod.sockets.netns().clone())
-            .context("pod went away")?;
-        let (backend, ports) = (self.deps.backend, self.deps.ports);
-        tokio::task::spawn_blocking(move || {
-            if !rules::present(&netns, backend)? {
-                bail!("redirection rules are missing");
-            }
-            let listening = crate::redirect::listening_ports(&netns)?;
-            for port in [ports.outbound, ports.inbound_plaintext, ports.hbone] {
-                if !listening.contains(&port) {
-                    bail!("nothing listens on port {port}");
-                }
-            }
-            Ok(())
-        })
-        .await
-        .context("check task")?
-        .with_context(|| format!("pod {}", label(&req.pod)))
+        let Some(id) = self.find(&req.container_id, &req.pod) else {
+            return if enrolled { Err(not_wired()) } else { Ok(()) };
+        };
+        // Unwired between the lookup and here: as if it had never been found.
+        let sockets = self
+            .with_wired(&id, |w| w.pod.sockets.clone())
+            .ok_or_else(not_wired)?;
+        let (capture, ports) = (self.deps.capture.clone(), self.deps.ports);
+        tokio::task::spawn_blocking(move || capture.check(&sockets, ports))
+            .await
+            .map_err(|source| Error::Task {
+                pod: label(&req.pod),
+                source,
+            })?
+            .map_err(|source| Error::Check {
+                pod: label(&req.pod),
+                source,
+            })
     }
 
-    async fn del_pod(&self, req: DelPod) {
+    /// Unwires the sandbox; never fails.
+    pub async fn del(&self, req: DelPod) {
         let _serial = self.serial.lock().await;
         let id = match &req.pod {
             Some(pod) => self.find(&req.container_id, pod),
@@ -330,7 +388,7 @@ impl Pods {
     }
 
     /// Unwires every pod whose sandbox the runtime no longer lists.
-    async fn gc_pods(&self, keep: &[String]) {
+    pub async fn gc(&self, keep: &[String]) {
         let _serial = self.serial.lock().await;
         let stale: Vec<Wired> = {
             let mut wired = self.wired.lock().expect("pods lock poisoned");
@@ -349,9 +407,8 @@ impl Pods {
 
     async fn unwire(&self, wired: Wired) {
         wired.stop.cancel();
-        let netns = wired.pod.sockets.netns().clone();
-        let backend = self.deps.backend;
-        let removed = tokio::task::spawn_blocking(move || rules::remove(&netns, backend)).await;
+        let (capture, sockets) = (self.deps.capture.clone(), wired.pod.sockets.clone());
+        let removed = tokio::task::spawn_blocking(move || capture.remove(&sockets)).await;
         if !matches!(removed, Ok(Ok(()))) {
             warn!(
                 pod = wired.pod.label(),
@@ -424,40 +481,9 @@ fn label(pod: &PodRef) -> String {
     format!("{}/{}", pod.namespace, pod.name)
 }
 
-impl cni::Registry for Pods {
-    async fn add(&self, req: AddPod) -> Response {
-        let pod = label(&req.pod);
-        match self.add_pod(req).await {
-            Ok(enrolled) => Response::Added { enrolled },
-            Err(e) => {
-                warn!(pod, error = format!("{e:#}"), "pod not wired");
-                Response::Nack {
-                    reason: format!("wiring pod {pod}: {e:#}"),
-                }
-            }
-        }
-    }
-
-    async fn del(&self, req: DelPod) -> Response {
-        self.del_pod(req).await;
-        Response::Removed
-    }
-
-    async fn check(&self, req: CheckPod) -> Response {
-        match self.check_pod(req).await {
-            Ok(()) => Response::Checked,
-            Err(e) => Response::Nack {
-                reason: format!("{e:#}"),
-            },
-        }
-    }
-
-    async fn gc(&self, req: Gc) -> Response {
-        self.gc_pods(&req.keep).await;
-        Response::Removed
-    }
-
-    fn list(&self) -> Response {
+impl Registry {
+    /// The wired pods, by container id.
+    pub fn list(&self) -> Vec<PodStatus> {
         let wired = self.wired.lock().expect("pods lock poisoned");
         let mut pods: Vec<_> = wired
             .iter()
@@ -466,10 +492,62 @@ impl cni::Registry for Pods {
                 pod: w.sandbox.pod.clone(),
                 ips: w.pod.ips.clone(),
                 identity: w.pod.identity.to_string(),
-                backend: self.deps.backend.name().to_owned(),
+                backend: self.deps.capture.name().to_owned(),
             })
             .collect();
         pods.sort_by(|a, b| a.container_id.cmp(&b.container_id));
-        Response::Pods { pods }
+        pods
+    }
+
+    /// The wired pod `namespace/name`, as the data path serves it.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<Arc<Pod>> {
+        let wired = self.wired.lock().expect("pods lock poisoned");
+        wired
+            .values()
+            .find(|w| w.pod.namespace == namespace && w.pod.name == name)
+            .map(|w| w.pod.clone())
     }
 }
+
+impl Handler for Registry {
+    async fn add(&self, req: AddPod) -> Response {
+        let pod = label(&req.pod);
+        match Self::add(self, req).await {
+            Ok(enrolled) => Response::Added { enrolled },
+            Err(e) => {
+                warn!(pod, error = &e as &dyn std::error::Error, "pod not wired");
+                Response::Nack {
+                    reason: format!("wiring pod {pod}: {}", super::chain(&e)),
+                }
+            }
+        }
+    }
+
+    async fn del(&self, req: DelPod) -> Response {
+        Self::del(self, req).await;
+        Response::Removed
+    }
+
+    async fn check(&self, req: CheckPod) -> Response {
+        match Self::check(self, req).await {
+            Ok(()) => Response::Checked,
+            Err(e) => Response::Nack {
+                reason: super::chain(&e),
+            },
+        }
+    }
+
+    async fn gc(&self, req: Gc) -> Response {
+        Self::gc(self, &req.keep).await;
+        Response::Removed
+    }
+
+    fn list(&self) -> Response {
+        Response::Pods {
+            pods: Self::list(self),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,4 +1,6 @@
 //! The registration socket: culvert-cni (or the test harness) tells the daemon about pods here.
+//!
+//! Framing and decoding only; what a request does is the [`Handler`]'s business.
 
 use std::future::Future;
 use std::io;
@@ -18,8 +20,8 @@ use tracing::{debug, warn};
 /// How long a registrar may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What the daemon does with registrations.
-pub trait Registry: Send + Sync + 'static {
+/// What the daemon does with registrations ([`super::Registry`] in the daemon).
+pub trait Handler: Send + Sync + 'static {
     /// Wires the pod if it is enrolled; answers only once it is fully wired.
     fn add(&self, req: AddPod) -> impl Future<Output = Response> + Send;
     /// Unwires the pod; never fails.
@@ -28,6 +30,7 @@ pub trait Registry: Send + Sync + 'static {
     fn check(&self, req: CheckPod) -> impl Future<Output = Response> + Send;
     /// Unwires every pod not listed.
     fn gc(&self, req: Gc) -> impl Future<Output = Response> + Send;
+    /// The wired pods.
     fn list(&self) -> Response;
 }
 
@@ -74,7 +77,7 @@ pub fn bind(path: &Path) -> io::Result<(UnixListener, SocketFile)> {
 
 /// Serves registrations until `shutdown` fires. Each connection is handled on its own task, so
 /// a slow pod never delays another.
-pub async fn serve<R: Registry>(
+pub async fn serve<R: Handler>(
     listener: UnixListener,
     registry: Arc<R>,
     shutdown: CancellationToken,
@@ -99,7 +102,7 @@ pub async fn serve<R: Registry>(
     }
 }
 
-async fn handle<R: Registry>(mut stream: UnixStream, registry: Arc<R>) {
+async fn handle<R: Handler>(mut stream: UnixStream, registry: Arc<R>) {
     let response = match read_request(&mut stream).await {
         Ok(Request::AddPod(add)) => registry.add(add).await,
         Ok(Request::DelPod(del)) => registry.del(del).await,
@@ -148,7 +151,7 @@ mod tests {
 
     struct Empty;
 
-    impl Registry for Empty {
+    impl Handler for Empty {
         async fn add(&self, _req: AddPod) -> Response {
             Response::Added { enrolled: false }
         }

@@ -1,0 +1,345 @@
+//! The registry's decisions, on the loopback capture stand-in: no root, no namespaces, real
+//! listeners on loopback addresses and rules recorded in memory.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+
+use super::*;
+use crate::identity::Id;
+use crate::state::{PeerAuthentication, Snapshot, Workload};
+use crate::test_util::{Ca, Loopback, TempDir, loopback_net};
+
+const NODE: &str = "node-a";
+
+struct Fixture {
+    registry: Registry,
+    capture: Arc<Loopback>,
+    state: Arc<Store>,
+    net: u8,
+    state_dir: TempDir,
+    _ca: Ca,
+}
+
+/// What a workload is, for the snapshot: `(name, node, host part of its IP, enrolled)`.
+type Spec<'a> = (&'a str, &'a str, u8, Option<bool>);
+
+impl Fixture {
+    fn new(workloads: &[Spec<'_>], enrolled_namespaces: &[&str]) -> Self {
+        let ca = Ca::new("registry");
+        let net = loopback_net();
+        let state = Arc::new(Store::new(snapshot(net, workloads, enrolled_namespaces)));
+        let capture = Arc::new(Loopback::default());
+        let state_dir = TempDir::new("registry-state");
+        let registry = registry(&ca, &state, &capture, state_dir.path());
+        Self {
+            registry,
+            capture,
+            state,
+            net,
+            state_dir,
+            _ca: ca,
+        }
+    }
+
+    /// Two enrolled pods wired: `cart` as sandbox `c1`, `shelf` as `c2`.
+    async fn two_wired() -> Self {
+        let f = Self::new(
+            &[
+                ("cart", NODE, 2, Some(true)),
+                ("shelf", NODE, 3, Some(true)),
+            ],
+            &[],
+        );
+        f.add("c1", "cart", 2).await.unwrap();
+        f.add("c2", "shelf", 3).await.unwrap();
+        f
+    }
+
+    /// The same node's registry after a restart: same state directory and capture.
+    fn restarted(&self) -> Registry {
+        registry(&self._ca, &self.state, &self.capture, self.state_dir.path())
+    }
+
+    fn ip(&self, host: u8) -> IpAddr {
+        Ipv4Addr::new(127, self.net, 0, host).into()
+    }
+
+    /// The namespace path of the sandbox `id`.
+    fn netns(&self, id: &str) -> String {
+        format!("/run/netns/{}-{id}", self.net)
+    }
+
+    fn add_request(&self, id: &str, name: &str, host: u8) -> AddPod {
+        AddPod {
+            container_id: id.to_owned(),
+            netns: self.netns(id),
+            ifname: "eth0".into(),
+            pod: pod_ref(name),
+            ips: vec![self.ip(host)],
+        }
+    }
+
+    async fn add(&self, id: &str, name: &str, host: u8) -> Result<bool, Error> {
+        self.registry.add(self.add_request(id, name, host)).await
+    }
+
+    async fn del(&self, id: &str) {
+        self.registry
+            .del(DelPod {
+                container_id: id.to_owned(),
+                pod: None,
+            })
+            .await;
+    }
+
+    /// The wired sandboxes' container ids.
+    fn wired(&self) -> Vec<String> {
+        self.registry
+            .list()
+            .into_iter()
+            .map(|p| p.container_id)
+            .collect()
+    }
+
+    fn set(&self, workloads: &[Spec<'_>]) {
+        self.state.replace(snapshot(self.net, workloads, &[]));
+    }
+}
+
+fn registry(ca: &Ca, state: &Arc<Store>, capture: &Arc<Loopback>, dir: &Path) -> Registry {
+    let certs = ca.certs();
+    let ports = Ports {
+        outbound: 15001,
+        inbound_plaintext: 15006,
+        hbone: 15008,
+    };
+    Registry::new(Deps {
+        node: NODE.to_owned(),
+        state: state.clone(),
+        proxy: Arc::new(Proxy::new(state.clone(), certs.clone(), ports)),
+        certs,
+        capture: capture.clone(),
+        ports,
+        state_dir: dir.to_owned(),
+    })
+}
+
+fn pod_ref(name: &str) -> PodRef {
+    PodRef {
+        namespace: "shop".into(),
+        name: name.into(),
+        uid: None,
+    }
+}
+
+fn snapshot(net: u8, workloads: &[Spec<'_>], enrolled_namespaces: &[&str]) -> Snapshot {
+    let workloads = workloads
+        .iter()
+        .map(|&(name, node, host, enrollment)| Workload {
+            name: name.into(),
+            namespace: "shop".into(),
+            service_account: name.into(),
+            node: node.into(),
+            ips: vec![Ipv4Addr::new(127, net, 0, host).into()],
+            enrolled: false,
+            enrollment,
+            peer_authentication: None,
+            identity: Id::new("cluster.local", "shop", name).unwrap(),
+        })
+        .collect();
+    let namespaces: BTreeSet<String> = enrolled_namespaces.iter().map(|n| (*n).into()).collect();
+    Snapshot::build(
+        "cluster.local",
+        PeerAuthentication::Permissive,
+        namespaces,
+        workloads,
+        vec![],
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_enrolled_pod_is_wired_and_one_outside_the_mesh_is_left_alone() {
+    let f = Fixture::new(
+        &[
+            ("cart", NODE, 2, Some(true)),
+            ("legacy", NODE, 3, Some(false)),
+        ],
+        &[],
+    );
+    assert!(f.add("c1", "cart", 2).await.unwrap());
+    assert!(!f.add("c2", "legacy", 3).await.unwrap());
+
+    assert_eq!(f.wired(), ["c1"]);
+    let rules = f.capture.rules(&f.netns("c1"));
+    assert_eq!((rules.installs, rules.present), (1, true));
+    assert_eq!(f.capture.rules(&f.netns("c2")).installs, 0);
+    let pod = f.registry.pod("shop", "cart").unwrap();
+    assert_eq!(
+        pod.identity.as_str(),
+        "spiffe://cluster.local/ns/shop/sa/cart"
+    );
+    // The listeners are bound where the pod's traffic will be redirected.
+    let hbone = SocketAddr::new(f.ip(2), 15008);
+    tokio::net::TcpStream::connect(hbone).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_pod_the_node_cannot_place_is_refused_so_it_never_starts_unwired() {
+    let f = Fixture::new(&[("remote", "node-b", 2, Some(true))], &["shop"]);
+    let unknown = f.add("c1", "stranger", 9).await.unwrap_err();
+    assert!(matches!(unknown, Error::Unknown { .. }), "{unknown}");
+    assert_eq!(
+        unknown.to_string(),
+        "pod shop/stranger is in an enrolled namespace but unknown to this node"
+    );
+    let elsewhere = f.add("c2", "remote", 2).await.unwrap_err();
+    assert_eq!(
+        elsewhere.to_string(),
+        r#"pod shop/remote is on node "node-b", this daemon serves "node-a""#
+    );
+    assert!(f.wired().is_empty());
+}
+
+#[tokio::test]
+async fn a_bad_namespace_path_is_refused_with_the_path_named() {
+    let f = Fixture::new(&[("cart", NODE, 2, Some(true))], &[]);
+    let mut req = f.add_request("c1", "cart", 2);
+    req.netns = "relative/path".into();
+    let err = f.registry.add(req).await.unwrap_err();
+    assert_eq!(
+        super::super::chain(&err),
+        "opening network namespace relative/path: not a network namespace"
+    );
+    assert!(f.wired().is_empty());
+}
+
+#[tokio::test]
+async fn a_repeated_add_keeps_the_listeners_and_reapplies_the_rules() {
+    let f = Fixture::new(&[("cart", NODE, 2, Some(true))], &[]);
+    assert!(f.add("c1", "cart", 2).await.unwrap());
+    let first = f.registry.pod("shop", "cart").unwrap();
+    f.capture.flush(&f.netns("c1"));
+    assert!(f.add("c1", "cart", 2).await.unwrap());
+
+    assert_eq!(f.wired(), ["c1"]);
+    assert!(Arc::ptr_eq(
+        &first,
+        &f.registry.pod("shop", "cart").unwrap()
+    ));
+    let rules = f.capture.rules(&f.netns("c1"));
+    assert_eq!(
+        (rules.installs, rules.removals, rules.present),
+        (2, 0, true)
+    );
+}
+
+#[tokio::test]
+async fn del_unwires_its_sandbox_and_an_unknown_or_repeated_del_changes_nothing() {
+    let f = Fixture::two_wired().await;
+
+    f.del("never-seen").await;
+    assert_eq!(f.wired(), ["c1", "c2"]);
+    f.del("c1").await;
+    f.del("c1").await;
+    assert_eq!(f.wired(), ["c2"]);
+    let rules = f.capture.rules(&f.netns("c1"));
+    assert_eq!((rules.removals, rules.present), (1, false));
+    assert!(f.capture.rules(&f.netns("c2")).present);
+    assert!(f.registry.pod("shop", "cart").is_none());
+}
+
+#[tokio::test]
+async fn gc_unwires_the_sandboxes_the_runtime_no_longer_lists() {
+    let f = Fixture::two_wired().await;
+    f.registry.gc(&["c2".to_owned()]).await;
+    assert_eq!(f.wired(), ["c2"]);
+    assert!(!f.capture.rules(&f.netns("c1")).present);
+}
+
+#[tokio::test]
+async fn check_passes_for_a_wired_pod_and_names_what_is_missing() {
+    let f = Fixture::new(
+        &[
+            ("cart", NODE, 2, Some(true)),
+            ("legacy", NODE, 3, Some(false)),
+        ],
+        &[],
+    );
+    let check = |id: &str, name: &str| CheckPod {
+        container_id: id.into(),
+        pod: pod_ref(name),
+    };
+    let err = f.registry.check(check("c1", "cart")).await.unwrap_err();
+    assert_eq!(err.to_string(), "pod shop/cart is enrolled but not wired");
+    f.registry.check(check("c2", "legacy")).await.unwrap();
+
+    f.add("c1", "cart", 2).await.unwrap();
+    f.registry.check(check("c1", "cart")).await.unwrap();
+    f.capture.flush(&f.netns("c1"));
+    let err = f.registry.check(check("c1", "cart")).await.unwrap_err();
+    assert_eq!(
+        super::super::chain(&err),
+        "pod shop/cart: redirection rules are missing"
+    );
+}
+
+#[tokio::test]
+async fn reconcile_wires_running_pods_and_their_runtime_id_is_adopted_on_add() {
+    let f = Fixture::new(&[("cart", NODE, 2, Some(true))], &[]);
+    f.capture.run_pod(&f.netns("c1"), &[f.ip(2)]);
+    f.registry.reconcile().await;
+    assert_eq!(f.wired(), ["reconciled.shop.cart"]);
+    let rewired = f.registry.pod("shop", "cart").unwrap();
+
+    // The runtime names the sandbox (a retried ADD, or CHECK's partner): same namespace, so
+    // the pod keeps its listeners and is tracked under the runtime's id from now on.
+    assert!(f.add("c1", "cart", 2).await.unwrap());
+    assert_eq!(f.wired(), ["c1"]);
+    assert!(Arc::ptr_eq(
+        &rewired,
+        &f.registry.pod("shop", "cart").unwrap()
+    ));
+    assert_eq!(f.capture.rules(&f.netns("c1")).removals, 0);
+}
+
+#[tokio::test]
+async fn enrollment_flips_release_and_rewire_a_running_pod() {
+    let f = Fixture::new(&[("cart", NODE, 2, Some(true))], &[]);
+    f.capture.run_pod(&f.netns("c1"), &[f.ip(2)]);
+    f.add("c1", "cart", 2).await.unwrap();
+
+    f.set(&[("cart", NODE, 2, Some(false))]);
+    f.registry.reconcile().await;
+    assert!(f.wired().is_empty());
+    assert!(!f.capture.rules(&f.netns("c1")).present);
+
+    f.set(&[("cart", NODE, 2, Some(true))]);
+    f.registry.reconcile().await;
+    // Released pods leave pods.json: the rewired one is tracked under a synthetic id until the
+    // runtime names it again.
+    assert_eq!(f.wired(), ["reconciled.shop.cart"]);
+    let rules = f.capture.rules(&f.netns("c1"));
+    assert_eq!(
+        (rules.installs, rules.removals, rules.present),
+        (2, 1, true)
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_registry_rewires_under_the_recorded_container_id() {
+    let f = Fixture::new(&[("cart", NODE, 2, Some(true))], &[]);
+    f.capture.run_pod(&f.netns("c1"), &[f.ip(2)]);
+    f.add("c1", "cart", 2).await.unwrap();
+    let before = f.registry.pod("shop", "cart").unwrap();
+    drop(before);
+
+    let restarted = f.restarted();
+    restarted.reconcile().await;
+    let ids: Vec<_> = restarted
+        .list()
+        .into_iter()
+        .map(|p| p.container_id)
+        .collect();
+    assert_eq!(ids, ["c1"]);
+}

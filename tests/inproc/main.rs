@@ -1,0 +1,229 @@
+//! In-process tests: two node daemons started by the composition root inside the test process,
+//! on loopback, without root. What needs a kernel (redirection rules, network namespaces,
+//! `SO_ORIGINAL_DST`) is the netns layer's; here connections are handed to a pod's outbound
+//! path directly, and everything from there on is the daemon's real code.
+
+#![allow(clippy::unwrap_used, clippy::disallowed_types)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use culvert::state::PeerAuthentication;
+use culvert::test_util::{echo_server, exchange};
+use culvert_cni_proto::Response;
+use culvert_tests::inproc::{APP, Topology, access, get};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Waits until `check` holds, for up to five seconds.
+async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_started_node_is_ready_and_its_admin_api_shows_what_it_knows() {
+    let t = Topology::new("admin", &[("client", 0), ("server", 1)]);
+    let a = t.start(0).await;
+    assert_eq!(get(a.node.readiness_addr, "/healthz/ready").await.0, 200);
+    assert_eq!(get(a.node.readiness_addr, "/healthz/live").await.0, 200);
+    // The probe address serves nothing else.
+    assert_eq!(get(a.node.readiness_addr, "/workloads").await.0, 404);
+
+    let (status, body) = get(a.node.admin_addr, "/workloads").await;
+    assert_eq!(status, 200);
+    let workloads: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(workloads.as_array().unwrap().len(), 2, "{body}");
+
+    assert_eq!(
+        t.register(&a, "client").await,
+        Response::Added { enrolled: true }
+    );
+    let (_, body) = get(a.node.admin_addr, "/pods").await;
+    let pods: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(pods[0]["pod"]["name"], "client", "{body}");
+    assert_eq!(pods[0]["backend"], "loopback");
+    let rules = a
+        .capture
+        .rules(&format!("/run/netns/{}-client", t.namespace));
+    assert!(rules.present, "registration installed no rules");
+
+    // The other node's pod is refused here: this daemon does not serve node-1.
+    match t.register(&a, "server").await {
+        Response::Nack { reason } => assert!(reason.contains("is on node \"node-1\""), "{reason}"),
+        other => panic!("a pod of another node was answered {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_on_two_nodes_talk_over_hbone_and_the_server_sees_the_client_address() {
+    let t = Topology::new("hbone", &[("client", 0), ("server", 1)]);
+    let (a, b) = (t.start(0).await, t.start(1).await);
+    t.register(&a, "client").await;
+    t.register(&b, "server").await;
+    let server = SocketAddr::new(t.ip("server"), APP);
+    echo_server(server).await;
+
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let app = a.connect_from(&t.namespace, "client", server).await;
+    assert_eq!(exchange(app, &payload).await.unwrap(), payload);
+
+    let ns = &t.namespace;
+    let line = eventually("the server's access-log line", || {
+        access(&format!("{ns}/server")).into_iter().next()
+    })
+    .await;
+    assert_eq!(line["transport"], "hbone");
+    assert_eq!(line["direction"], "inbound");
+    assert_eq!(
+        line["src.id"],
+        format!("spiffe://cluster.local/ns/{ns}/sa/client")
+    );
+    assert_eq!(line["bytes_received"], payload.len());
+    let src: SocketAddr = line["src.addr"].as_str().unwrap().parse().unwrap();
+    assert_eq!(src.ip(), t.ip("client"), "the app saw another source");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_presenting_another_identity_is_refused_before_the_app_is_reached() {
+    let mut t = Topology::new("mismatch", &[("client", 0), ("server", 1)]);
+    // Node 0 expects the server to be `expected`; node 1 issues it `server`.
+    t.believe("server", "expected");
+    let (a, b) = (t.start(0).await, t.start(1).await);
+    t.register(&a, "client").await;
+    t.register(&b, "server").await;
+    let reached = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(t.ip("server"), APP))
+        .await
+        .unwrap();
+    let counter = reached.clone();
+    tokio::spawn(async move {
+        while listener.accept().await.is_ok() {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+
+    let mut app = a
+        .connect_from(&t.namespace, "client", SocketAddr::new(t.ip("server"), APP))
+        .await;
+    let _ = app.write_all(b"secret").await;
+    let mut buf = [0u8; 16];
+    let read = app.read(&mut buf).await;
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the client got an answer: {read:?}"
+    );
+    let ns = &t.namespace;
+    let line = eventually("the client's failed access-log line", || {
+        access(&format!("{ns}/client")).into_iter().next()
+    })
+    .await;
+    assert_eq!(line["reason"], "peer_identity", "{line}");
+    let error = line["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!(
+            "presented spiffe://cluster.local/ns/{ns}/sa/server, expected spiffe://cluster.local/ns/{ns}/sa/expected"
+        )),
+        "{error}"
+    );
+    assert_eq!(reached.load(Ordering::SeqCst), 0, "the app was reached");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_connections_go_to_a_vip_endpoint_over_hbone_and_elsewhere_in_plain_tcp() {
+    let t = Topology::new("route", &[("client", 0), ("server", 1)]);
+    let (a, b) = (t.start(0).await, t.start(1).await);
+    t.register(&a, "client").await;
+    t.register(&b, "server").await;
+    echo_server(SocketAddr::new(t.ip("server"), APP)).await;
+    // Outside the mesh: an address no node file names.
+    let outside = echo_server(SocketAddr::new(t.host_ip(1, 200), 0)).await;
+
+    // The VIP has no listener: only resolving it to the server's endpoint reaches anything.
+    let vip = SocketAddr::new(t.vip(), 80);
+    let app = a.connect_from(&t.namespace, "client", vip).await;
+    assert_eq!(exchange(app, b"via the vip").await.unwrap(), b"via the vip");
+    let app = a.connect_from(&t.namespace, "client", outside).await;
+    assert_eq!(exchange(app, b"outside").await.unwrap(), b"outside");
+
+    let ns = &t.namespace;
+    let lines = eventually("both outbound access-log lines", || {
+        let lines = access(&format!("{ns}/client"));
+        (lines.len() == 2).then_some(lines)
+    })
+    .await;
+    let transport = |dst: SocketAddr| {
+        lines
+            .iter()
+            .find(|l| l["dst.addr"] == dst.to_string())
+            .map(|l| l["transport"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(transport(vip).as_deref(), Some("hbone"));
+    assert_eq!(transport(outside).as_deref(), Some("passthrough"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_a_good_file_and_keeps_the_running_config_for_a_bad_one() {
+    let mut t = Topology::new("reload", &[("client", 0)]);
+    let a = t.start(0).await;
+    let mode = || a.node.state().snapshot().peer_authentication;
+    assert_eq!(mode(), PeerAuthentication::Permissive);
+
+    t.extra = "peerAuthentication: STRICT\n".into();
+    std::fs::write(&a.config, t.node_file(0)).unwrap();
+    a.node.reload().await.unwrap();
+    assert_eq!(mode(), PeerAuthentication::Strict);
+
+    let good = t.node_file(0);
+    let broken = good.replace(&t.ip("client").to_string(), "127.0.0.x");
+    std::fs::write(&a.config, broken).unwrap();
+    let err = format!("{:#}", a.node.reload().await.unwrap_err());
+    assert!(err.contains("workloads[0].ips[0]"), "{err}");
+    assert_eq!(
+        mode(),
+        PeerAuthentication::Strict,
+        "a broken file was applied"
+    );
+
+    std::fs::write(&a.config, good.replace("node: node-0", "node: node-9")).unwrap();
+    let err = format!("{:#}", a.node.reload().await.unwrap_err());
+    assert_eq!(err, "changing node needs a restart");
+    assert_eq!(mode(), PeerAuthentication::Strict);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_open_tunnels_until_the_drain_deadline() {
+    let mut t = Topology::new("drain", &[("client", 0), ("server", 1)]);
+    t.drain_timeout = Duration::from_millis(500);
+    let (a, b) = (t.start(0).await, t.start(1).await);
+    t.register(&a, "client").await;
+    t.register(&b, "server").await;
+    echo_server(SocketAddr::new(t.ip("server"), APP)).await;
+
+    let mut held = a
+        .connect_from(&t.namespace, "client", SocketAddr::new(t.ip("server"), APP))
+        .await;
+    held.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    held.read_exact(&mut buf).await.unwrap();
+
+    let started = Instant::now();
+    let left = b.node.shutdown().await;
+    assert_eq!(left, 1, "the open tunnel was not waited for");
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    // With nothing open, a node stops at once.
+    let (left, took) = {
+        drop(held);
+        let started = Instant::now();
+        (a.node.shutdown().await, started.elapsed())
+    };
+    assert_eq!(left, 0);
+    assert!(took < Duration::from_millis(500), "took {took:?}");
+}
