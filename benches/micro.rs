@@ -4,17 +4,15 @@
 #![allow(clippy::unwrap_used, clippy::print_stdout, clippy::disallowed_types)]
 
 use std::hint::black_box;
-use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use culvert::hbone::{self, Dialer, Handler, Incoming};
-use culvert::identity::{self, Id, LocalCa};
+use culvert::hbone::{self, Handler, Incoming};
+use culvert::identity::Id;
 use culvert::state::{PeerAuthentication, Snapshot, Workload};
+use culvert::test_util::{Ca, LoopbackDialer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 fn snapshot(n: u32) -> Snapshot {
@@ -81,30 +79,13 @@ impl Handler for Sink {
     }
 }
 
-struct Loopback;
-
-impl Dialer for Loopback {
-    fn socket(&self, _: SocketAddr) -> io::Result<TcpSocket> {
-        TcpSocket::new_v4()
-    }
-}
-
 fn hbone_bytes(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let dir = std::env::temp_dir().join(format!("culvert-bench-ca-{}", std::process::id()));
-    identity::write_root(&dir, "bench").unwrap();
-    let ca = LocalCa::load(
-        &dir.join("ca.crt"),
-        &dir.join("ca.key"),
-        None,
-        Duration::from_secs(3600),
-    )
-    .unwrap();
-    let certs = identity::Cache::new(Arc::new(ca), culvert::tls::provider());
+    let certs = Ca::new("bench").certs();
     let (src, dst) = (
         Id::new("cluster.local", "a", "a").unwrap(),
         Id::new("cluster.local", "b", "b").unwrap(),
@@ -143,7 +124,7 @@ fn hbone_bytes(c: &mut Criterion) {
                     dst: &dst,
                     peer,
                     target: peer,
-                    dialer: &Loopback,
+                    dialer: &LoopbackDialer,
                 };
                 let stream = client.connect(request).await.unwrap();
                 let (mut app, proxy_side) = local_pair().await;

@@ -89,6 +89,36 @@ pub enum Error {
     Tls(#[source] rustls::Error),
 }
 
+/// Why a server will not carry a CONNECT, as the wire contract answers it. Both directions of
+/// the mapping live here: the server turns a refusal into a status, the client a status back
+/// into a [`Reason`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// 400: bad method or authority, or a target that is not the pod's own.
+    BadRequest,
+    /// 401: denied by policy.
+    Denied,
+    /// 503: the workload is unknown here, or its app could not be reached.
+    Unavailable,
+}
+
+impl Refusal {
+    pub fn status(self) -> http::StatusCode {
+        match self {
+            Self::BadRequest => http::StatusCode::BAD_REQUEST,
+            Self::Denied => http::StatusCode::UNAUTHORIZED,
+            Self::Unavailable => http::StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The refusal a status stands for; `None` for statuses the contract does not use.
+    pub fn of(status: http::StatusCode) -> Option<Self> {
+        [Self::BadRequest, Self::Denied, Self::Unavailable]
+            .into_iter()
+            .find(|r| r.status() == status)
+    }
+}
+
 /// Low-cardinality cause of a failed tunnel, for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
@@ -119,10 +149,10 @@ impl Error {
             Self::Connect { .. } => Reason::PeerUnreachable,
             Self::Handshake { .. } | Self::IdentityMismatch { .. } => Reason::PeerIdentity,
             Self::Http2 { .. } | Self::Alpn { .. } => Reason::PeerProtocol,
-            Self::Refused { status, .. } if *status == http::StatusCode::UNAUTHORIZED => {
-                Reason::PolicyDenied
-            }
-            Self::Refused { .. } => Reason::UpstreamRefused,
+            Self::Refused { status, .. } => match Refusal::of(*status) {
+                Some(Refusal::Denied) => Reason::PolicyDenied,
+                Some(Refusal::BadRequest | Refusal::Unavailable) | None => Reason::UpstreamRefused,
+            },
             Self::NoCertificate { .. } | Self::Tls(_) => Reason::Internal,
         }
     }
@@ -247,11 +277,11 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use tokio::net::{TcpListener, TcpSocket};
+    use tokio::net::TcpListener;
     use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::identity::{self, LocalCa};
+    use crate::test_util::LoopbackDialer;
 
     /// Accepts every stream and holds it open for a while.
     struct Hold;
@@ -264,17 +294,9 @@ mod tests {
         }
     }
 
-    struct Loopback;
-
-    impl Dialer for Loopback {
-        fn socket(&self, _peer: PeerAddr) -> io::Result<TcpSocket> {
-            TcpSocket::new_v4()
-        }
-    }
-
     /// A loopback HBONE server presenting `b`, counting the TCP connections it accepts.
     struct Fixture {
-        certs: Arc<identity::Cache>,
+        certs: Arc<crate::identity::Cache>,
         src: Id,
         dst: Id,
         peer: SocketAddr,
@@ -285,11 +307,7 @@ mod tests {
 
     impl Fixture {
         async fn start(test: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!("culvert-{test}-{}", std::process::id()));
-            identity::write_root(&dir, "test").unwrap();
-            let ttl = Duration::from_secs(3600);
-            let ca = LocalCa::load(&dir.join("ca.crt"), &dir.join("ca.key"), None, ttl).unwrap();
-            let certs = identity::Cache::new(Arc::new(ca), crate::tls::provider());
+            let certs = crate::test_util::Ca::new(test).certs();
             let (src, dst) = (
                 Id::new("cluster.local", "a", "a").unwrap(),
                 Id::new("cluster.local", "b", "b").unwrap(),
@@ -340,7 +358,7 @@ mod tests {
                 dst: &self.dst,
                 peer,
                 target: peer,
-                dialer: &Loopback,
+                dialer: &LoopbackDialer,
             }
         }
 
@@ -422,7 +440,7 @@ mod tests {
                         dst: &dst,
                         peer,
                         target: peer,
-                        dialer: &Loopback,
+                        dialer: &LoopbackDialer,
                     };
                     client.connect(request).await
                 })

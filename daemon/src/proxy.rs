@@ -9,6 +9,8 @@ mod conn;
 mod inbound;
 mod outbound;
 
+pub use conn::Outcome;
+
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -177,20 +179,23 @@ impl Proxy {
     }
 }
 
-/// Copies between `client` and a dialled `upstream` and logs the outcome; when the dial failed,
-/// resets `client` and logs why.
-async fn carry_plain<E>(record: conn::Record, client: TcpStream, upstream: Result<TcpStream, E>)
-where
+/// Copies between `client` and a dialled `upstream` and logs the outcome; when there is no
+/// upstream, resets `client` and logs why.
+async fn carry_plain<E>(
+    record: conn::Record,
+    client: TcpStream,
+    upstream: Result<TcpStream, (Outcome, E)>,
+) where
     E: std::error::Error + 'static,
 {
     match upstream {
         Ok(upstream) => {
             let transfer = hbone::splice_tcp(client, upstream).await;
-            record.finish(Some(&transfer), None);
+            record.carried(&transfer);
         }
-        Err(e) => {
+        Err((outcome, e)) => {
             let _ = reset(client);
-            record.finish(None, Some(&e));
+            record.failed(outcome, &e);
         }
     }
 }

@@ -273,19 +273,12 @@ impl ClientCertVerifier for SameTrustDomain {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-    use crate::identity::LocalCa;
 
     fn certs(test: &str) -> Arc<identity::Cache> {
-        let dir = std::env::temp_dir().join(format!("culvert-tls-{test}-{}", std::process::id()));
-        identity::write_root(&dir, "test").unwrap();
-        let ttl = Duration::from_secs(3600);
-        let ca = LocalCa::load(&dir.join("ca.crt"), &dir.join("ca.key"), None, ttl).unwrap();
-        identity::Cache::new(Arc::new(ca), provider())
+        crate::test_util::Ca::new(test).certs()
     }
 
     /// Handshakes `client` (presenting `src`, expecting `want`) with a server presenting `dst`,

@@ -599,6 +599,21 @@ impl Lab {
         admin_get(&self.log(i), path).with_context(|| format!("{}'s admin API", self.nodes[i].name))
     }
 
+    /// A certificate cache issuing from the lab's CA (one-hour certificates): lets a test
+    /// speak HBONE to the lab's daemons as a mesh peer.
+    pub fn certs(&self) -> anyhow::Result<std::sync::Arc<culvert::identity::Cache>> {
+        let ca = culvert::identity::LocalCa::load(
+            &self.dir.join("ca.crt"),
+            &self.dir.join("ca.key"),
+            None,
+            Duration::from_secs(3600),
+        )?;
+        Ok(culvert::identity::Cache::new(
+            std::sync::Arc::new(ca),
+            culvert::tls::provider(),
+        ))
+    }
+
     /// Starts capturing TCP on node 0's side of the inter-node wire.
     pub fn capture_wire(&self) -> anyhow::Result<crate::wire::Capture> {
         crate::wire::Capture::start(&self.nodes[0].netns, "wire", &self.dir.join("wire.pcap"))

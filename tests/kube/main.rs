@@ -11,14 +11,11 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use culvert_tests::kube::{self, Cluster, PodObject};
-use culvert_tests::{ECHO, Lab, PodSpec, access_line, addr, eventually, round_trip, spec, wire};
+use culvert_tests::{
+    ECHO, Lab, PodSpec, access_line, addr, echo_ok, eventually, spec, wire, wired,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn echo_ok(lab: &Lab, from: &str, to: SocketAddr, payload: &[u8]) {
-    let back = round_trip(lab, from, to, payload).unwrap();
-    assert_eq!(back, payload, "{from} -> {to}: echo differs");
-}
 
 /// No request of the daemon's was refused by RBAC: no warning or error in its log mentions
 /// a 403.
@@ -336,7 +333,7 @@ fn labelling_a_namespace_enrolls_its_pods_and_removing_the_label_releases_them()
     eventually("every pod known, none enrolled", WAIT, || {
         (kube::workloads(&lab, 1, false).len() == 4).then_some(())
     });
-    assert!(kube::wired(&lab, 0).is_empty() && kube::wired(&lab, 1).is_empty());
+    assert!(wired(&lab, 0).is_empty() && wired(&lab, 1).is_empty());
 
     cluster.kubectl(&[
         "label",
@@ -346,7 +343,7 @@ fn labelling_a_namespace_enrolls_its_pods_and_removing_the_label_releases_them()
     ]);
     for (node, pods) in [(0, vec!["shop/client"]), (1, vec!["shop/server"])] {
         eventually(&format!("node {node} to wire {pods:?}"), WAIT, || {
-            (kube::wired(&lab, node) == pods).then_some(())
+            (wired(&lab, node) == pods).then_some(())
         });
     }
     assert_eq!(
@@ -373,7 +370,7 @@ fn labelling_a_namespace_enrolls_its_pods_and_removing_the_label_releases_them()
     cluster.kubectl(&["label", "namespace", "shop", "culvert.io/dataplane-mode-"]);
     for node in [0, 1] {
         eventually(&format!("node {node} to release its pods"), WAIT, || {
-            kube::wired(&lab, node).is_empty().then_some(())
+            wired(&lab, node).is_empty().then_some(())
         });
     }
     assert!(kube::workloads(&lab, 0, true).is_empty());
@@ -538,7 +535,7 @@ fn traffic_keeps_flowing_while_the_apiserver_is_down_and_expired_watches_relist_
     wait_known(&lab, 0, "server");
     wait_known(&lab, 0, "gone");
     eventually("node 1 to wire both its pods", WAIT, || {
-        (kube::wired(&lab, 1) == ["shop/gone", "shop/server"]).then_some(())
+        (wired(&lab, 1) == ["shop/gone", "shop/server"]).then_some(())
     });
     echo_ok(&lab, "client", to_server, b"before");
 
@@ -551,11 +548,7 @@ fn traffic_keeps_flowing_while_the_apiserver_is_down_and_expired_watches_relist_
             format!("during outage {i}").as_bytes(),
         );
     }
-    assert_eq!(
-        kube::wired(&lab, 0),
-        ["shop/client"],
-        "the outage released a pod"
-    );
+    assert_eq!(wired(&lab, 0), ["shop/client"], "the outage released a pod");
     eventually(
         "six HBONE streams logged by the server's node",
         WAIT,
@@ -588,12 +581,12 @@ fn traffic_keeps_flowing_while_the_apiserver_is_down_and_expired_watches_relist_
     }
     // The relist dropped what went and nothing else: no store was emptied on the way.
     eventually("node 1 to release the deleted pod", WAIT, || {
-        (kube::wired(&lab, 1) == ["shop/server"]).then_some(())
+        (wired(&lab, 1) == ["shop/server"]).then_some(())
     });
     eventually("node 0 to forget the deleted pod", WAIT, || {
         (!kube::workloads(&lab, 0, true).contains(&"shop/gone".to_owned())).then_some(())
     });
-    assert_eq!(kube::wired(&lab, 0), ["shop/client"]);
+    assert_eq!(wired(&lab, 0), ["shop/client"]);
     for node in 0..2 {
         let released: Vec<String> = culvert_tests::log_lines(&lab, node)
             .iter()
@@ -620,7 +613,7 @@ fn traffic_keeps_flowing_while_the_apiserver_is_down_and_expired_watches_relist_
     eventually(
         "node 1 to release the server",
         Duration::from_secs(60),
-        || kube::wired(&lab, 1).is_empty().then_some(()),
+        || wired(&lab, 1).is_empty().then_some(()),
     );
     eventually("node 0 to see the server opt out", WAIT, || {
         (kube::workloads(&lab, 0, false) == ["shop/server"]).then_some(())

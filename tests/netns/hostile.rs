@@ -3,10 +3,9 @@
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use culvert::identity::{self, Id, LocalCa};
+use culvert::identity::Id;
 use culvert::tls;
 use culvert_tests::*;
 use rustls::pki_types::ServerName;
@@ -62,14 +61,7 @@ fn hostile_input_on_the_hbone_port_gets_the_right_answer_and_harms_no_one() {
         .enable_all()
         .build()
         .unwrap();
-    let ca = LocalCa::load(
-        &lab.dir.join("ca.crt"),
-        &lab.dir.join("ca.key"),
-        None,
-        Duration::from_secs(3600),
-    )
-    .unwrap();
-    let certs = identity::Cache::new(Arc::new(ca), tls::provider());
+    let certs = lab.certs().unwrap();
     let me = Id::new("cluster.local", "demo", "prober").unwrap();
     let server_id = Id::new("cluster.local", "demo", "server").unwrap();
     let client_ip = lab.pod("client").ip;

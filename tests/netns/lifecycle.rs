@@ -27,19 +27,6 @@ fn plugin_error(e: &anyhow::Error) -> &PluginError {
         .unwrap_or_else(|| panic!("not a plugin error: {e:#}"))
 }
 
-/// `namespace/name` of the pods a node has wired, sorted.
-fn wired(lab: &Lab, node: usize) -> Vec<String> {
-    let Response::Pods { pods } = lab.call(node, &Request::ListPods).unwrap() else {
-        panic!("not a pod list")
-    };
-    let mut names: Vec<String> = pods
-        .into_iter()
-        .map(|p| format!("{}/{}", p.pod.namespace, p.pod.name))
-        .collect();
-    names.sort();
-    names
-}
-
 #[test]
 #[ignore = "needs root: netns"]
 fn first_connections_after_add_are_already_redirected() {

@@ -15,11 +15,6 @@ use std::time::{Duration, Instant};
 use culvert_cni_proto::Response;
 use culvert_tests::*;
 
-fn echo_ok(lab: &Lab, from: &str, to: SocketAddr, payload: &[u8]) {
-    let back = round_trip(lab, from, to, payload).unwrap();
-    assert_eq!(back, payload, "{from} -> {to}: echo differs");
-}
-
 #[test]
 #[ignore = "needs root: netns"]
 fn pods_talk_across_nodes_and_on_one_node() {

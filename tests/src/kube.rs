@@ -320,22 +320,3 @@ pub fn workloads(lab: &Lab, i: usize, enrolled: bool) -> Vec<String> {
     names.sort();
     names
 }
-
-/// Pods node `i` has wired, as `namespace/name`.
-pub fn wired(lab: &Lab, i: usize) -> Vec<String> {
-    let pods = lab.admin(i, "/pods").unwrap();
-    let mut names: Vec<String> = pods
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            format!(
-                "{}/{}",
-                p["pod"]["namespace"].as_str().unwrap(),
-                p["pod"]["name"].as_str().unwrap()
-            )
-        })
-        .collect();
-    names.sort();
-    names
-}

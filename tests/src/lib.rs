@@ -69,6 +69,27 @@ pub fn round_trip(
     exchange(lab.pod(from).connect(to)?, payload)
 }
 
+/// Sends `payload` from pod `from` to `to` and asserts it comes back unchanged.
+pub fn echo_ok(lab: &Lab, from: &str, to: std::net::SocketAddr, payload: &[u8]) {
+    let back = round_trip(lab, from, to, payload).unwrap();
+    assert_eq!(back, payload, "{from} -> {to}: echo differs");
+}
+
+/// `namespace/name` of the pods node `node` has wired, sorted (asked over its registration
+/// socket).
+pub fn wired(lab: &Lab, node: usize) -> Vec<String> {
+    let request = culvert_cni_proto::Request::ListPods;
+    let culvert_cni_proto::Response::Pods { pods } = lab.call(node, &request).unwrap() else {
+        panic!("not a pod list")
+    };
+    let mut names: Vec<String> = pods
+        .into_iter()
+        .map(|p| format!("{}/{}", p.pod.namespace, p.pod.name))
+        .collect();
+    names.sort();
+    names
+}
+
 /// Runs a command inside a pod's namespace and returns its stdout, or None when it failed.
 pub fn in_pod(lab: &Lab, pod: &str, cmd: &[&str]) -> Option<String> {
     let out = std::process::Command::new("ip")

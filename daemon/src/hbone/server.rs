@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span};
 
 use super::{
-    CONNECT_TIMEOUT, CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_HEADER_LIST, SERVER_MAX_STREAMS,
-    STREAM_WINDOW, Stream, TargetAddr,
+    CONNECT_TIMEOUT, CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_HEADER_LIST, Refusal,
+    SERVER_MAX_STREAMS, STREAM_WINDOW, Stream, TargetAddr,
 };
 use crate::identity::Id;
 use crate::tls;
@@ -39,10 +39,10 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// Answers with a non-200 status, which ends the stream.
-    pub fn refuse(mut self, status: StatusCode) {
+    /// Answers with the refusal's status, which ends the stream.
+    pub fn refuse(mut self, refusal: Refusal) {
         let response = http::Response::builder()
-            .status(status)
+            .status(refusal.status())
             .body(())
             .expect("static response");
         // The peer may have gone already; nothing else to do then.
@@ -178,7 +178,7 @@ fn parse(
         _ => {
             debug!(method = %request.method(), uri = %request.uri(), "bad CONNECT request");
             let response = http::Response::builder()
-                .status(StatusCode::BAD_REQUEST)
+                .status(Refusal::BadRequest.status())
                 .body(())
                 .expect("static response");
             let _ = respond.send_response(response, true);

@@ -210,10 +210,7 @@ mod tests {
     }
 
     fn cache(test: &str) -> (Arc<Cache>, Arc<Counting>) {
-        let dir = std::env::temp_dir().join(format!("culvert-{test}-{}", std::process::id()));
-        crate::identity::ca::write_root(&dir, "test").unwrap();
-        let ttl = Duration::from_secs(24 * 3600);
-        let ca = LocalCa::load(&dir.join("ca.crt"), &dir.join("ca.key"), None, ttl).unwrap();
+        let ca = crate::test_util::Ca::new(test).local(Duration::from_secs(24 * 3600));
         let source = Arc::new(Counting {
             ca,
             issued: AtomicUsize::new(0),

@@ -1,4 +1,4 @@
-//! One record per proxied connection: the access log line.
+//! One record per proxied connection: the access log line, and how the connection ended.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -6,8 +6,55 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::Pod;
-use crate::hbone::Transfer;
+use crate::hbone::{self, Transfer};
 use crate::identity::Id;
+use crate::policy;
+
+/// How a proxied connection ended: a closed set, so a log field or metric label made from it
+/// has bounded values. Built from the typed errors of the layer that decided
+/// ([`hbone::Reason`], [`policy::Reason`], the inbound checks, the upstream dial).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Carried until both sides closed.
+    Complete,
+    /// The connection broke while bytes were being carried.
+    Broken,
+    /// The tunnel to the destination's node could not be opened.
+    Tunnel(hbone::Reason),
+    /// Refused by policy.
+    Denied(policy::Reason),
+    /// The destination is not an address of this pod, or is one of the proxy's own ports.
+    BadTarget,
+    /// The destination workload is unknown to this node.
+    UnknownWorkload,
+    /// The app, or the destination outside the mesh, could not be reached.
+    UpstreamUnreachable,
+}
+
+impl Outcome {
+    /// The access log's `reason` (absent for a complete connection).
+    pub fn label(self) -> Option<&'static str> {
+        Some(match self {
+            Self::Complete => return None,
+            Self::Broken => "broken",
+            Self::Tunnel(reason) => reason.as_str(),
+            Self::Denied(reason) => reason.as_str(),
+            Self::BadTarget => "bad_target",
+            Self::UnknownWorkload => "unknown_workload",
+            Self::UpstreamUnreachable => "upstream_unreachable",
+        })
+    }
+
+    /// How an HBONE server answers a CONNECT that ended this way before it was accepted.
+    pub fn refusal(self) -> Option<hbone::Refusal> {
+        match self {
+            Self::Complete | Self::Broken | Self::Tunnel(_) => None,
+            Self::Denied(_) => Some(hbone::Refusal::Denied),
+            Self::BadTarget => Some(hbone::Refusal::BadRequest),
+            Self::UnknownWorkload | Self::UpstreamUnreachable => Some(hbone::Refusal::Unavailable),
+        }
+    }
+}
 
 /// Which way the connection goes, from the pod's point of view.
 #[derive(Debug, Clone, Copy)]
@@ -51,8 +98,6 @@ pub(super) struct Record {
     pub(super) transport: Transport,
     pub(super) src: SocketAddr,
     pub(super) dst: SocketAddr,
-    /// Closed label for why a tunnel failed (`hbone::Reason`), when it did.
-    pub(super) reason: Option<&'static str>,
     pub(super) src_id: Option<Id>,
     pub(super) dst_id: Option<Id>,
     pub(super) pod: Arc<str>,
@@ -66,7 +111,6 @@ impl Record {
             transport: Transport::Passthrough,
             src,
             dst,
-            reason: None,
             src_id: None,
             dst_id: None,
             pod: pod.label.clone(),
@@ -74,17 +118,31 @@ impl Record {
         }
     }
 
-    /// Writes the access-log line: INFO when the connection completed, WARN when it failed.
-    pub(super) fn finish(
+    /// Writes the access-log line for a connection that carried `transfer`: INFO when it
+    /// completed, WARN when it broke.
+    pub(super) fn carried(self, transfer: &Transfer) {
+        let outcome = match transfer.error {
+            None => Outcome::Complete,
+            Some(_) => Outcome::Broken,
+        };
+        let error = transfer
+            .error
+            .as_ref()
+            .map(|e| e as &(dyn std::error::Error + 'static));
+        self.finish(outcome, Some(transfer), error);
+    }
+
+    /// Writes the access-log line for a connection that never carried anything, at WARN.
+    pub(super) fn failed(self, outcome: Outcome, error: &(dyn std::error::Error + 'static)) {
+        self.finish(outcome, None, Some(error));
+    }
+
+    fn finish(
         self,
+        outcome: Outcome,
         transfer: Option<&Transfer>,
         error: Option<&(dyn std::error::Error + 'static)>,
     ) {
-        let error = error.or_else(|| {
-            transfer
-                .and_then(|t| t.error.as_ref())
-                .map(|e| e as &(dyn std::error::Error + 'static))
-        });
         let (sent, received) = transfer.map_or((0, 0), |t| (t.sent, t.received));
         let duration_ms = self.start.elapsed().as_millis() as u64;
         let (direction, transport) = (self.direction.as_str(), self.transport.as_str());
@@ -98,7 +156,43 @@ impl Record {
             Some(error) => tracing::warn!(target: "access", parent: None,
                 direction, transport, pod = &*self.pod, src.addr = %self.src, dst.addr = %self.dst,
                 src.id = src_id, dst.id = dst_id, bytes_sent = sent, bytes_received = received,
-                duration_ms, reason = self.reason, error, "connection failed"),
+                duration_ms, reason = outcome.label(), error, "connection failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_have_distinct_labels_and_the_wire_contracts_statuses() {
+        let all = [
+            Outcome::Complete,
+            Outcome::Broken,
+            Outcome::Tunnel(hbone::Reason::PeerIdentity),
+            Outcome::Denied(policy::Reason::PlaintextToStrict),
+            Outcome::BadTarget,
+            Outcome::UnknownWorkload,
+            Outcome::UpstreamUnreachable,
+        ];
+        let labels: std::collections::HashSet<_> = all.iter().map(|o| o.label()).collect();
+        assert_eq!(labels.len(), all.len());
+        assert_eq!(Outcome::Complete.label(), None);
+        let status = |o: Outcome| o.refusal().map(|r| r.status().as_u16());
+        assert_eq!(status(Outcome::BadTarget), Some(400));
+        assert_eq!(
+            status(Outcome::Denied(policy::Reason::PlaintextToStrict)),
+            Some(401)
+        );
+        assert_eq!(status(Outcome::UnknownWorkload), Some(503));
+        assert_eq!(status(Outcome::UpstreamUnreachable), Some(503));
+        assert_eq!(status(Outcome::Complete), None);
+        // What a client makes of a 401 is what the server meant by it.
+        let refused = hbone::Error::Refused {
+            target: "10.0.0.1:80".parse().unwrap(),
+            status: hbone::Refusal::Denied.status(),
+        };
+        assert_eq!(refused.reason(), hbone::Reason::PolicyDenied);
     }
 }

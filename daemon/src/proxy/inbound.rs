@@ -3,11 +3,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::StatusCode;
 use tokio::net::TcpStream;
 use tracing::{Instrument, info_span};
 
-use super::conn::{Direction, Record, Transport};
+use super::conn::{Direction, Outcome, Record, Transport};
 use super::{Pod, Proxy};
 use crate::hbone::{self, CONNECT_TIMEOUT};
 use crate::policy::{self, Decision};
@@ -22,14 +21,25 @@ enum Refused {
     ProxyPort(SocketAddr),
     #[error("workload unknown to this node")]
     UnknownWorkload,
-    #[error("denied by policy: {0}")]
-    Policy(&'static str),
+    #[error("denied by policy: {}", .0.as_str())]
+    Policy(policy::Reason),
     #[error("connecting to the app at {target}")]
     Upstream {
         target: SocketAddr,
         #[source]
         source: std::io::Error,
     },
+}
+
+impl Refused {
+    fn outcome(&self) -> Outcome {
+        match self {
+            Self::NotLocal(_) | Self::ProxyPort(_) => Outcome::BadTarget,
+            Self::UnknownWorkload => Outcome::UnknownWorkload,
+            Self::Policy(reason) => Outcome::Denied(*reason),
+            Self::Upstream { .. } => Outcome::UpstreamUnreachable,
+        }
+    }
 }
 
 /// Plaintext from outside the mesh, captured by the nat PREROUTING redirect.
@@ -66,6 +76,7 @@ pub(super) async fn plaintext(
                 }),
             Err(refused) => Err(refused),
         };
+        let upstream = upstream.map_err(|refused| (refused.outcome(), refused));
         super::carry_plain(record, client, upstream).await;
     }
     .instrument(span)
@@ -85,7 +96,7 @@ fn admit_plaintext(proxy: &Proxy, pod: &Pod, dst: SocketAddr) -> Result<(), Refu
         .ok_or(Refused::UnknownWorkload)?;
     match policy::plaintext_inbound(&snapshot, workload) {
         Decision::Allow => Ok(()),
-        Decision::Deny(reason) => Err(Refused::Policy(reason.as_str())),
+        Decision::Deny(reason) => Err(Refused::Policy(reason)),
     }
 }
 
@@ -106,13 +117,7 @@ impl hbone::Handler for Hbone {
             record.src_id = Some(incoming.peer_id.clone());
             record.dst_id = Some(self.pod.identity.clone());
             if let Err(refused) = self.admit(dst, &incoming.peer_id) {
-                let status = match refused {
-                    Refused::Policy(_) => StatusCode::UNAUTHORIZED,
-                    Refused::UnknownWorkload => StatusCode::SERVICE_UNAVAILABLE,
-                    _ => StatusCode::BAD_REQUEST,
-                };
-                incoming.refuse(status);
-                record.finish(None, Some(&refused));
+                refuse(incoming, record, refused);
                 return;
             }
             // The tunnel's TCP source is the client pod's address: connect from it, so the app
@@ -124,29 +129,34 @@ impl hbone::Handler for Hbone {
             let upstream = match upstream {
                 Ok(upstream) => upstream,
                 Err(source) => {
-                    incoming.refuse(StatusCode::SERVICE_UNAVAILABLE);
-                    record.finish(
-                        None,
-                        Some(&Refused::Upstream {
-                            target: dst,
-                            source,
-                        }),
-                    );
+                    let refused = Refused::Upstream {
+                        target: dst,
+                        source,
+                    };
+                    refuse(incoming, record, refused);
                     return;
                 }
             };
             let _ = upstream.set_nodelay(true);
             match incoming.accept() {
-                Ok(stream) => {
-                    let transfer = stream.splice(upstream).await;
-                    record.finish(Some(&transfer), None);
-                }
-                Err(e) => record.finish(None, Some(&e)),
+                Ok(stream) => record.carried(&stream.splice(upstream).await),
+                // The peer reset the stream while the app was being dialled.
+                Err(e) => record.failed(Outcome::Broken, &e),
             }
         }
         .instrument(span)
         .await;
     }
+}
+
+/// Answers a CONNECT that will not be carried and logs why.
+fn refuse(incoming: hbone::Incoming, record: Record, refused: Refused) {
+    let outcome = refused.outcome();
+    let refusal = outcome
+        .refusal()
+        .expect("every inbound refusal has a status");
+    incoming.refuse(refusal);
+    record.failed(outcome, &refused);
 }
 
 impl Hbone {
@@ -163,7 +173,7 @@ impl Hbone {
             .ok_or(Refused::UnknownWorkload)?;
         match policy::hbone_inbound(&snapshot, workload, src_id) {
             Decision::Allow => Ok(()),
-            Decision::Deny(reason) => Err(Refused::Policy(reason.as_str())),
+            Decision::Deny(reason) => Err(Refused::Policy(reason)),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::TcpStream;
 use tracing::{Instrument, info_span};
 
-use super::conn::{Direction, Record, Transport};
+use super::conn::{Direction, Outcome, Record, Transport};
 use super::{Pod, Proxy};
 use crate::hbone;
 use crate::redirect::{canonical, original_dst};
@@ -83,14 +83,10 @@ pub(super) async fn handle(
                     dialer: &pod.sockets,
                 };
                 match proxy.hbone.connect(request).await {
-                    Ok(stream) => {
-                        let transfer = stream.splice(app).await;
-                        record.finish(Some(&transfer), None);
-                    }
+                    Ok(stream) => record.carried(&stream.splice(app).await),
                     Err(e) => {
                         let _ = super::reset(app);
-                        record.reason = Some(e.reason().as_str());
-                        record.finish(None, Some(&e));
+                        record.failed(Outcome::Tunnel(e.reason()), &e);
                     }
                 }
             }
@@ -100,6 +96,7 @@ pub(super) async fn handle(
                     Ok(socket) => socket.connect(target).await,
                     Err(e) => Err(e),
                 };
+                let upstream = upstream.map_err(|e| (Outcome::UpstreamUnreachable, e));
                 super::carry_plain(record, app, upstream).await;
             }
         }
