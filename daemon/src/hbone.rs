@@ -22,7 +22,7 @@ pub use server::{Handler, Incoming, Server};
 
 use crate::identity::Id;
 
-/// HTTP/2 settings of design.md section 4, shared by both sides.
+/// HTTP/2 settings of the wire contract (`docs/protocol-hbone.md`), shared by both sides.
 pub const STREAM_WINDOW: u32 = 4 << 20;
 pub const CONNECTION_WINDOW: u32 = 16 << 20;
 pub const MAX_FRAME_SIZE: u32 = 1 << 20;
@@ -260,7 +260,8 @@ pub async fn splice_tcp(local: TcpStream, remote: TcpStream) -> Transfer {
     }
 }
 
-/// Applies the socket options of design.md section 4 to a socket that crosses the network
+/// Applies the wire contract's socket options (`docs/protocol-hbone.md`) to a socket that
+/// crosses the network
 /// (the HBONE connection). Sockets to apps in the same pod only get TCP_NODELAY: keepalive could
 /// never fire there, and each option is a syscall on every connection.
 pub fn tune(stream: &TcpStream) -> io::Result<()> {

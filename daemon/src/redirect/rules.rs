@@ -1,4 +1,4 @@
-//! The in-pod redirection ruleset (design.md section 5): rendering and installing it.
+//! The in-pod redirection ruleset (`docs/redirection.md`): rendering and installing it.
 //!
 //! Rendering is pure and golden-tested. Installing runs `nft -f -` (one atomic transaction) or
 //! `iptables-restore --noflush` (one atomic restore per family), plus the policy-routing entries

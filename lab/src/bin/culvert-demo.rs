@@ -63,7 +63,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         kubeconfig: None,
     };
     println!(
-        "culvert demo: two nodes, three pods wired by a CNI chain (bridge, host-local, culvert-cni)..."
+        "culvert-demo: two nodes, three pods wired by a CNI chain (bridge, host-local, culvert-cni)..."
     );
     let lab = Arc::new(Lab::start("cvdemo", &culvert, spec)?);
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -82,7 +82,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     });
     lab.teardown();
-    println!("culvert demo: namespaces and daemons removed");
+    println!("culvert-demo: namespaces and daemons removed");
     outcome
 }
 
