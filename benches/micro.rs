@@ -122,8 +122,8 @@ fn hbone_bytes(c: &mut Criterion) {
                     src: &src,
                     src_ip: peer.ip(),
                     dst: &dst,
-                    peer,
-                    target: peer,
+                    peer: hbone::PeerAddr(peer),
+                    target: hbone::TargetAddr(peer),
                     dialer: &LoopbackDialer,
                 };
                 let stream = client.connect(request).await.unwrap();

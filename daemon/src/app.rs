@@ -76,7 +76,8 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
     )?;
     let certs = identity::Cache::new(Arc::new(ca), tls::provider());
     let state = Arc::new(Store::new(std::mem::take(&mut file.snapshot)));
-    let proxy = Arc::new(Proxy::new(state.clone(), certs.clone(), args.ports));
+    let ports = args.ports.into();
+    let proxy = Arc::new(Proxy::new(state.clone(), certs.clone(), ports));
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating the state directory {}", args.state_dir.display()))?;
     let registry = Arc::new(Registry::new(cni::Deps {
@@ -85,7 +86,7 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
         certs,
         proxy: proxy.clone(),
         capture,
-        ports: args.ports,
+        ports,
         state_dir: args.state_dir.clone(),
     }));
     let admin = Arc::new(Admin::new(state.clone(), registry.clone()));

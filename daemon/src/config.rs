@@ -66,7 +66,7 @@ pub struct NodeArgs {
     )]
     pub netns_dirs: Vec<PathBuf>,
     #[command(flatten)]
-    pub ports: Ports,
+    pub ports: PortFlags,
     #[command(flatten)]
     pub cni: CniInstall,
 }
@@ -90,9 +90,28 @@ pub struct CniInstall {
     pub cni_plugin: Option<PathBuf>,
 }
 
-/// The per-pod ports, bound inside each enrolled pod's network namespace.
-#[derive(Debug, Clone, Copy, clap::Args, Serialize)]
+/// The per-pod ports, bound inside each enrolled pod's network namespace, as the data path and
+/// the rules use them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Ports {
+    /// Outbound capture: the target of the nat OUTPUT redirect.
+    pub outbound: u16,
+    /// Inbound plaintext capture: the target of the nat PREROUTING redirect.
+    pub inbound_plaintext: u16,
+    /// Inbound HBONE: the only port that crosses the network.
+    pub hbone: u16,
+}
+
+impl Ports {
+    /// True for ports that must never be a tunnel's target: dialling them would loop.
+    pub fn is_proxy_port(&self, port: u16) -> bool {
+        [self.outbound, self.inbound_plaintext, self.hbone].contains(&port)
+    }
+}
+
+/// The flags that set [`Ports`].
+#[derive(Debug, Clone, Copy, clap::Args, Serialize)]
+pub struct PortFlags {
     /// Outbound capture: the target of the nat OUTPUT redirect.
     #[arg(
         long = "outbound-port",
@@ -116,10 +135,13 @@ pub struct Ports {
     pub hbone: u16,
 }
 
-impl Ports {
-    /// True for ports that must never be a tunnel's target: dialling them would loop.
-    pub fn is_proxy_port(&self, port: u16) -> bool {
-        [self.outbound, self.inbound_plaintext, self.hbone].contains(&port)
+impl From<PortFlags> for Ports {
+    fn from(flags: PortFlags) -> Self {
+        Self {
+            outbound: flags.outbound,
+            inbound_plaintext: flags.inbound_plaintext,
+            hbone: flags.hbone,
+        }
     }
 }
 

@@ -44,10 +44,26 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MIN_READ: usize = 16 << 10;
 const MAX_READ: usize = 256 << 10;
 
-/// The peer node's HBONE endpoint (`podIP:15008`).
-pub type PeerAddr = SocketAddr;
-/// What the tunnel asks the peer to connect to (`:authority`).
-pub type TargetAddr = SocketAddr;
+/// The peer's HBONE endpoint (`podIP:15008`): where the tunnel's TCP connection goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// What the tunnel asks the peer to connect to (`:authority`): the app's address. Kept apart
+/// from [`PeerAddr`] by type, since mixing the two up is the classic tunnel bug.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TargetAddr(pub SocketAddr);
+
+impl std::fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::fmt::Display for TargetAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// Why a tunnel could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -357,8 +373,8 @@ mod tests {
                 src: &self.src,
                 src_ip: peer.ip(),
                 dst: &self.dst,
-                peer,
-                target: peer,
+                peer: PeerAddr(peer),
+                target: TargetAddr(peer),
                 dialer: &LoopbackDialer,
             }
         }
@@ -439,8 +455,8 @@ mod tests {
                         src: &src,
                         src_ip: peer.ip(),
                         dst: &dst,
-                        peer,
-                        target: peer,
+                        peer: PeerAddr(peer),
+                        target: TargetAddr(peer),
                         dialer: &LoopbackDialer,
                     };
                     client.connect(request).await

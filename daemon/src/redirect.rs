@@ -311,8 +311,8 @@ impl Sockets {
 }
 
 impl crate::hbone::Dialer for Sockets {
-    fn socket(&self, peer: SocketAddr) -> io::Result<TcpSocket> {
-        self.socket_for(peer)
+    fn socket(&self, peer: crate::hbone::PeerAddr) -> io::Result<TcpSocket> {
+        self.socket_for(peer.0)
     }
 }
 

@@ -89,7 +89,7 @@ pub struct LoopbackDialer;
 
 impl Dialer for LoopbackDialer {
     fn socket(&self, peer: PeerAddr) -> io::Result<TcpSocket> {
-        match peer {
+        match peer.0 {
             SocketAddr::V4(_) => TcpSocket::new_v4(),
             SocketAddr::V6(_) => TcpSocket::new_v6(),
         }

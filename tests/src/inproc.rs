@@ -13,14 +13,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use culvert::app::{self, Node};
-use culvert::config::{CniInstall, NodeArgs, Ports, RedirectChoice};
+use culvert::config::{CniInstall, NodeArgs, PortFlags, RedirectChoice};
 use culvert::test_util::{Ca, Loopback, TempDir, loopback_net};
 use culvert_cni_proto::{AddPod, PodRef, Request, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Every test's pods use the default per-pod ports, each pod on its own address.
-pub const PORTS: Ports = Ports {
+pub const PORTS: PortFlags = PortFlags {
     outbound: 15001,
     inbound_plaintext: 15006,
     hbone: 15008,

@@ -241,14 +241,14 @@ impl Client {
         }
         let connect = |source| Error::Connect { peer, source };
         let socket = req.dialer.socket(peer).map_err(connect)?;
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(peer))
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(peer.0))
             .await
             .map_err(|_| connect(io::ErrorKind::TimedOut.into()))?
             .map_err(connect)?;
         super::tune(&tcp).map_err(connect)?;
 
         let handshake =
-            tokio_rustls::TlsConnector::from(config).connect(ServerName::from(peer.ip()), tcp);
+            tokio_rustls::TlsConnector::from(config).connect(ServerName::from(peer.0.ip()), tcp);
         let tls = match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
             Err(_) => {
                 return Err(Error::Handshake {

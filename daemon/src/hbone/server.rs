@@ -172,7 +172,7 @@ fn parse(
     let target = match request
         .uri()
         .authority()
-        .map(|a| a.as_str().parse::<TargetAddr>())
+        .map(|a| a.as_str().parse::<SocketAddr>().map(TargetAddr))
     {
         Some(Ok(target)) if request.method() == http::Method::CONNECT => target,
         _ => {

@@ -190,7 +190,7 @@ mod tests {
         assert_eq!(status(Outcome::Complete), None);
         // What a client makes of a 401 is what the server meant by it.
         let refused = hbone::Error::Refused {
-            target: "10.0.0.1:80".parse().unwrap(),
+            target: hbone::TargetAddr("10.0.0.1:80".parse().unwrap()),
             status: hbone::Refusal::Denied.status(),
         };
         assert_eq!(refused.reason(), hbone::Reason::PolicyDenied);

@@ -108,7 +108,7 @@ pub(super) struct Hbone {
 
 impl hbone::Handler for Hbone {
     async fn handle(&self, incoming: hbone::Incoming) {
-        let (src, dst) = (incoming.peer_addr, canonical(incoming.target));
+        let (src, dst) = (incoming.peer_addr, canonical(incoming.target.0));
         let span = info_span!("inbound", pod = self.pod.label(), src.addr = %src, dst.addr = %dst,
             src.id = %incoming.peer_id);
         async move {

@@ -78,8 +78,8 @@ pub(super) async fn handle(
                     src: &pod.identity,
                     src_ip: src.ip(),
                     dst: &workload.identity,
-                    peer: SocketAddr::new(target.ip(), proxy.ports.hbone),
-                    target,
+                    peer: hbone::PeerAddr(SocketAddr::new(target.ip(), proxy.ports.hbone)),
+                    target: hbone::TargetAddr(target),
                     dialer: &pod.sockets,
                 };
                 match proxy.hbone.connect(request).await {
@@ -103,4 +103,103 @@ pub(super) async fn handle(
     }
     .instrument(span)
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::identity::Id;
+    use crate::state::{PeerAuthentication, ServiceSpec};
+
+    fn workload(name: &str, ip: &str, enrolled: bool) -> Workload {
+        Workload {
+            name: name.into(),
+            namespace: "shop".into(),
+            service_account: name.into(),
+            node: "n1".into(),
+            ips: vec![ip.parse().unwrap()],
+            enrolled: false,
+            enrollment: Some(enrolled),
+            peer_authentication: None,
+            identity: Id::new("cluster.local", "shop", name).unwrap(),
+        }
+    }
+
+    fn snapshot() -> Snapshot {
+        let service = |vip: &str, endpoints: &[&str]| ServiceSpec {
+            name: "svc".into(),
+            namespace: "shop".into(),
+            vip: vip.parse().unwrap(),
+            ports: vec![(80, endpoints.iter().map(|e| e.parse().unwrap()).collect())],
+        };
+        Snapshot::build(
+            "cluster.local",
+            PeerAuthentication::Permissive,
+            Default::default(),
+            vec![
+                workload("api", "10.244.2.2", true),
+                workload("api2", "10.244.2.3", true),
+                workload("legacy", "10.244.2.9", false),
+            ],
+            vec![
+                service("10.96.0.10", &["10.244.2.2:8080", "10.244.2.3:8080"]),
+                service("10.96.0.11", &[]),
+                service("10.96.0.12", &["10.244.2.9:8080"]),
+            ],
+        )
+        .unwrap()
+    }
+
+    /// Where `dst` goes: `(mesh?, target)`.
+    fn go(snap: &Snapshot, dst: &str, turn: &AtomicUsize) -> (bool, SocketAddr) {
+        match route(snap, dst.parse().unwrap(), turn) {
+            Route::Mesh { target, workload } => {
+                assert!(workload.ips.contains(&target.ip()));
+                (true, target)
+            }
+            Route::Passthrough { target } => (false, target),
+        }
+    }
+
+    #[test]
+    fn routes_pick_mesh_for_enrolled_pods_vip_endpoints_in_turn_and_passthrough_otherwise() {
+        let (snap, turn) = (snapshot(), AtomicUsize::new(0));
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            go(&snap, "10.244.2.2:8080", &turn),
+            (true, at("10.244.2.2:8080"))
+        );
+        assert_eq!(
+            go(&snap, "10.244.2.9:8080", &turn),
+            (false, at("10.244.2.9:8080"))
+        );
+        assert_eq!(
+            go(&snap, "192.0.2.1:443", &turn),
+            (false, at("192.0.2.1:443"))
+        );
+        // A VIP resolves to its ready endpoints in turn, each with its own target port.
+        let picks: Vec<IpAddr> = (0..4)
+            .map(|_| go(&snap, "10.96.0.10:80", &turn).1.ip())
+            .collect();
+        let (a, b): (IpAddr, IpAddr) =
+            ("10.244.2.2".parse().unwrap(), "10.244.2.3".parse().unwrap());
+        assert_eq!(picks, [a, b, a, b]);
+        // A VIP with no ready endpoint is dialled as the app dialled it; one whose endpoint is
+        // outside the mesh reaches it in plain TCP.
+        assert_eq!(
+            go(&snap, "10.96.0.11:80", &turn),
+            (false, at("10.96.0.11:80"))
+        );
+        assert_eq!(
+            go(&snap, "10.96.0.12:80", &turn),
+            (false, at("10.244.2.9:8080"))
+        );
+        // A VIP port the Service does not have is not resolved.
+        assert_eq!(
+            go(&snap, "10.96.0.10:81", &turn),
+            (false, at("10.96.0.10:81"))
+        );
+    }
 }
