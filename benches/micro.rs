@@ -96,7 +96,7 @@ fn hbone_bytes(c: &mut Criterion) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let peer = listener.local_addr().unwrap();
         let server = Arc::new(hbone::Server::new(
-            culvert::tls::server_config(&certs, &dst).unwrap(),
+            culvert::tls::server_config(&certs, &dst, Default::default()).unwrap(),
             Arc::new(Sink),
         ));
         tokio::spawn(async move {

@@ -76,7 +76,8 @@ struct Config {
     state_file: PathBuf,
     timeout: Duration,
     exempt_namespaces: Vec<String>,
-    gc_keep: Vec<String>,
+    /// GC's valid attachments; `None` when missing or malformed.
+    gc_keep: Option<Vec<String>>,
 }
 
 /// The version to put in an answer: the requested one when we speak it, else our newest.
@@ -186,14 +187,12 @@ fn parse_config(stdin: &[u8]) -> Result<Config, CniError> {
     let attachments = object
         .get("cni.dev/valid-attachments")
         .or_else(|| object.get("cni.dev/attachments"));
-    let gc_keep = attachments
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.get("containerID")?.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
+    // Missing or malformed, GC must not run: an empty list would unwire every pod.
+    let gc_keep = attachments.and_then(Value::as_array).and_then(|a| {
+        a.iter()
+            .map(|x| x.get("containerID")?.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+    });
     Ok(Config {
         cni_version,
         prev_result: object.get("prevResult").cloned(),
@@ -320,7 +319,9 @@ fn add(inputs: &Inputs, config: &Config) -> Result<Option<Value>, CniError> {
 /// With the daemon unreachable: refuse enrolled pods (the runtime retries), admit the rest.
 fn fail_closed(config: &Config, pod: &PodRef, error: &CallError) -> Result<(), CniError> {
     let enrolled = match read_state(&config.state_file) {
-        Ok(Some(enrollment)) => enrollment.covers(&pod.namespace, &pod.name),
+        Ok(Some(enrollment)) => {
+            !enrollment.admits_unwired(&pod.namespace, &pod.name, &config.exempt_namespaces)
+        }
         // Nothing known: only namespaces declared exempt may start unredirected.
         Ok(None) => !config.exempt_namespaces.contains(&pod.namespace),
         Err(e) => {
@@ -337,7 +338,7 @@ fn fail_closed(config: &Config, pod: &PodRef, error: &CallError) -> Result<(), C
     };
     if enrolled {
         let msg = format!(
-            "culvert node is unreachable and pod {}/{} is enrolled: not starting it without redirection",
+            "culvert node is unreachable and pod {}/{} is enrolled (or may be): not starting it without redirection",
             pod.namespace, pod.name
         );
         return Err(CniError::new(code::TRY_AGAIN_LATER, msg, error.to_string()));
@@ -364,6 +365,7 @@ fn del(inputs: &Inputs, config: &Config) {
     };
     let request = Request::DelPod(DelPod {
         container_id,
+        netns: inputs.netns.clone().filter(|n| !n.is_empty()),
         pod: pod_ref(inputs.args.as_deref()),
     });
     let _ = call(
@@ -391,6 +393,7 @@ fn check(inputs: &Inputs, config: &Config) -> Result<(), CniError> {
         &config.socket,
         &Request::CheckPod(CheckPod {
             container_id,
+            netns: inputs.netns.clone(),
             pod: pod.clone(),
         }),
         config.timeout,
@@ -426,13 +429,14 @@ fn status(config: &Config) -> Result<(), CniError> {
 }
 
 fn gc(config: &Config) -> Result<(), CniError> {
-    match call(
-        &config.socket,
-        &Request::Gc(Gc {
-            keep: config.gc_keep.clone(),
-        }),
-        config.timeout,
-    ) {
+    let Some(keep) = config.gc_keep.clone() else {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            "GC needs cni.dev/valid-attachments: a list of objects with a containerID",
+            "nothing was collected",
+        ));
+    };
+    match call(&config.socket, &Request::Gc(Gc { keep }), config.timeout) {
         Ok(Response::Removed) => Ok(()),
         Ok(other) => Err(unexpected(&other)),
         Err(e) => Err(CniError::new(

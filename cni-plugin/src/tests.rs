@@ -216,6 +216,7 @@ fn unreachable_daemon_fails_closed_for_enrolled_pods_only() {
 
     let enrollment = Enrollment {
         namespaces: vec!["shop".into()],
+        outside: vec!["other".into()],
         pods_in: vec![],
         pods_out: vec!["shop/legacy".into()],
     };
@@ -236,6 +237,12 @@ fn unreachable_daemon_fails_closed_for_enrolled_pods_only() {
         add(&args("other", "web")).unwrap().is_some(),
         "pod of an unenrolled namespace was blocked"
     );
+    // Labelled while the daemon was away: a namespace the record does not know fails closed.
+    assert_eq!(
+        add(&args("fresh", "web")).unwrap_err().code,
+        code::TRY_AGAIN_LATER
+    );
+    assert!(add(&args("kube-system", "coredns")).is_ok());
 
     std::fs::write(&state, b"{garbage").unwrap();
     assert_eq!(
@@ -261,4 +268,31 @@ fn del_never_fails_and_status_reports_an_absent_daemon() {
         run(&inputs("STATUS", &cfg, "")).unwrap_err().code,
         code::NOT_AVAILABLE
     );
+}
+
+#[test]
+fn gc_without_a_valid_attachment_list_is_a_config_error_and_collects_nothing() {
+    // A daemon that would answer; the plugin must not even ask it.
+    let (socket, state) = paths("gc");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let mut cfg = config("1.1.0", &socket, &state);
+    for attachments in [
+        None,
+        Some(json!("c0ffee12")),
+        Some(json!([{"containerID": "c0ffee12"}, {"ifname": "eth0"}])),
+        Some(json!([{"containerID": 7}])),
+    ] {
+        let object = cfg.as_object_mut().unwrap();
+        match &attachments {
+            Some(a) => object.insert("cni.dev/valid-attachments".into(), a.clone()),
+            None => object.remove("cni.dev/valid-attachments"),
+        };
+        let err = run(&inputs("GC", &cfg, "")).unwrap_err();
+        assert_eq!(err.code, code::INVALID_CONFIG, "{attachments:?}: {err:?}");
+        assert!(
+            listener.accept().is_err(),
+            "{attachments:?}: the daemon was asked to collect"
+        );
+    }
 }

@@ -16,10 +16,13 @@
 //!   once the pod is fully wired (rules and listeners in place) or it has decided the pod is not
 //!   enrolled. Repeating an `AddPod` for a wired pod re-applies its rules and is answered the same.
 //! - [`Request::DelPod`]: the sandbox is going away. Always answered `Removed`, even for a pod the
-//!   daemon never saw: DEL must never fail.
+//!   daemon never saw: DEL must never fail. It unwires only the sandbox it names (by container
+//!   id, or a sandbox the daemon rewired itself in the same namespace), never another sandbox of
+//!   the same pod.
 //! - [`Request::CheckPod`]: whether a pod the runtime believes wired still has its rules and
 //!   listeners; answered `Checked` or `Nack` with what is missing.
-//! - [`Request::Gc`]: every sandbox not in `keep` is unwired (CNI GC); answered `Removed`.
+//! - [`Request::Gc`]: sandboxes not in `keep` are unwired (CNI GC), except those whose network
+//!   namespace is still alive and enrolled; answered `Removed`.
 //! - [`Request::ListPods`]: the pods the daemon has wired, for operators, tests and CNI STATUS.
 //!
 //! A registrar that loses its connection simply retries the whole request: every request is
@@ -65,6 +68,10 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckPod {
     pub container_id: String,
+    /// `CNI_NETNS`: lets the daemon recognise a sandbox it rewired on its own (after a restart)
+    /// and adopt the runtime's id for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
     pub pod: PodRef,
 }
 
@@ -102,7 +109,10 @@ pub struct PodRef {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DelPod {
     pub container_id: String,
-    /// Lets the daemon find a pod it rewired on its own (after a restart) under another id.
+    /// `CNI_NETNS`, when the runtime still has it. With `pod`, lets the daemon find a sandbox
+    /// it rewired on its own (after a restart) under another id: only one in this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<PodRef>,
 }
@@ -145,6 +155,10 @@ pub struct PodStatus {
 pub struct Enrollment {
     /// Namespaces whose pods are enrolled unless they opt out.
     pub namespaces: Vec<String>,
+    /// Namespaces the daemon knows and that are not enrolled. A namespace in neither list is
+    /// one the daemon never saw: it may have been enrolled since, so its pods fail closed.
+    #[serde(default)]
+    pub outside: Vec<String>,
     /// `namespace/name` of pods enrolled although their namespace is not.
     #[serde(default)]
     pub pods_in: Vec<String>,
@@ -161,6 +175,19 @@ impl Enrollment {
             return true;
         }
         self.namespaces.iter().any(|n| n == namespace) && !self.pods_out.contains(&pod)
+    }
+
+    /// Whether a pod may start without redirection while the daemon does not answer: only when
+    /// it is known to be outside the mesh (its namespace is recorded as not enrolled, or it
+    /// opted out) or its namespace is `exempt`, and never when it is (or may be) enrolled.
+    pub fn admits_unwired(&self, namespace: &str, name: &str, exempt: &[String]) -> bool {
+        if self.covers(namespace, name) {
+            return false;
+        }
+        let listed = |names: &[String]| names.iter().any(|n| n == namespace);
+        listed(&self.outside)
+            || listed(exempt)
+            || self.pods_out.contains(&format!("{namespace}/{name}"))
     }
 }
 
@@ -315,10 +342,12 @@ mod tests {
             add_pod(),
             Request::DelPod(DelPod {
                 container_id: "x".into(),
+                netns: None,
                 pod: None,
             }),
             Request::DelPod(DelPod {
                 container_id: "y".into(),
+                netns: Some("/var/run/netns/cni-1".into()),
                 pod: Some(PodRef {
                     namespace: "a".into(),
                     name: "b".into(),
@@ -327,6 +356,7 @@ mod tests {
             }),
             Request::CheckPod(CheckPod {
                 container_id: "z".into(),
+                netns: Some("/var/run/netns/cni-1".into()),
                 pod: PodRef {
                     namespace: "a".into(),
                     name: "b".into(),
@@ -380,6 +410,7 @@ mod tests {
     fn enrollment_follows_namespace_then_pod_overrides() {
         let e = Enrollment {
             namespaces: vec!["shop".into()],
+            outside: vec![],
             pods_in: vec!["tools/probe".into()],
             pods_out: vec!["shop/legacy".into()],
         };
@@ -388,6 +419,30 @@ mod tests {
         assert!(e.covers("tools", "probe"));
         assert!(!e.covers("tools", "other"));
         assert!(!Enrollment::default().covers("shop", "cart"));
+    }
+
+    #[test]
+    fn only_pods_known_to_be_outside_the_mesh_start_unwired() {
+        let e = Enrollment {
+            namespaces: vec!["shop".into()],
+            outside: vec!["web".into()],
+            pods_in: vec!["web/probe".into()],
+            pods_out: vec!["shop/legacy".into()],
+        };
+        let exempt = ["kube-system".to_owned()];
+        let admits = |ns, name| e.admits_unwired(ns, name, &exempt);
+        assert!(!admits("shop", "cart"), "an enrolled pod");
+        assert!(admits("shop", "legacy"), "an opted-out pod");
+        assert!(
+            admits("web", "site"),
+            "a pod of a namespace known not to be enrolled"
+        );
+        assert!(!admits("web", "probe"), "a pod enrolled on its own");
+        assert!(
+            !admits("fresh", "app"),
+            "a namespace never seen may have been enrolled since"
+        );
+        assert!(admits("kube-system", "coredns"), "an exempt namespace");
     }
 
     #[test]

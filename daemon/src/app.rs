@@ -77,7 +77,12 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
     let certs = identity::Cache::new(Arc::new(ca), tls::provider());
     let state = Arc::new(Store::new(std::mem::take(&mut file.snapshot)));
     let ports = args.ports.into();
-    let proxy = Arc::new(Proxy::new(state.clone(), certs.clone(), ports));
+    let proxy = Arc::new(Proxy::new(
+        state.clone(),
+        certs.clone(),
+        ports,
+        file.key_exchange,
+    ));
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating the state directory {}", args.state_dir.display()))?;
     let registry = Arc::new(Registry::new(cni::Deps {
@@ -175,6 +180,7 @@ impl Node {
             ("trustDomain", new.trust_domain != current.trust_domain),
             ("ca", new.ca != current.ca),
             ("discovery", new.discovery != current.discovery),
+            ("keyExchange", new.key_exchange != current.key_exchange),
         ];
         if let Some((field, _)) = fixed.iter().find(|(_, changed)| *changed) {
             bail!("changing {field} needs a restart");

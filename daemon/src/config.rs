@@ -183,6 +183,8 @@ pub struct NodeFile {
     pub trust_domain: String,
     pub ca: CaFiles,
     pub cert_ttl: Duration,
+    /// Post-quantum key exchange on HBONE: preferred (default) or required.
+    pub key_exchange: crate::tls::KeyExchange,
     pub snapshot: Snapshot,
 }
 
@@ -229,6 +231,8 @@ struct RawFile {
     ca: RawCa,
     #[serde(default)]
     cert_ttl: Option<String>,
+    #[serde(default)]
+    key_exchange: crate::tls::KeyExchange,
     #[serde(default)]
     peer_authentication: PeerAuthentication,
     #[serde(default)]
@@ -429,6 +433,7 @@ impl NodeFile {
                 roots: raw.ca.roots.map(|r| dir.join(r)),
             },
             cert_ttl,
+            key_exchange: raw.key_exchange,
             snapshot,
         })
     }

@@ -325,13 +325,15 @@ pub fn build(
         })
         .collect();
 
-    Snapshot::build(
+    let mut snapshot = Snapshot::build(
         &settings.trust_domain,
         settings.peer_authentication,
         enrolled_namespaces,
         workloads,
         services,
-    )
+    )?;
+    snapshot.know_namespaces(namespaces.iter().filter_map(|ns| ns.metadata.name.clone()));
+    Ok(snapshot)
 }
 
 /// Gives a pod the endpoint addresses its EndpointSlices list for it (`targetRef`) before its

@@ -334,7 +334,7 @@ mod tests {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let peer = listener.local_addr().unwrap();
             let server = Arc::new(Server::new(
-                crate::tls::server_config(&certs, &dst).unwrap(),
+                crate::tls::server_config(&certs, &dst, Default::default()).unwrap(),
                 Arc::new(Hold),
             ));
             let accepted = Arc::new(AtomicUsize::new(0));

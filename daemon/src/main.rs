@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use culvert::config::{self, NodeArgs};
 use culvert::telemetry;
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 #[derive(Parser)]
 #[command(
@@ -49,13 +50,22 @@ enum Command {
 // Before logging exists, stderr is the only place to say why we cannot start.
 #[allow(clippy::print_stderr)]
 fn main() -> ExitCode {
+    // Before anything else: a signal that arrives while the daemon starts waits (blocked, so
+    // pending) until its handler exists, instead of killing the process with the default
+    // action. Threads started from here on inherit the mask; `node` unblocks it on this thread
+    // once the handlers are in place. Child processes start with an empty mask.
+    let held = hold_signals();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Node(_)) {
+        // Only the daemon handles signals; the one-shot commands keep the defaults.
+        let _ = sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&handled()), None);
+    }
     if let Err(e) = telemetry::init(cli.log_format, &cli.log) {
         eprintln!("culvert: {e:#}");
         return ExitCode::from(64);
     }
     let result = match cli.command {
-        Command::Node(args) => runtime().and_then(|rt| rt.block_on(node(*args))),
+        Command::Node(args) => runtime().and_then(|rt| rt.block_on(node(*args, held))),
         Command::LocalCa { out } => culvert::identity::write_root(&out, "Culvert local CA"),
         Command::CniUninstall {
             cni_bin_dir,
@@ -73,13 +83,32 @@ fn main() -> ExitCode {
     }
 }
 
+/// The signals `culvert node` handles.
+fn handled() -> SigSet {
+    let mut set = SigSet::empty();
+    for signal in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT] {
+        set.add(signal);
+    }
+    set
+}
+
+/// Blocks the handled signals on this thread; `false` if the kernel refused (nothing then
+/// protects the start, which is logged once logging exists).
+fn hold_signals() -> bool {
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&handled()), None).is_ok()
+}
+
 /// Runs `culvert node`: SIGHUP reloads the node file, SIGTERM or SIGINT drains and stops.
-async fn node(args: NodeArgs) -> anyhow::Result<()> {
-    // Signals first: one that arrives while the daemon starts must neither kill it (SIGHUP's
-    // default action) nor be lost.
+async fn node(args: NodeArgs, held: bool) -> anyhow::Result<()> {
+    if !held {
+        warn!("could not block signals during start; an early SIGHUP may stop the daemon");
+    }
+    // Handlers first, then let pending signals in: one that arrived while the daemon started
+    // is neither fatal (SIGHUP's default action) nor lost.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&handled()), None)?;
     let node = tokio::select! {
         node = culvert::app::start(args) => node?,
         _ = term.recv() => return Ok(()),

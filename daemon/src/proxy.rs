@@ -15,6 +15,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -75,24 +76,79 @@ pub struct Proxy {
     certs: Arc<identity::Cache>,
     hbone: hbone::Client,
     ports: Ports,
+    /// Key exchanges offered and accepted on HBONE, both ways.
+    key_exchange: tls::KeyExchange,
     /// Fires on daemon shutdown: listeners stop and HBONE peers get GOAWAY.
     drain: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     tasks: TaskTracker,
     /// Round-robin position for picking Service endpoints.
     endpoint_turn: std::sync::atomic::AtomicUsize,
+    /// Connections refused before any routing, counted and logged at a bounded rate.
+    refusals: Refusals,
+}
+
+/// Why a captured connection was refused before it was routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// It would have come back to one of the proxy's own listeners.
+    Loop,
+    /// The kernel knew no original destination for it (it was not redirected).
+    NoOriginalDst,
+}
+
+/// Counts early refusals and logs them at most once a second each: a hostile app can cause
+/// any number of them, and the log must not become the next resource it exhausts.
+#[derive(Debug, Default)]
+struct Refusals {
+    loops: AtomicU64,
+    no_original_dst: AtomicU64,
+    /// When each kind was last logged.
+    logged: std::sync::Mutex<[Option<tokio::time::Instant>; 2]>,
+}
+
+impl Refusals {
+    fn note(&self, refusal: Refusal, log: impl FnOnce()) {
+        let (counter, slot) = match refusal {
+            Refusal::Loop => (&self.loops, 0),
+            Refusal::NoOriginalDst => (&self.no_original_dst, 1),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let now = tokio::time::Instant::now();
+        let mut logged = self.logged.lock().expect("refusals lock poisoned");
+        if logged[slot].is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1)) {
+            logged[slot] = Some(now);
+            drop(logged);
+            log();
+        }
+    }
 }
 
 impl Proxy {
-    pub fn new(state: Arc<Store>, certs: Arc<identity::Cache>, ports: Ports) -> Self {
+    pub fn new(
+        state: Arc<Store>,
+        certs: Arc<identity::Cache>,
+        ports: Ports,
+        key_exchange: tls::KeyExchange,
+    ) -> Self {
         Self {
             state,
-            hbone: hbone::Client::new(certs.clone()),
+            hbone: hbone::Client::new(certs.clone()).key_exchange(key_exchange),
+            key_exchange,
             certs,
             ports,
             drain: CancellationToken::new(),
             tasks: TaskTracker::new(),
             endpoint_turn: Default::default(),
+            refusals: Refusals::default(),
+        }
+    }
+
+    /// How many captured connections were refused for `refusal` since start.
+    pub fn refused(&self, refusal: Refusal) -> u64 {
+        match refusal {
+            Refusal::Loop => self.refusals.loops.load(Ordering::Relaxed),
+            Refusal::NoOriginalDst => self.refusals.no_original_dst.load(Ordering::Relaxed),
         }
     }
 
@@ -103,7 +159,7 @@ impl Proxy {
         listeners: Listeners,
         stop: &CancellationToken,
     ) -> Result<(), rustls::Error> {
-        let server_config = tls::server_config(&self.certs, &pod.identity)?;
+        let server_config = tls::server_config(&self.certs, &pod.identity, self.key_exchange)?;
         let handler = Arc::new(inbound::Hbone {
             proxy: self.clone(),
             pod: pod.clone(),

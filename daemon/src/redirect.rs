@@ -45,6 +45,12 @@ pub trait Capture: Send + Sync + 'static {
     fn scan(&self) -> Vec<(PathBuf, Vec<IpAddr>)>;
     /// Whether two paths name one namespace (one may be a bind mount or link of the other).
     fn same_netns(&self, a: &Path, b: &Path) -> bool;
+    /// The addresses configured inside the pod's namespace (loopback excluded).
+    fn addresses(&self, sockets: &Sockets) -> io::Result<Vec<IpAddr>>;
+    /// Whether the namespace the runtime registered at `path` is still there: the path still
+    /// names the namespace these sockets live in. The daemon's own handle pins a namespace,
+    /// so this asks about the runtime's, not ours.
+    fn alive(&self, sockets: &Sockets, path: &Path) -> bool;
 }
 
 /// What [`Capture::check`] found missing.
@@ -123,6 +129,15 @@ impl Capture for Netfilter {
     fn same_netns(&self, a: &Path, b: &Path) -> bool {
         netns::same(a, b)
     }
+
+    fn addresses(&self, sockets: &Sockets) -> io::Result<Vec<IpAddr>> {
+        let netns = sockets.pod_netns().map_err(io::Error::other)?;
+        netns.addresses()
+    }
+
+    fn alive(&self, sockets: &Sockets, path: &Path) -> bool {
+        sockets.is_in(path)
+    }
 }
 
 impl Backend {
@@ -184,6 +199,14 @@ impl Sockets {
                 path: path.to_owned(),
                 ips,
             },
+        }
+    }
+
+    /// The addresses of a loopback placement (none for a pod namespace: ask the kernel).
+    pub fn loopback_ips(&self) -> &[IpAddr] {
+        match &self.place {
+            Place::Loopback { ips, .. } => ips,
+            Place::Pod(_) => &[],
         }
     }
 

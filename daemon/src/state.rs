@@ -59,6 +59,9 @@ pub struct Snapshot {
     pub peer_authentication: PeerAuthentication,
     /// Namespaces whose workloads are enrolled unless they opt out.
     pub enrolled_namespaces: std::collections::BTreeSet<String>,
+    /// Every namespace this node knows of, enrolled or not: the CNI plugin admits pods of
+    /// unknown namespaces only through the daemon.
+    pub known_namespaces: std::collections::BTreeSet<String>,
     workloads: Vec<Arc<Workload>>,
     #[serde(skip)]
     by_ip: HashMap<IpAddr, Arc<Workload>>,
@@ -106,10 +109,12 @@ impl Snapshot {
         let mut snapshot = Self {
             trust_domain: trust_domain.to_owned(),
             peer_authentication,
+            known_namespaces: enrolled_namespaces.clone(),
             enrolled_namespaces,
             ..Self::default()
         };
         for (i, mut w) in workloads.into_iter().enumerate() {
+            snapshot.known_namespaces.insert(w.namespace.clone());
             w.enrolled = w
                 .enrollment
                 .unwrap_or_else(|| snapshot.enrolled_namespaces.contains(&w.namespace));
@@ -159,6 +164,12 @@ impl Snapshot {
         Ok(snapshot)
     }
 
+    /// Records namespaces that exist without workloads or enrollment (Kubernetes: every
+    /// Namespace object), so the CNI plugin knows them as outside the mesh.
+    pub fn know_namespaces(&mut self, names: impl IntoIterator<Item = String>) {
+        self.known_namespaces.extend(names);
+    }
+
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&ip)
     }
@@ -186,6 +197,11 @@ impl Snapshot {
         let in_ns = |w: &Workload| self.enrolled_namespaces.contains(&w.namespace);
         culvert_cni_proto::Enrollment {
             namespaces: self.enrolled_namespaces.iter().cloned().collect(),
+            outside: self
+                .known_namespaces
+                .difference(&self.enrolled_namespaces)
+                .cloned()
+                .collect(),
             pods_in: self
                 .workloads
                 .iter()

@@ -143,6 +143,14 @@ impl Loopback {
             .unwrap_or_default()
     }
 
+    /// Makes the pod at `path` gone, as a deleted sandbox's namespace is.
+    pub fn stop_pod(&self, path: &str) {
+        self.running
+            .lock()
+            .unwrap()
+            .retain(|(p, _)| p != Path::new(path));
+    }
+
     /// Drops the rules of `path` behind the daemon's back (as `nft flush ruleset` would).
     pub fn flush(&self, path: &str) {
         if let Some(r) = self.rules.lock().unwrap().get_mut(Path::new(path)) {
@@ -208,6 +216,20 @@ impl Capture for Loopback {
 
     fn same_netns(&self, a: &Path, b: &Path) -> bool {
         a == b
+    }
+
+    /// A running pod's addresses are the ones it was started with; any other namespace has
+    /// the addresses it was opened with.
+    fn addresses(&self, sockets: &Sockets) -> io::Result<Vec<IpAddr>> {
+        let running = self.running.lock().unwrap();
+        Ok(match running.iter().find(|(p, _)| sockets.is_in(p)) {
+            Some((_, ips)) => ips.clone(),
+            None => sockets.loopback_ips().to_vec(),
+        })
+    }
+
+    fn alive(&self, _sockets: &Sockets, path: &Path) -> bool {
+        self.running.lock().unwrap().iter().any(|(p, _)| p == path)
     }
 }
 

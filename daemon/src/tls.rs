@@ -25,14 +25,42 @@ use crate::identity::{self, Id};
 /// ALPN protocol both sides insist on.
 pub const ALPN_H2: &[u8] = b"h2";
 
+/// Which key exchanges a node offers and accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum KeyExchange {
+    /// X25519MLKEM768 first, so two Culvert nodes agree on a post-quantum hybrid; X25519 and
+    /// P-256 for peers without it (ztunnel's default builds).
+    #[default]
+    PreferPostQuantum,
+    /// X25519MLKEM768 only: a peer that cannot do it fails the handshake.
+    RequirePostQuantum,
+}
+
+impl KeyExchange {
+    fn groups(self) -> Vec<&'static dyn rustls::crypto::SupportedKxGroup> {
+        use aws_lc_rs::kx_group::{SECP256R1, X25519, X25519MLKEM768};
+        match self {
+            Self::PreferPostQuantum => vec![X25519MLKEM768, X25519, SECP256R1],
+            Self::RequirePostQuantum => vec![X25519MLKEM768],
+        }
+    }
+}
+
 /// The crypto provider HBONE uses: aws-lc-rs with TLS 1.3 AES-GCM suites only, in the order
-/// ztunnel offers them.
+/// ztunnel offers them, and the default key exchanges.
 pub fn provider() -> Arc<CryptoProvider> {
+    provider_for(KeyExchange::default())
+}
+
+/// [`provider`] with the key exchanges of `kx`.
+pub fn provider_for(kx: KeyExchange) -> Arc<CryptoProvider> {
     let mut provider = aws_lc_rs::default_provider();
     provider.cipher_suites = vec![
         aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
         aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
     ];
+    provider.kx_groups = kx.groups();
     Arc::new(provider)
 }
 
@@ -50,8 +78,9 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Option<Id> {
 pub fn server_config(
     certs: &Arc<identity::Cache>,
     id: &Id,
+    kx: KeyExchange,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
-    let provider = provider();
+    let provider = provider_for(kx);
     let webpki = WebPkiClientVerifier::builder_with_provider(certs.roots(), provider.clone())
         .build()
         .map_err(|e| rustls::Error::General(format!("client verifier: {e}")))?;
@@ -77,8 +106,18 @@ pub fn client_config(
     certs: &Arc<identity::Cache>,
     src: &Id,
     dst: &Id,
+    kx: KeyExchange,
 ) -> Result<Arc<ClientConfig>, rustls::Error> {
-    let provider = provider();
+    client_config_with(certs, src, dst, provider_for(kx))
+}
+
+/// [`client_config`] on a provider of the caller's (tests play peers with other key exchanges).
+fn client_config_with(
+    certs: &Arc<identity::Cache>,
+    src: &Id,
+    dst: &Id,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<ClientConfig>, rustls::Error> {
     let verifier = ExpectIdentity {
         roots: certs.roots(),
         want: dst.clone(),
@@ -289,6 +328,19 @@ mod tests {
         want: &str,
         dst: &str,
     ) -> Result<(), String> {
+        let kx = KeyExchange::default();
+        handshake_kx(certs, (src, want, provider_for(kx)), (dst, kx))
+            .await
+            .map(drop)
+    }
+
+    /// [`handshake`] with the client on `provider` and the server offering `kx`; returns the
+    /// key exchange group both agreed on.
+    async fn handshake_kx(
+        certs: &Arc<identity::Cache>,
+        (src, want, provider): (&str, &str, Arc<CryptoProvider>),
+        (dst, kx): (&str, KeyExchange),
+    ) -> Result<rustls::NamedGroup, String> {
         let (src, want, dst): (Id, Id, Id) = (
             src.parse().unwrap(),
             want.parse().unwrap(),
@@ -298,8 +350,9 @@ mod tests {
             certs.ensure(id).await.unwrap();
         }
         let (a, b) = tokio::io::duplex(64 << 10);
-        let server = tokio_rustls::TlsAcceptor::from(server_config(certs, &dst).unwrap());
-        let client = tokio_rustls::TlsConnector::from(client_config(certs, &src, &want).unwrap());
+        let server = tokio_rustls::TlsAcceptor::from(server_config(certs, &dst, kx).unwrap());
+        let client = client_config_with(certs, &src, &want, provider).unwrap();
+        let client = tokio_rustls::TlsConnector::from(client);
         let server = tokio::spawn(async move {
             let mut tls = server.accept(b).await.map_err(|e| e.to_string())?;
             let peer = tls
@@ -315,19 +368,52 @@ mod tests {
         let client_result = async {
             let mut tls = client.connect(name, a).await.map_err(|e| e.to_string())?;
             assert_eq!(tls.get_ref().1.alpn_protocol(), Some(ALPN_H2));
+            let group = tls.get_ref().1.negotiated_key_exchange_group();
             let mut byte = [0u8];
             tls.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
-            Ok::<_, String>(())
+            Ok::<_, String>(group.expect("a finished handshake has a group").name())
         }
         .await;
         let server_result = server.await.unwrap();
-        client_result?;
+        let group = client_result?;
         assert_eq!(
             server_result?,
             Some(src),
             "server saw the wrong client identity"
         );
-        Ok(())
+        Ok(group)
+    }
+
+    #[tokio::test]
+    async fn two_culvert_nodes_agree_on_post_quantum_and_a_classic_peer_still_connects() {
+        use rustls::NamedGroup;
+        let certs = certs("pq");
+        let (a, b) = (
+            "spiffe://cluster.local/ns/x/sa/a",
+            "spiffe://cluster.local/ns/y/sa/b",
+        );
+        let ours = || provider_for(KeyExchange::PreferPostQuantum);
+        let classic = || {
+            let mut p = (*ours()).clone();
+            p.kx_groups = vec![aws_lc_rs::kx_group::X25519];
+            Arc::new(p)
+        };
+        let (prefer, require) = (
+            KeyExchange::PreferPostQuantum,
+            KeyExchange::RequirePostQuantum,
+        );
+        let group = |p, kx| handshake_kx(&certs, (a, b, p), (b, kx));
+        assert_eq!(group(ours(), prefer).await, Ok(NamedGroup::X25519MLKEM768));
+        assert_eq!(group(classic(), prefer).await, Ok(NamedGroup::X25519));
+        assert_eq!(group(ours(), require).await, Ok(NamedGroup::X25519MLKEM768));
+        let refused = group(classic(), require).await;
+        assert!(
+            refused.is_err(),
+            "a classic peer passed a PQ-only server: {refused:?}"
+        );
+        // A node that requires it reaches one that prefers it.
+        let pq_only = provider_for(require);
+        assert_eq!(group(pq_only, prefer).await, Ok(NamedGroup::X25519MLKEM768));
     }
 
     #[tokio::test]
@@ -375,7 +461,9 @@ mod tests {
         let dst: Id = "spiffe://cluster.local/ns/y/sa/b".parse().unwrap();
         certs.ensure(&dst).await.unwrap();
         let (a, b) = tokio::io::duplex(64 << 10);
-        let server = tokio_rustls::TlsAcceptor::from(server_config(&certs, &dst).unwrap());
+        let server = tokio_rustls::TlsAcceptor::from(
+            server_config(&certs, &dst, KeyExchange::default()).unwrap(),
+        );
         let mut anonymous = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()

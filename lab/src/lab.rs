@@ -70,6 +70,9 @@ pub struct PodSpec {
     /// Run the CNI ADD at start; otherwise the pod's namespace exists, unconnected, until
     /// [`Lab::cni_add`].
     pub attach: bool,
+    /// Whether the node files name the pod; an unlisted pod (and its namespace, if no other
+    /// pod names it) is one the daemons never heard of.
+    pub listed: bool,
 }
 
 impl PodSpec {
@@ -84,6 +87,7 @@ impl PodSpec {
             peer_authentication: None,
             remote_service_account: None,
             attach: true,
+            listed: true,
         }
     }
 
@@ -319,6 +323,9 @@ impl Lab {
             self.spec.enrolled_namespaces.join(", ")
         );
         for (pod, spec) in self.pods.iter().zip(&self.spec.pods) {
+            if !spec.listed {
+                continue;
+            }
             let sa = match &spec.remote_service_account {
                 Some(sa) if spec.node != i => sa,
                 _ => &spec.service_account,
@@ -560,13 +567,18 @@ impl Lab {
         self.call(pod.node, &request)
     }
 
-    /// Sends a `DelPod` for pod `name` straight to its node's socket: the daemon unwires the
-    /// pod and leaves its network alone.
+    /// Sends a `DelPod` for pod `name` straight to its node's socket, as the plugin does: the
+    /// daemon unwires the pod and leaves its network alone.
     pub fn unregister(&self, name: &str) -> anyhow::Result<Response> {
         let pod = self.pod(name);
         let request = Request::DelPod(DelPod {
             container_id: pod.sandbox.container_id.clone(),
-            pod: None,
+            netns: Some(netns_path(&pod.netns).display().to_string()),
+            pod: Some(PodRef {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                uid: None,
+            }),
         });
         self.call(pod.node, &request)
     }

@@ -92,6 +92,12 @@ fn add_fails_closed_while_the_daemon_is_down_and_succeeds_once_it_is_back() {
             ..PodSpec::in_namespace("web", 0, "plain")
         },
         PodSpec::in_namespace("server", 1, "shop"),
+        // A namespace the daemons never heard of: labelled while they were away, perhaps.
+        PodSpec {
+            attach: false,
+            listed: false,
+            ..PodSpec::in_namespace("newcomer", 0, "fresh")
+        },
     ]);
     spec.enrolled_namespaces = vec!["shop".into()];
     let lab = lab("cvclosed", spec);
@@ -116,11 +122,17 @@ fn add_fails_closed_while_the_daemon_is_down_and_succeeds_once_it_is_back() {
     );
 
     lab.cni_add("web")
-        .expect("a pod of an unenrolled namespace is never blocked");
+        .expect("a pod of a namespace known not to be enrolled is never blocked");
+    let err = lab
+        .cni_add("newcomer")
+        .expect_err("a pod of a namespace the daemon never saw started unwired");
+    assert_eq!(plugin_error(&err).code, 11, "{err:#}");
 
     lab.start_node(0).unwrap();
     lab.cni_add("cart")
         .expect("the retried ADD succeeds once the daemon is back");
+    lab.cni_add("newcomer")
+        .expect("once the daemon answers, it decides: not enrolled, so admitted");
     assert!(wired(&lab, 0).contains(&"shop/cart".to_owned()));
     lab.pod("server").serve_echo(ECHO).unwrap();
     assert_eq!(
@@ -518,6 +530,7 @@ fn status_and_gc_reach_the_daemon_and_a_pod_deleted_while_it_was_down_is_forgott
             PodSpec::new("keep", 0, true),
             PodSpec::new("stale", 0, true),
             PodSpec::new("gone", 0, true),
+            PodSpec::new("unlisted", 0, true),
         ]),
     );
     let socket = lab.nodes[0].socket.display().to_string();
@@ -533,7 +546,12 @@ fn status_and_gc_reach_the_daemon_and_a_pod_deleted_while_it_was_down_is_forgott
         (true, String::new())
     );
 
-    // GC: the runtime lists only "keep" and "gone" as valid.
+    // GC: the runtime lists only "keep" and "gone" as valid. It disposed of "stale"'s sandbox;
+    // "unlisted" runs on (a runtime that lost track of it, or a GC that lies).
+    Command::new("ip")
+        .args(["netns", "del", &lab.pod("stale").netns])
+        .status()
+        .unwrap();
     let valid: Vec<serde_json::Value> = ["keep", "gone"]
         .iter()
         .map(|p| serde_json::json!({"containerID": lab.pod(p).sandbox.container_id, "ifname": "eth0"}))
@@ -544,17 +562,12 @@ fn status_and_gc_reach_the_daemon_and_a_pod_deleted_while_it_was_down_is_forgott
         &config(serde_json::json!({"cni.dev/valid-attachments": valid})),
     );
     assert!(ok, "{out}");
-    assert_eq!(wired(&lab, 0), ["demo/gone", "demo/keep"].map(String::from));
     assert_eq!(
-        copies(&lab, "stale"),
-        (0, 0, 0),
-        "GC left the stale pod wired"
+        wired(&lab, 0),
+        ["demo/gone", "demo/keep", "demo/unlisted"].map(String::from),
+        "GC must collect the dead sandbox and never a running, enrolled pod"
     );
-    // The runtime disposes of the sandbox it no longer lists.
-    Command::new("ip")
-        .args(["netns", "del", &lab.pod("stale").netns])
-        .status()
-        .unwrap();
+    assert_eq!(copies(&lab, "unlisted"), (1, 1, 1), "GC unwired a live pod");
 
     // "gone" is deleted while the daemon is down; on return the daemon no longer tracks it.
     lab.stop_node(0, nix::sys::signal::Signal::SIGKILL).unwrap();
@@ -569,7 +582,10 @@ fn status_and_gc_reach_the_daemon_and_a_pod_deleted_while_it_was_down_is_forgott
         .status()
         .unwrap();
     lab.start_node(0).unwrap();
-    assert_eq!(wired(&lab, 0), ["demo/keep"].map(String::from));
+    assert_eq!(
+        wired(&lab, 0),
+        ["demo/keep", "demo/unlisted"].map(String::from)
+    );
     let recorded = std::fs::read_to_string(lab.nodes[0].state_dir.join("pods.json")).unwrap();
     assert!(
         !recorded.contains(&lab.pod("gone").sandbox.container_id),
@@ -735,4 +751,108 @@ fn echo_on(stream: &mut std::net::TcpStream, payload: &[u8]) {
     let mut back = vec![0; payload.len()];
     stream.read_exact(&mut back).unwrap();
     assert_eq!(back, payload);
+}
+
+#[test]
+#[ignore = "needs root: netns"]
+fn no_stale_or_hostile_cni_call_unwires_a_running_pod() {
+    use culvert_cni_proto::{AddPod, DelPod, Gc, PodRef};
+    let lab = lab(
+        "cvstale",
+        spec(vec![
+            PodSpec::new("client", 0, true),
+            PodSpec::new("other", 0, true),
+            PodSpec::new("server", 1, true),
+        ]),
+    );
+    lab.pod("server").serve_echo(ECHO).unwrap();
+    // A restart that lost pods.json: the daemon rewires both pods under ids of its own, which
+    // the runtime has never heard of.
+    lab.stop_node(0, nix::sys::signal::Signal::SIGKILL).unwrap();
+    std::fs::remove_file(lab.nodes[0].state_dir.join("pods.json")).unwrap();
+    lab.start_node(0).unwrap();
+    let both = vec!["demo/client".to_owned(), "demo/other".to_owned()];
+    assert_eq!(wired(&lab, 0), both);
+    let capture = lab.capture_wire().unwrap();
+
+    let client = lab.pod("client");
+    let pod = PodRef {
+        namespace: "demo".into(),
+        name: "client".into(),
+        uid: None,
+    };
+    let netns_of = |name: &str| culvert_lab::netns_path(&lab.pod(name).netns);
+    let call = |request: Request| lab.call(0, &request).unwrap();
+    // DEL for another sandbox of the pod: stale, retried or out of order.
+    for netns in [Some("/var/run/netns/cni-gone".to_owned()), None] {
+        let del = DelPod {
+            container_id: "an-older-sandbox".into(),
+            netns,
+            pod: Some(pod.clone()),
+        };
+        assert_eq!(call(Request::DelPod(del)), Response::Removed);
+    }
+    // A correct GC: the runtime lists its own sandbox ids.
+    let keep = vec![
+        client.sandbox.container_id.clone(),
+        lab.pod("other").sandbox.container_id.clone(),
+    ];
+    assert_eq!(call(Request::Gc(Gc { keep })), Response::Removed);
+    // ADDs for a new sandbox of the pod that must be refused before anything changes.
+    let daemon_netns = format!("/proc/{}/ns/net", lab.daemon_pid(0).unwrap());
+    let add = |netns: String| AddPod {
+        container_id: "a-new-sandbox".into(),
+        netns,
+        ifname: "eth0".into(),
+        pod: pod.clone(),
+        ips: vec![client.ip.into()],
+    };
+    for (netns, want) in [
+        (
+            "/var/run/netns/nope".to_owned(),
+            "No such file or directory",
+        ),
+        (
+            netns_of("other").display().to_string(),
+            "is wired for pod demo/other",
+        ),
+        (daemon_netns, "the daemon's own network namespace"),
+    ] {
+        match call(Request::AddPod(add(netns.clone()))) {
+            Response::Nack { reason } => assert!(reason.contains(want), "{netns}: {reason}"),
+            other => panic!("ADD in {netns} was answered {other:?}"),
+        }
+    }
+    assert_eq!(wired(&lab, 0), both, "a CNI call unwired a running pod");
+    let ruleset = in_pod(&lab, "client", &["nft", "list", "table", "inet", "culvert"]);
+    assert!(ruleset.is_some(), "the client's rules are gone");
+
+    let marker = b"STALE-CALL-PLAINTEXT-MARKER-4c1";
+    echo_ok(&lab, "client", addr(&lab, "server", ECHO), marker);
+    echo_ok(&lab, "other", addr(&lab, "server", ECHO), marker);
+    let segments = capture.finish().unwrap();
+    assert!(
+        !wire::contains(&segments, marker),
+        "the marker crossed the wire in plaintext"
+    );
+    for who in ["client", "other"] {
+        access_line(&lab, 1, |v| {
+            v["transport"] == "hbone"
+                && v["src.id"] == format!("spiffe://cluster.local/ns/demo/sa/{who}")
+        });
+    }
+    // The node's own namespace got no pod ruleset.
+    let node_rules = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.nodes[0].netns,
+            "nft",
+            "list",
+            "tables",
+        ])
+        .output()
+        .unwrap();
+    let node_rules = String::from_utf8_lossy(&node_rules.stdout);
+    assert!(!node_rules.contains("culvert"), "{node_rules}");
 }

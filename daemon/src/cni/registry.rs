@@ -62,6 +62,18 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("reading the addresses in network namespace {path}")]
+    Addresses {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{ip} is not an address in network namespace {path}")]
+    NotInNetns { ip: IpAddr, path: String },
+    #[error("{ip} belongs to pod {owner}")]
+    Claimed { ip: IpAddr, owner: String },
+    #[error("network namespace {path} is wired for pod {other}")]
+    NetnsInUse { path: String, other: String },
     #[error("binding the pod's listeners")]
     Listen(#[source] io::Error),
     #[error("installing redirection rules")]
@@ -220,9 +232,8 @@ impl Registry {
 
     async fn add_locked(&self, req: AddPod) -> Result<bool, Error> {
         let snapshot = self.deps.state.snapshot();
-        let workload = snapshot
-            .workload(&req.pod.namespace, &req.pod.name)
-            .or_else(|| req.ips.iter().find_map(|ip| snapshot.workload_by_ip(*ip)));
+        // By name only: an identity is never taken from whoever holds the request's IPs.
+        let workload = snapshot.workload(&req.pod.namespace, &req.pod.name);
         let workload = match workload {
             Some(w) if w.enrolled => w.clone(),
             None if snapshot.enrolled_namespaces.contains(&req.pod.namespace) => {
@@ -254,47 +265,64 @@ impl Registry {
             pod_ips: ips.clone(),
         };
 
-        if let Some(old_id) = self.find(&req.container_id, &req.pod) {
-            let same = self.with_wired(&old_id, |w| w.pod.sockets.is_in(Path::new(&req.netns)));
-            if same == Some(true) {
-                // A repeated ADD, or the runtime's id for a pod rewired at start: keep the
-                // listeners, make sure the rules are (still) there, track it under this id.
-                let sockets = self
-                    .with_wired(&old_id, |w| w.pod.sockets.clone())
-                    .expect("found above");
-                self.apply_rules(sockets, spec, &req.pod).await?;
-                let mut wired = self.wired.lock().expect("pods lock poisoned");
-                if let Some(mut w) = wired.remove(&old_id) {
-                    w.sandbox.container_id = req.container_id.clone();
-                    wired.insert(req.container_id, w);
-                }
-                return Ok(true);
-            }
-            // A new sandbox for the pod: the old one is gone or going.
-            let old = self
-                .wired
-                .lock()
-                .expect("pods lock poisoned")
-                .remove(&old_id);
-            if let Some(old) = old {
-                self.unwire(old).await;
-            }
+        let netns = Path::new(&req.netns);
+        if let Some(id) = self.same_sandbox(&req.container_id, &req.pod, netns) {
+            // A repeated ADD, or the runtime's id for a pod rewired at start: keep the
+            // listeners, make sure the rules are (still) there, track it under this id.
+            let sockets = self
+                .with_wired(&id, |w| w.pod.sockets.clone())
+                .expect("found above");
+            self.apply_rules(sockets, spec, &req.pod).await?;
+            self.rename(&id, &req.container_id);
+            return Ok(true);
         }
 
+        // A new sandbox. Everything is checked and in place before any older sandbox of the
+        // pod is let go: a refused request leaves the running pod wired as it was.
+        if let Some(ip) = req.ips.iter().find_map(|ip| {
+            let owner = snapshot.workload_by_ip(*ip)?;
+            let other = owner.namespace != req.pod.namespace || owner.name != req.pod.name;
+            other.then(|| (*ip, format!("{}/{}", owner.namespace, owner.name)))
+        }) {
+            return Err(Error::Claimed {
+                ip: ip.0,
+                owner: ip.1,
+            });
+        }
+        if let Some(other) = self.wired_in(netns) {
+            return Err(Error::NetnsInUse {
+                path: req.netns.clone(),
+                other,
+            });
+        }
+        let sockets = self
+            .deps
+            .capture
+            .open(netns, &ips)
+            .map_err(|source| Error::Netns {
+                path: req.netns.clone(),
+                source,
+            })?;
+        let present = self
+            .deps
+            .capture
+            .addresses(&sockets)
+            .map_err(|source| Error::Addresses {
+                path: req.netns.clone(),
+                source,
+            })?;
+        if let Some(ip) = ips.iter().find(|ip| !present.contains(ip)) {
+            return Err(Error::NotInNetns {
+                ip: *ip,
+                path: req.netns.clone(),
+            });
+        }
         self.deps
             .certs
             .ensure(&workload.identity)
             .await
             .map_err(|source| Error::Certificate {
                 id: workload.identity.clone(),
-                source,
-            })?;
-        let sockets = self
-            .deps
-            .capture
-            .open(Path::new(&req.netns), &ips)
-            .map_err(|source| Error::Netns {
-                path: req.netns.clone(),
                 source,
             })?;
         // Listeners before rules: once a rule redirects a connection, something must be there.
@@ -321,10 +349,20 @@ impl Registry {
             pod: req.pod,
             ips,
         };
-        self.wired
-            .lock()
-            .expect("pods lock poisoned")
-            .insert(req.container_id, Wired { pod, sandbox, stop });
+        let replaced: Vec<Wired> = {
+            let mut wired = self.wired.lock().expect("pods lock poisoned");
+            let older: Vec<String> = wired
+                .iter()
+                .filter(|(_, w)| w.pod.namespace == pod.namespace && w.pod.name == pod.name)
+                .map(|(id, _)| id.clone())
+                .collect();
+            wired.insert(req.container_id, Wired { pod, sandbox, stop });
+            older.iter().filter_map(|id| wired.remove(id)).collect()
+        };
+        // The pod's older sandboxes are gone or going: the runtime made a new one.
+        for old in replaced {
+            self.unwire(old).await;
+        }
         Ok(true)
     }
 
@@ -353,9 +391,16 @@ impl Registry {
         let not_wired = || Error::NotWired {
             pod: label(&req.pod),
         };
-        let Some(id) = self.find(&req.container_id, &req.pod) else {
+        let found = match &req.netns {
+            Some(netns) => self.named_sandbox(&req.container_id, &req.pod, Path::new(netns)),
+            None => self.with_wired(&req.container_id, |_| req.container_id.clone()),
+        };
+        let Some(id) = found else {
             return if enrolled { Err(not_wired()) } else { Ok(()) };
         };
+        // The runtime named a sandbox the daemon rewired on its own: adopt its id.
+        self.rename(&id, &req.container_id);
+        let id = req.container_id.clone();
         // Unwired between the lookup and here: as if it had never been found.
         let sockets = self
             .with_wired(&id, |w| w.pod.sockets.clone())
@@ -373,12 +418,17 @@ impl Registry {
             })
     }
 
-    /// Unwires the sandbox; never fails.
+    /// Unwires the sandbox the request names, and nothing else; never fails. The sandbox is
+    /// the one wired under `container_id`, or one the daemon rewired itself in the same
+    /// namespace. A DEL for another (stale, retried, out-of-order) sandbox of the same pod
+    /// changes nothing.
     pub async fn del(&self, req: DelPod) {
         let _serial = self.serial.lock().await;
-        let id = match &req.pod {
-            Some(pod) => self.find(&req.container_id, pod),
-            None => Some(req.container_id.clone()),
+        let id = match (&req.pod, &req.netns) {
+            (Some(pod), Some(netns)) => {
+                self.named_sandbox(&req.container_id, pod, Path::new(netns))
+            }
+            _ => self.with_wired(&req.container_id, |_| req.container_id.clone()),
         };
         let removed = id.and_then(|id| self.wired.lock().expect("pods lock poisoned").remove(&id));
         if let Some(wired) = removed {
@@ -387,15 +437,29 @@ impl Registry {
         self.persist();
     }
 
-    /// Unwires every pod whose sandbox the runtime no longer lists.
+    /// Unwires the sandboxes the runtime no longer lists, except any whose namespace is still
+    /// there and whose pod is enrolled: such a pod is running, and unwiring it would let its
+    /// traffic out in plaintext (a sandbox the daemon rewired itself is tracked under an id
+    /// the runtime has never heard of).
     pub async fn gc(&self, keep: &[String]) {
         let _serial = self.serial.lock().await;
+        let snapshot = self.deps.state.snapshot();
         let stale: Vec<Wired> = {
             let mut wired = self.wired.lock().expect("pods lock poisoned");
             let ids: Vec<String> = wired
-                .keys()
-                .filter(|id| !keep.contains(id))
-                .cloned()
+                .iter()
+                .filter(|(id, w)| {
+                    let enrolled = snapshot
+                        .workload(&w.pod.namespace, &w.pod.name)
+                        .is_some_and(|wl| wl.enrolled);
+                    let alive = self
+                        .deps
+                        .capture
+                        .alive(&w.pod.sockets, Path::new(&w.sandbox.netns));
+                    let running = enrolled && alive;
+                    !(keep.contains(id) || running)
+                })
+                .map(|(id, _)| id.clone())
                 .collect();
             ids.iter().filter_map(|id| wired.remove(id)).collect()
         };
@@ -428,16 +492,53 @@ impl Registry {
         info!(pod = wired.pod.label(), "pod released");
     }
 
-    /// The id a pod is wired under: `container_id` itself, or whatever id its name is wired under.
-    fn find(&self, container_id: &str, pod: &PodRef) -> Option<String> {
-        let wired = self.wired.lock().expect("pods lock poisoned");
-        if wired.contains_key(container_id) {
+    /// The id the sandbox named by a DEL or CHECK is wired under: `container_id` itself, or the
+    /// id of the same pod's entry in `netns` (a sandbox the daemon rewired on its own, under a
+    /// synthetic id). The runtime's id is honoured even when the namespace path is gone.
+    fn named_sandbox(&self, container_id: &str, pod: &PodRef, netns: &Path) -> Option<String> {
+        if self.with_wired(container_id, |_| ()).is_some() {
             return Some(container_id.to_owned());
+        }
+        self.same_sandbox(container_id, pod, netns)
+    }
+
+    /// The id the sandbox in `netns` is wired under: `container_id` itself if it is wired in
+    /// that namespace, or the id of the same pod's entry there (a sandbox the daemon rewired on
+    /// its own, under a synthetic id).
+    fn same_sandbox(&self, container_id: &str, pod: &PodRef, netns: &Path) -> Option<String> {
+        let wired = self.wired.lock().expect("pods lock poisoned");
+        if let Some(w) = wired.get(container_id) {
+            return w.pod.sockets.is_in(netns).then(|| container_id.to_owned());
         }
         wired
             .iter()
-            .find(|(_, w)| w.pod.namespace == pod.namespace && w.pod.name == pod.name)
+            .find(|(_, w)| {
+                w.pod.namespace == pod.namespace
+                    && w.pod.name == pod.name
+                    && w.pod.sockets.is_in(netns)
+            })
             .map(|(id, _)| id.clone())
+    }
+
+    /// The pod wired in `netns`, if any.
+    fn wired_in(&self, netns: &Path) -> Option<String> {
+        let wired = self.wired.lock().expect("pods lock poisoned");
+        wired
+            .values()
+            .find(|w| w.pod.sockets.is_in(netns))
+            .map(|w| w.pod.label().to_owned())
+    }
+
+    /// Tracks the sandbox wired under `from` under `to` (the runtime's id) from now on.
+    fn rename(&self, from: &str, to: &str) {
+        if from == to {
+            return;
+        }
+        let mut wired = self.wired.lock().expect("pods lock poisoned");
+        if let Some(mut w) = wired.remove(from) {
+            w.sandbox.container_id = to.to_owned();
+            wired.insert(to.to_owned(), w);
+        }
     }
 
     fn is_wired(&self, namespace: &str, name: &str) -> bool {

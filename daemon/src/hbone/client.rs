@@ -56,6 +56,7 @@ pub struct Client {
     pool: Arc<Pool>,
     /// A connection that carried no stream for this long is closed.
     idle_timeout: Duration,
+    key_exchange: tls::KeyExchange,
 }
 
 type Pool = Mutex<HashMap<Key, Arc<Slot>>>;
@@ -144,7 +145,14 @@ impl Client {
             certs,
             pool: Arc::default(),
             idle_timeout,
+            key_exchange: tls::KeyExchange::default(),
         }
+    }
+
+    /// Offers the key exchanges of `kx` in new handshakes.
+    pub fn key_exchange(mut self, kx: tls::KeyExchange) -> Self {
+        self.key_exchange = kx;
+        self
     }
 
     /// Pool keys with connections (for tests and status).
@@ -233,7 +241,8 @@ impl Client {
 
     async fn open(&self, req: &Request<'_>) -> Result<Conn, Error> {
         let peer = req.peer;
-        let config = tls::client_config(&self.certs, req.src, req.dst).map_err(Error::Tls)?;
+        let config = tls::client_config(&self.certs, req.src, req.dst, self.key_exchange)
+            .map_err(Error::Tls)?;
         if self.certs.get(req.src).is_none() {
             return Err(Error::NoCertificate {
                 id: req.src.clone(),

@@ -8,7 +8,8 @@ use tokio::net::TcpStream;
 use tracing::{Instrument, info_span};
 
 use super::conn::{Direction, Outcome, Record, Transport};
-use super::{Pod, Proxy};
+use super::{Pod, Proxy, Refusal};
+use crate::config::Ports;
 use crate::hbone;
 use crate::redirect::{canonical, original_dst};
 use crate::state::{Snapshot, Workload};
@@ -45,16 +46,42 @@ fn route(snapshot: &Snapshot, dst: SocketAddr, turn: &AtomicUsize) -> Route {
 }
 
 /// A connection accepted on the pod's outbound listener: where it was going is its original
-/// destination.
+/// destination. One that would come straight back to the proxy is refused at once: dialling
+/// it would be accepted again, and again, until the node runs out of file descriptors.
 pub(super) async fn accepted(proxy: Arc<Proxy>, pod: Arc<Pod>, app: TcpStream, src: SocketAddr) {
-    match original_dst(&app) {
-        Ok(dst) => handle(proxy, pod, app, src, canonical(dst)).await,
-        Err(e) => tracing::warn!(
-            pod = pod.label(),
-            error = &e as &dyn std::error::Error,
-            "outbound connection without an original destination"
-        ),
+    let dst = match original_dst(&app) {
+        Ok(dst) => canonical(dst),
+        Err(e) => {
+            proxy.refusals.note(Refusal::NoOriginalDst, || {
+                tracing::warn!(
+                    pod = pod.label(),
+                    error = &e as &dyn std::error::Error,
+                    "outbound connection without an original destination; refused"
+                )
+            });
+            let _ = super::reset(app);
+            return;
+        }
+    };
+    let local = app.local_addr().ok().map(canonical);
+    if loops_back(&proxy.ports, &pod, dst, local) {
+        proxy.refusals.note(Refusal::Loop, || {
+            tracing::warn!(pod = pod.label(), src.addr = %src, dst.addr = %dst,
+                "connection to the proxy's own listener refused")
+        });
+        let _ = super::reset(app);
+        return;
     }
+    handle(proxy, pod, app, src, dst).await;
+}
+
+/// Whether a connection to `dst`, accepted on a listener at `local`, would come back to the
+/// proxy: it was not redirected (its destination is the listener itself), or it names one of
+/// the proxy ports on loopback, the unspecified address or the pod's own address.
+fn loops_back(ports: &Ports, pod: &Pod, dst: SocketAddr, local: Option<SocketAddr>) -> bool {
+    let ip = dst.ip();
+    let own = ip.is_loopback() || ip.is_unspecified() || pod.owns(ip);
+    Some(dst) == local || (own && ports.is_proxy_port(dst.port()))
 }
 
 /// Carries `app`'s connection from `src` to `dst`: over HBONE, or plain TCP.
@@ -201,5 +228,46 @@ mod tests {
             go(&snap, "10.96.0.10:81", &turn),
             (false, at("10.96.0.10:81"))
         );
+    }
+}
+
+#[cfg(test)]
+mod loop_tests {
+    use super::*;
+    use crate::identity::Id;
+    use crate::redirect::Sockets;
+
+    #[test]
+    fn connections_that_would_come_back_to_the_proxy_are_recognised() {
+        let ports = Ports {
+            outbound: 15001,
+            inbound_plaintext: 15006,
+            hbone: 15008,
+        };
+        let pod = Pod::new(
+            "shop".into(),
+            "cart".into(),
+            Id::new("cluster.local", "shop", "cart").unwrap(),
+            vec!["10.244.1.2".parse().unwrap()],
+            Sockets::loopback(std::path::Path::new("/run/netns/cart"), vec![]),
+        );
+        let redirected: SocketAddr = "127.0.0.1:15001".parse().unwrap();
+        for (dst, local, loops) in [
+            ("127.0.0.1:15001", redirected, true),
+            ("[::1]:15001", "[::1]:15001".parse().unwrap(), true),
+            ("10.244.1.2:15006", redirected, true),
+            ("0.0.0.0:15008", redirected, true),
+            ("10.244.1.2:9000", "10.244.1.2:9000".parse().unwrap(), true),
+            ("10.244.2.2:15001", redirected, false),
+            ("10.244.2.2:8080", redirected, false),
+            ("10.244.1.2:8080", redirected, false),
+        ] {
+            let dst: SocketAddr = dst.parse().unwrap();
+            assert_eq!(
+                loops_back(&ports, &pod, dst, Some(local)),
+                loops,
+                "{dst} on {local}"
+            );
+        }
     }
 }

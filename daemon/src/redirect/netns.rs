@@ -22,11 +22,42 @@ pub fn home() -> io::Result<Arc<File>> {
 }
 
 impl Netns {
+    /// Opens the pod namespace at `path`. Refuses anything that is not a network namespace,
+    /// and the daemon's own or the host's (PID 1's): rules installed there would capture the
+    /// node's traffic, not a pod's.
     pub fn open(path: &Path, home: Arc<File>) -> io::Result<Self> {
         let pod = File::open(path)?;
+        let refuse = |what: &str| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("{what}, not a pod's"))
+        };
+        let meta = pod.metadata()?;
+        if same_file(&meta, &home.metadata()?) {
+            return Err(refuse("this is the daemon's own network namespace"));
+        }
+        if std::fs::metadata("/proc/1/ns/net").is_ok_and(|host| same_file(&meta, &host)) {
+            return Err(refuse("this is the host's network namespace"));
+        }
         // Refuse anything that is not a network namespace before ever entering it.
         setns_checked(&pod, &home)?;
         Ok(Self { pod, home })
+    }
+
+    /// The addresses inside the namespace, loopback excluded.
+    pub fn addresses(&self) -> io::Result<Vec<std::net::IpAddr>> {
+        let addrs = self
+            .run(nix::ifaddrs::getifaddrs)?
+            .map_err(io::Error::from)?;
+        Ok(addrs
+            .filter_map(|a| {
+                let addr = a.address?;
+                let ip = match (addr.as_sockaddr_in(), addr.as_sockaddr_in6()) {
+                    (Some(v4), _) => std::net::IpAddr::V4(v4.ip()),
+                    (_, Some(v6)) => std::net::IpAddr::V6(v6.ip()),
+                    _ => return None,
+                };
+                (!ip.is_loopback()).then_some(ip)
+            })
+            .collect())
     }
 
     /// Runs `f` on the current thread inside the pod's namespace, then switches back.
@@ -86,20 +117,9 @@ pub fn scan(
         let Ok(netns) = Netns::open(&path, home.clone()) else {
             continue;
         };
-        let Ok(Ok(addrs)) = netns.run(nix::ifaddrs::getifaddrs) else {
+        let Ok(ips) = netns.addresses() else {
             continue;
         };
-        let ips: Vec<std::net::IpAddr> = addrs
-            .filter_map(|a| {
-                let addr = a.address?;
-                let ip = match (addr.as_sockaddr_in(), addr.as_sockaddr_in6()) {
-                    (Some(v4), _) => std::net::IpAddr::V4(v4.ip()),
-                    (_, Some(v6)) => std::net::IpAddr::V6(v6.ip()),
-                    _ => return None,
-                };
-                (!ip.is_loopback()).then_some(ip)
-            })
-            .collect();
         if !ips.is_empty() {
             found.push((path, ips));
         }
@@ -141,4 +161,23 @@ fn setns_checked(pod: &File, home: &File) -> io::Result<()> {
     })?;
     let _back = Return(home);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_daemons_own_namespace_is_never_taken_for_a_pods() {
+        let err = Netns::open(Path::new("/proc/self/ns/net"), home().unwrap()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(
+            err.to_string(),
+            "this is the daemon's own network namespace, not a pod's"
+        );
+        // Through another path to the same namespace, too.
+        let pid = std::process::id();
+        let err = Netns::open(Path::new(&format!("/proc/{pid}/ns/net")), home().unwrap());
+        assert!(err.is_err());
+    }
 }

@@ -87,7 +87,19 @@ impl Fixture {
         self.registry
             .del(DelPod {
                 container_id: id.to_owned(),
+                netns: None,
                 pod: None,
+            })
+            .await;
+    }
+
+    /// A DEL as the plugin sends it: container id, netns and pod.
+    async fn del_in(&self, id: &str, name: &str, netns: &str) {
+        self.registry
+            .del(DelPod {
+                container_id: id.to_owned(),
+                netns: Some(netns.to_owned()),
+                pod: Some(pod_ref(name)),
             })
             .await;
     }
@@ -116,7 +128,12 @@ fn registry(ca: &Ca, state: &Arc<Store>, capture: &Arc<Loopback>, dir: &Path) ->
     Registry::new(Deps {
         node: NODE.to_owned(),
         state: state.clone(),
-        proxy: Arc::new(Proxy::new(state.clone(), certs.clone(), ports)),
+        proxy: Arc::new(Proxy::new(
+            state.clone(),
+            certs.clone(),
+            ports,
+            Default::default(),
+        )),
         certs,
         capture: capture.clone(),
         ports,
@@ -268,6 +285,7 @@ async fn check_passes_for_a_wired_pod_and_names_what_is_missing() {
     );
     let check = |id: &str, name: &str| CheckPod {
         container_id: id.into(),
+        netns: Some(f.netns(id)),
         pod: pod_ref(name),
     };
     let err = f.registry.check(check("c1", "cart")).await.unwrap_err();
@@ -342,4 +360,134 @@ async fn a_restarted_registry_rewires_under_the_recorded_container_id() {
         .map(|p| p.container_id)
         .collect();
     assert_eq!(ids, ["c1"]);
+}
+
+#[tokio::test]
+async fn a_del_for_another_sandbox_of_the_pod_leaves_the_running_one_wired() {
+    let f = Fixture::two_wired().await;
+    // Stale, retried or out of order: another sandbox id, with or without its namespace.
+    f.del_in("old-cart", "cart", &f.netns("old-cart")).await;
+    f.del_in("old-cart", "cart", &f.netns("c2")).await;
+    f.del("old-cart").await;
+    assert_eq!(f.wired(), ["c1", "c2"]);
+    assert!(f.capture.rules(&f.netns("c1")).present);
+    f.del_in("c1", "cart", &f.netns("c1")).await;
+    assert_eq!(f.wired(), ["c2"]);
+    // The runtime's own id is honoured even once the namespace path is gone.
+    f.del_in("c2", "shelf", "/run/netns/already-deleted").await;
+    assert!(f.wired().is_empty());
+}
+
+#[tokio::test]
+async fn the_runtimes_del_and_check_reach_a_sandbox_the_daemon_rewired_itself() {
+    let f = Fixture::new(
+        &[
+            ("cart", NODE, 2, Some(true)),
+            ("shelf", NODE, 3, Some(true)),
+        ],
+        &[],
+    );
+    for (id, host) in [("c1", 2), ("c2", 3)] {
+        f.capture.run_pod(&f.netns(id), &[f.ip(host)]);
+    }
+    f.registry.reconcile().await;
+    assert_eq!(f.wired(), ["reconciled.shop.cart", "reconciled.shop.shelf"]);
+
+    // CHECK names the sandbox: its id is adopted.
+    let check = CheckPod {
+        container_id: "c2".into(),
+        netns: Some(f.netns("c2")),
+        pod: pod_ref("shelf"),
+    };
+    f.registry.check(check).await.unwrap();
+    assert_eq!(f.wired(), ["c2", "reconciled.shop.cart"]);
+    // DEL names the other by its runtime id and namespace: that one, and only it, goes.
+    f.del_in("c1", "cart", &f.netns("c1")).await;
+    assert_eq!(f.wired(), ["c2"]);
+}
+
+#[tokio::test]
+async fn gc_never_unwires_a_pod_whose_namespace_is_alive_and_enrolled() {
+    let f = Fixture::new(
+        &[
+            ("cart", NODE, 2, Some(true)),
+            ("shelf", NODE, 3, Some(true)),
+            ("crate", NODE, 4, Some(true)),
+        ],
+        &[],
+    );
+    for (id, host) in [("c1", 2), ("c2", 3), ("c3", 4)] {
+        f.capture.run_pod(&f.netns(id), &[f.ip(host)]);
+    }
+    // Rewired after a restart without pods.json: the daemon knows cart only as a synthetic id.
+    f.registry.reconcile().await;
+    f.add("c2", "shelf", 3).await.unwrap();
+    f.add("c3", "crate", 4).await.unwrap();
+    assert_eq!(f.wired().len(), 3);
+
+    // A correct GC lists the runtime's ids: cart's synthetic id is not among them.
+    f.registry.gc(&["c2".to_owned()]).await;
+    assert_eq!(f.wired().len(), 3, "a running, enrolled pod was unwired");
+    // Once a sandbox's namespace is gone, GC collects it.
+    f.capture.stop_pod(&f.netns("c3"));
+    f.registry.gc(&["c2".to_owned()]).await;
+    assert_eq!(f.wired(), ["c2", "reconciled.shop.cart"]);
+}
+
+#[tokio::test]
+async fn a_refused_add_for_a_new_sandbox_leaves_the_running_one_wired() {
+    let f = Fixture::two_wired().await;
+    let other = |mut req: AddPod, netns: &str, ips: Vec<IpAddr>| {
+        req.netns = netns.to_owned();
+        req.ips = ips;
+        req
+    };
+    let base = f.add_request("c9", "cart", 2);
+    let cases = [
+        (
+            other(base.clone(), "relative", vec![f.ip(2)]),
+            "opening network namespace relative: not a network namespace".to_owned(),
+        ),
+        (
+            other(base.clone(), &f.netns("c2"), vec![f.ip(2)]),
+            format!(
+                "network namespace {} is wired for pod shop/shelf",
+                f.netns("c2")
+            ),
+        ),
+        (
+            other(base.clone(), &f.netns("c9"), vec![f.ip(3)]),
+            format!("{} belongs to pod shop/shelf", f.ip(3)),
+        ),
+    ];
+    for (req, want) in cases {
+        let err = f.registry.add(req).await.unwrap_err();
+        assert_eq!(super::super::chain(&err), want);
+        assert_eq!(f.wired(), ["c1", "c2"]);
+        assert!(f.capture.rules(&f.netns("c1")).present);
+    }
+    // A namespace that does not hold the address asked for.
+    f.capture.run_pod(&f.netns("c9"), &[f.ip(7)]);
+    let err = f.registry.add(base).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{} is not an address in network namespace {}",
+            f.ip(2),
+            f.netns("c9")
+        )
+    );
+    assert_eq!(f.wired(), ["c1", "c2"]);
+}
+
+#[tokio::test]
+async fn an_add_for_a_new_sandbox_of_a_wired_pod_switches_once_the_new_one_is_wired() {
+    let f = Fixture::two_wired().await;
+    assert!(f.add("c9", "cart", 2).await.unwrap());
+    assert_eq!(f.wired(), ["c2", "c9"]);
+    let (old, new) = (
+        f.capture.rules(&f.netns("c1")),
+        f.capture.rules(&f.netns("c9")),
+    );
+    assert_eq!((old.present, new.present), (false, true));
 }
