@@ -15,7 +15,7 @@ use std::path::Path;
 use culvert_cni_proto::Enrollment;
 
 pub use registry::{Deps, Error, Registry};
-pub use server::{Handler, SocketFile, bind, serve};
+pub use server::{Handler, MAX_CONNECTIONS, SocketFile, bind, serve};
 
 /// The enrollment record's file name in the state directory.
 pub const ENROLLMENT_FILE: &str = "enrollment.json";

@@ -19,6 +19,11 @@ use tracing::{debug, warn};
 
 /// How long a registrar may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Registration connections served at once; one more is answered "busy" and closed. A node
+/// starting pods registers them one per sandbox, and the registry applies them one at a time
+/// anyway, so this bounds memory (each connection holds at most what it has sent) without
+/// slowing anyone down.
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// What the daemon does with registrations ([`super::Registry`] in the daemon).
 pub trait Handler: Send + Sync + 'static {
@@ -82,15 +87,35 @@ pub async fn serve<R: Handler>(
     registry: Arc<R>,
     shutdown: CancellationToken,
 ) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => accepted,
             () = shutdown.cancelled() => return,
         };
         match stream {
-            Ok((stream, _)) => {
-                tokio::spawn(handle(stream, registry.clone()));
-            }
+            Ok((mut stream, _)) => match permits.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let registry = registry.clone();
+                    tokio::spawn(async move {
+                        handle(stream, registry).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    let busy = Response::Nack {
+                        reason: format!(
+                            "the node daemon is serving {MAX_CONNECTIONS} registrations; try again"
+                        ),
+                    };
+                    // Best effort and bounded: a registrar that does not read is dropped.
+                    tokio::spawn(async move {
+                        let frame = encode(&busy);
+                        let write = stream.write_all(&frame);
+                        let _ = tokio::time::timeout(Duration::from_millis(100), write).await;
+                    });
+                }
+            },
             Err(e) => {
                 warn!(
                     error = &e as &dyn std::error::Error,
@@ -130,11 +155,19 @@ async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
             .await
             .map_err(|e| format!("reading request: {e}"))?;
         let len = frame_len(prefix).map_err(|e| e.to_string())?;
-        let mut payload = vec![0u8; len];
-        stream
-            .read_exact(&mut payload)
+        // Grow with what arrives rather than reserving what the prefix announces: a registrar
+        // that promises a megabyte and sends it slowly holds only what it has sent.
+        let mut payload = Vec::with_capacity(len.min(4 << 10));
+        let read = (&mut *stream)
+            .take(len as u64)
+            .read_to_end(&mut payload)
             .await
             .map_err(|e| format!("reading request: {e}"))?;
+        if read < len {
+            return Err(format!(
+                "reading request: the frame ended after {read} of {len} bytes"
+            ));
+        }
         decode(&payload).map_err(|e| e.to_string())
     };
     tokio::time::timeout(READ_TIMEOUT, read)
@@ -214,6 +247,53 @@ mod tests {
         }
         let listed = send_raw(&path, &encode(&Request::ListPods)).await;
         assert_eq!(listed, Response::Pods { pods: vec![] });
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn registrations_beyond_the_cap_are_answered_busy_and_the_rest_are_served() {
+        let path =
+            std::env::temp_dir().join(format!("culvert-cni-cap-{}.sock", std::process::id()));
+        let (listener, _) = bind(&path).unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, Arc::new(Empty), stop.clone()));
+        // Each announces a full frame and sends none of it: they hold their places.
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let mut stream = UnixStream::connect(&path).await.unwrap();
+            let len = culvert_cni_proto::MAX_FRAME as u32;
+            stream.write_all(&len.to_be_bytes()).await.unwrap();
+            held.push(stream);
+        }
+        // Once the server has accepted them all, the next one is refused.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let listed = loop {
+            match send_raw(&path, &encode(&Request::ListPods)).await {
+                Response::Nack { reason } => break reason,
+                Response::Pods { .. } => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "{MAX_CONNECTIONS} held connections and one more was still served"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(listed.contains("try again"), "{listed}");
+        drop(held);
+        // Places free up as the held connections close.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if matches!(
+                send_raw(&path, &encode(&Request::ListPods)).await,
+                Response::Pods { .. }
+            ) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never served again");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         stop.cancel();
     }
 
