@@ -136,6 +136,11 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
     registry.reconcile().await;
 
     let stop_registrations = CancellationToken::new();
+    tokio::spawn(
+        registry
+            .clone()
+            .keep_healed(args.heal_interval, stop_registrations.clone()),
+    );
     if args.cni.install {
         install_cni(&args, stop_registrations.clone())?;
     }

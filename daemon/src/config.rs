@@ -52,6 +52,11 @@ pub struct NodeArgs {
     #[arg(long, env = "CULVERT_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     #[serde(with = "humantime_serde_secs")]
     pub drain_timeout: Duration,
+    /// How often every wired pod's redirection rules are checked and, when gone (someone
+    /// flushed them), restored. Each check lists one table inside the pod.
+    #[arg(long, env = "CULVERT_HEAL_INTERVAL", value_parser = humantime::parse_duration, default_value = "3s")]
+    #[serde(with = "humantime_serde_secs")]
+    pub heal_interval: Duration,
     /// Where the daemon keeps what must survive restarts and reboots: the enrollment state the
     /// CNI plugin reads when the daemon is away, and the wired sandboxes.
     #[arg(long, env = "CULVERT_STATE_DIR", default_value = "/var/lib/culvert")]

@@ -337,13 +337,13 @@ fn del_never_fails() {
 #[test]
 #[ignore = "needs root: netns"]
 fn check_reports_a_pod_whose_rules_were_removed() {
-    let lab = lab(
-        "cvcheck",
-        spec(vec![
-            PodSpec::new("client", 0, true),
-            PodSpec::new("legacy", 0, false),
-        ]),
-    );
+    let mut spec = spec(vec![
+        PodSpec::new("client", 0, true),
+        PodSpec::new("legacy", 0, false),
+    ]);
+    // No healing during this test: CHECK is what must notice.
+    spec.node_flags = vec!["--heal-interval".into(), "1h".into()];
+    let lab = lab("cvcheck", spec);
     lab.cni_check("client")
         .expect("CHECK of a freshly wired pod");
     lab.cni_check("legacy")
@@ -855,4 +855,45 @@ fn no_stale_or_hostile_cni_call_unwires_a_running_pod() {
         .unwrap();
     let node_rules = String::from_utf8_lossy(&node_rules.stdout);
     assert!(!node_rules.contains("culvert"), "{node_rules}");
+}
+
+#[test]
+#[ignore = "needs root: netns"]
+fn flushed_pod_rules_are_restored_within_seconds() {
+    let mut spec = spec(vec![
+        PodSpec::new("client", 0, true),
+        PodSpec::new("server", 1, true),
+    ]);
+    spec.node_flags = vec!["--heal-interval".into(), "1s".into()];
+    let lab = lab("cvheal", spec);
+    lab.pod("server").serve_echo(ECHO).unwrap();
+    assert_eq!(copies(&lab, "client"), (1, 1, 1));
+
+    in_pod(&lab, "client", &["nft", "flush", "ruleset"]).unwrap();
+    let flushed = Instant::now();
+    eventually("the rules to be restored", Duration::from_secs(10), || {
+        (copies(&lab, "client").0 == 1).then_some(())
+    });
+    let took = flushed.elapsed();
+    assert!(took < Duration::from_secs(5), "restored after {took:?}");
+    eventually(
+        "the restoration to be logged",
+        Duration::from_secs(5),
+        || {
+            lab.log(0)
+                .contains("redirection rules were missing; restored")
+                .then_some(())
+        },
+    );
+
+    // From then on the pod's traffic is HBONE again.
+    let capture = lab.capture_wire().unwrap();
+    let marker = b"HEALED-RULES-PLAINTEXT-MARKER-7f";
+    echo_ok(&lab, "client", addr(&lab, "server", ECHO), marker);
+    let segments = capture.finish().unwrap();
+    assert!(
+        !wire::contains(&segments, marker),
+        "the marker crossed in plaintext after the rules were restored"
+    );
+    eprintln!("rules restored {took:?} after the flush");
 }

@@ -159,6 +159,7 @@ impl Topology {
             cni_socket: socket.clone(),
             redirect: RedirectChoice::Auto,
             drain_timeout: self.drain_timeout,
+            heal_interval: Duration::from_secs(3),
             state_dir: self.dir.path().join(format!("state{i}")),
             netns_dirs: vec![],
             ports: PORTS,

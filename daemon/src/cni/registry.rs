@@ -9,6 +9,7 @@ use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use culvert_cni_proto::{AddPod, CheckPod, DelPod, Gc, PodRef, PodStatus, Response};
 use serde::{Deserialize, Serialize};
@@ -104,6 +105,8 @@ pub struct Registry {
     /// Changes are applied one at a time: wiring is quick, and ordering an ADD and a DEL of the
     /// same sandbox matters more than parallelism.
     serial: tokio::sync::Mutex<()>,
+    /// Rule sets found missing in a wired pod and put back, since start.
+    restored: std::sync::atomic::AtomicU64,
 }
 
 /// A wired sandbox as persisted in [`PODS_FILE`].
@@ -127,6 +130,7 @@ impl Registry {
             deps,
             wired: Mutex::default(),
             serial: tokio::sync::Mutex::default(),
+            restored: Default::default(),
         }
     }
 
@@ -206,6 +210,93 @@ impl Registry {
             }
         }
         self.persist();
+    }
+
+    /// Puts back the redirection rules of every wired pod whose rules have gone (someone ran
+    /// `nft flush ruleset` in the pod, or another agent rewrote its tables): until then the
+    /// pod's traffic would leave unredirected. Returns how many were restored.
+    pub async fn heal(&self) -> usize {
+        // Checks run without the registration lock, so a pass over many pods never holds up an
+        // ADD; a pod found bare is restored under the lock, and only if it is still wired.
+        let pods: Vec<Arc<Pod>> = {
+            let wired = self.wired.lock().expect("pods lock poisoned");
+            wired.values().map(|w| w.pod.clone()).collect()
+        };
+        let (capture, ports) = (self.deps.capture.clone(), self.deps.ports);
+        let bare = tokio::task::spawn_blocking(move || {
+            pods.into_iter()
+                .filter(|pod| match capture.check(&pod.sockets, ports) {
+                    Ok(()) => false,
+                    Err(Missing::Rules) => true,
+                    Err(e) => {
+                        warn!(
+                            pod = pod.label(),
+                            error = &e as &dyn std::error::Error,
+                            "checking a wired pod"
+                        );
+                        false
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        let mut restored = 0;
+        for pod in bare {
+            let _serial = self.serial.lock().await;
+            let still_wired = self
+                .wired
+                .lock()
+                .expect("pods lock poisoned")
+                .values()
+                .any(|w| Arc::ptr_eq(&w.pod, &pod));
+            if !still_wired {
+                continue;
+            }
+            let spec = rules::Spec {
+                ports: self.deps.ports,
+                pod_ips: pod.ips.clone(),
+            };
+            let pod_ref = PodRef {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                uid: None,
+            };
+            match self.apply_rules(pod.sockets.clone(), spec, &pod_ref).await {
+                Ok(()) => {
+                    restored += 1;
+                    warn!(
+                        pod = pod.label(),
+                        "redirection rules were missing; restored"
+                    );
+                }
+                Err(e) => warn!(
+                    pod = pod.label(),
+                    error = &e as &dyn std::error::Error,
+                    "redirection rules are missing and could not be restored"
+                ),
+            }
+        }
+        self.restored
+            .fetch_add(restored as u64, std::sync::atomic::Ordering::Relaxed);
+        restored
+    }
+
+    /// Runs [`Self::heal`] every `interval` until `stop`.
+    pub async fn keep_healed(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => { self.heal().await; }
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// Rule sets restored by [`Self::heal`] since start.
+    pub fn rules_restored(&self) -> u64 {
+        self.restored.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// This node's enrolled pods and their addresses: when it changes, [`Self::reconcile`] has

@@ -491,3 +491,15 @@ async fn an_add_for_a_new_sandbox_of_a_wired_pod_switches_once_the_new_one_is_wi
     );
     assert_eq!((old.present, new.present), (false, true));
 }
+
+#[tokio::test]
+async fn heal_puts_back_rules_that_were_flushed_and_leaves_intact_ones_alone() {
+    let f = Fixture::two_wired().await;
+    assert_eq!(f.registry.heal().await, 0);
+    f.capture.flush(&f.netns("c2"));
+    assert_eq!(f.registry.heal().await, 1);
+    let rules = f.capture.rules(&f.netns("c2"));
+    assert_eq!((rules.installs, rules.present), (2, true));
+    assert_eq!(f.capture.rules(&f.netns("c1")).installs, 1);
+    assert_eq!(f.registry.rules_restored(), 1);
+}
