@@ -100,7 +100,9 @@ pub async fn serve(
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
+                        // Out of descriptors and the like: back off instead of spinning.
                         debug!(error = %e, "admin accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                         continue;
                     }
                 },

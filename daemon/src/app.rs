@@ -58,6 +58,13 @@ pub async fn start(args: NodeArgs) -> anyhow::Result<Node> {
 /// discovery synced, running enrolled pods rewired, the registration socket open.
 pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Result<Node> {
     let mut file = NodeFile::load(&args.config, args.node_name.as_deref())?;
+    match raise_fd_limit() {
+        Ok(limit) => info!(limit, "file descriptor limit"),
+        Err(e) => warn!(
+            error = &e as &dyn std::error::Error,
+            "raising the file descriptor limit"
+        ),
+    }
     info!(config = %serde_json::to_string(&args).unwrap_or_default(), node = file.node,
         trust_domain = file.trust_domain, discovery = ?file.discovery, backend = capture.name(),
         "starting");
@@ -297,6 +304,18 @@ async fn follow(
 fn record_enrollment(state_dir: &std::path::Path, state: &Store) -> anyhow::Result<()> {
     cni::write_enrollment(state_dir, &state.snapshot().enrollment())
         .with_context(|| format!("writing {}", state_dir.join(cni::ENROLLMENT_FILE).display()))
+}
+
+/// Raises the soft limit on open files to the hard limit: every tunnel holds sockets, and the
+/// default soft limit (often 1024) would cap a node long before its memory does. Returns the
+/// limit now in force.
+fn raise_fd_limit() -> nix::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard.max(soft))
 }
 
 /// Installs the plugin binary and keeps its entry in the primary CNI configuration.

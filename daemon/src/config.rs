@@ -324,6 +324,15 @@ impl NodeFile {
         })
     }
 
+    /// Parses and validates node-file text as if it were a file in `dir` (fuzzing, tools).
+    pub fn from_yaml(text: &str, dir: &Path, node: Option<&str>) -> Result<Self, Error> {
+        let path = dir.join("<text>");
+        Self::parse(text, dir, node).map_err(|e| match e {
+            ParseError::Yaml(source) => Error::Parse { path, source },
+            ParseError::Invalid(source) => Error::Invalid { path, source },
+        })
+    }
+
     fn parse(text: &str, dir: &Path, node: Option<&str>) -> Result<Self, ParseError> {
         let mut raw: RawFile = serde_yaml::from_str(text).map_err(ParseError::Yaml)?;
         if let Some(node) = node {

@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub use client::{Client, Dialer, Request};
-pub use server::{Handler, Incoming, Server};
+pub use server::{Handler, Incoming, Server, connect_target};
 
 use crate::identity::Id;
 

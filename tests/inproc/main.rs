@@ -33,6 +33,13 @@ async fn a_started_node_is_ready_and_its_admin_api_shows_what_it_knows() {
     let t = Topology::new("admin", &[("client", 0), ("server", 1)]);
     let a = t.start(0).await;
     assert_eq!(get(a.node.readiness_addr, "/healthz/ready").await.0, 200);
+    // Every tunnel holds sockets: the daemon raised its descriptor limit as far as it may.
+    let (soft, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    assert_eq!(
+        soft, hard,
+        "the open-files soft limit was left below the hard one"
+    );
     assert_eq!(get(a.node.readiness_addr, "/healthz/live").await.0, 200);
     // The probe address serves nothing else.
     assert_eq!(get(a.node.readiness_addr, "/workloads").await.0, 404);
@@ -236,10 +243,18 @@ fn a_sighup_while_the_daemon_starts_neither_kills_it_nor_stops_it_becoming_ready
     let t = Topology::new("hup", &[]);
     let config = t.dir.path().join("node.yaml");
     std::fs::write(&config, t.node_file(0)).unwrap();
-    // From 2 ms on, as the defect was reported. Before that only the time between exec and
-    // `main` (the loader relocating a large binary) is unprotected: the process blocks the
-    // signals as its first act.
-    for delay_ms in 2..=10u64 {
+    // Counted from the moment the daemon runs its own code (it has started threads), not from
+    // exec: before `main`, while the loader relocates the binary, no process can protect
+    // itself; that takes a few milliseconds for this debug build under load.
+    let threads = |pid: u32| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|n| n.trim().parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    for delay_ms in 0..=10u64 {
         let socket = t.dir.path().join(format!("hup{delay_ms}.sock"));
         let mut daemon = std::process::Command::new(culvert_tests::culvert_bin())
             .args(["node", "--config"])
@@ -260,12 +275,24 @@ fn a_sighup_while_the_daemon_starts_neither_kills_it_nor_stops_it_becoming_ready
             .spawn()
             .unwrap();
         let pid = Pid::from_raw(daemon.id() as i32);
+        let started = Instant::now();
+        while threads(daemon.id()) < 2 {
+            assert!(
+                daemon.try_wait().unwrap().is_none(),
+                "exited before it started"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "never started a thread"
+            );
+            std::thread::yield_now();
+        }
         std::thread::sleep(Duration::from_millis(delay_ms));
         kill(pid, Signal::SIGHUP).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !socket.exists() {
             if let Some(status) = daemon.try_wait().unwrap() {
-                panic!("SIGHUP {delay_ms} ms after start: the daemon exited with {status}");
+                panic!("SIGHUP {delay_ms} ms into the start: the daemon exited with {status}");
             }
             assert!(
                 Instant::now() < deadline,

@@ -113,14 +113,27 @@ impl<H: Handler> Server<H> {
             debug!("peer did not negotiate h2");
             return;
         }
+        self.serve_h2(tls, peer_addr, peer_id, drain).await;
+    }
 
+    /// Serves HTTP/2 CONNECT requests on `io`, a connection whose peer has already proved
+    /// `peer_id` (after TLS, or in a fuzz target that feeds raw frames).
+    pub async fn serve_h2<IO>(
+        &self,
+        io: IO,
+        peer_addr: SocketAddr,
+        peer_id: Id,
+        drain: CancellationToken,
+    ) where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         let mut conn = match h2::server::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
             .max_concurrent_streams(SERVER_MAX_STREAMS)
             .max_header_list_size(MAX_HEADER_LIST)
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(io)
             .await
         {
             Ok(conn) => conn,
@@ -162,6 +175,16 @@ impl<H: Handler> Server<H> {
     }
 }
 
+/// The target of a well-formed HBONE request: `CONNECT` with an `ip:port` authority. Anything
+/// else is answered 400.
+pub fn connect_target(method: &http::Method, uri: &http::Uri) -> Option<TargetAddr> {
+    if method != http::Method::CONNECT {
+        return None;
+    }
+    let authority = uri.authority()?.as_str().parse::<SocketAddr>().ok()?;
+    Some(TargetAddr(authority))
+}
+
 /// Checks what HBONE requires of every request and answers 400 otherwise.
 fn parse(
     request: http::Request<RecvStream>,
@@ -169,21 +192,14 @@ fn parse(
     peer_addr: SocketAddr,
     peer_id: &Id,
 ) -> Option<Incoming> {
-    let target = match request
-        .uri()
-        .authority()
-        .map(|a| a.as_str().parse::<SocketAddr>().map(TargetAddr))
-    {
-        Some(Ok(target)) if request.method() == http::Method::CONNECT => target,
-        _ => {
-            debug!(method = %request.method(), uri = %request.uri(), "bad CONNECT request");
-            let response = http::Response::builder()
-                .status(Refusal::BadRequest.status())
-                .body(())
-                .expect("static response");
-            let _ = respond.send_response(response, true);
-            return None;
-        }
+    let Some(target) = connect_target(request.method(), request.uri()) else {
+        debug!(method = %request.method(), uri = %request.uri(), "bad CONNECT request");
+        let response = http::Response::builder()
+            .status(Refusal::BadRequest.status())
+            .body(())
+            .expect("static response");
+        let _ = respond.send_response(response, true);
+        return None;
     };
     Some(Incoming {
         peer_addr,
