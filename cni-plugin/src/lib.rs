@@ -239,6 +239,18 @@ fn container_id(inputs: &Inputs) -> Result<String, CniError> {
     Ok(id)
 }
 
+/// What the plugin makes of a configuration on stdin without acting on it: the configuration
+/// checks, `prevResult` in the stated version and its addresses. The fuzz target's way in.
+pub fn inspect(stdin: &[u8]) -> Result<(Option<Value>, Vec<IpAddr>), CniError> {
+    let config = parse_config(stdin)?;
+    let ips = config
+        .prev_result
+        .as_ref()
+        .map(result_ips)
+        .unwrap_or_default();
+    Ok((pass_through(&config), ips))
+}
+
 /// The Kubernetes pod named in `CNI_ARGS`, if any. Lenient: unknown keys and malformed pairs are
 /// skipped, as runtimes add their own.
 pub fn pod_ref(args: Option<&str>) -> Option<PodRef> {
