@@ -89,6 +89,10 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
         certs.clone(),
         ports,
         file.key_exchange,
+        crate::proxy::Limits {
+            connections: args.hbone_max_connections,
+            connections_per_peer: args.hbone_max_connections_per_peer,
+        },
     ));
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating the state directory {}", args.state_dir.display()))?;

@@ -72,6 +72,17 @@ pub struct NodeArgs {
     pub netns_dirs: Vec<PathBuf>,
     #[command(flatten)]
     pub ports: PortFlags,
+    /// Inbound HBONE connections this node holds at most, all pods together; one more is
+    /// reset at accept.
+    #[arg(long, env = "CULVERT_HBONE_MAX_CONNECTIONS", default_value_t = 16384)]
+    pub hbone_max_connections: usize,
+    /// Inbound HBONE connections one peer address (one client pod) holds at most.
+    #[arg(
+        long,
+        env = "CULVERT_HBONE_MAX_CONNECTIONS_PER_PEER",
+        default_value_t = 256
+    )]
+    pub hbone_max_connections_per_peer: usize,
     #[command(flatten)]
     pub cni: CniInstall,
 }

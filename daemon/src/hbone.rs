@@ -36,6 +36,9 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(10);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// A pooled connection that carried no stream for this long is closed.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// A server connection without a stream for this long gets GOAWAY: longer than the client's
+/// idle timeout, so a healthy client closes first and never races a GOAWAY.
+pub const SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(360);
 /// Budget for a TCP connect plus TLS handshake, and for dialling the upstream app.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from a TCP socket per turn before they are offered to the stream: a connection

@@ -86,15 +86,81 @@ pub struct Proxy {
     endpoint_turn: std::sync::atomic::AtomicUsize,
     /// Connections refused before any routing, counted and logged at a bounded rate.
     refusals: Refusals,
+    /// Inbound HBONE connections held, against [`Limits`].
+    peers: Arc<Peers>,
 }
 
-/// Why a captured connection was refused before it was routed.
+/// Why a connection was refused before anything else was done with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     /// It would have come back to one of the proxy's own listeners.
     Loop,
     /// The kernel knew no original destination for it (it was not redirected).
     NoOriginalDst,
+    /// An HBONE connection beyond the node's or its peer's cap.
+    HboneCapacity,
+}
+
+/// Caps on inbound HBONE connections: a flood from one peer, or from everywhere, meets a
+/// clean refusal (a reset at accept) instead of exhausting descriptors and memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Limits {
+    /// Inbound HBONE connections on this node, all pods together.
+    pub connections: usize,
+    /// Inbound HBONE connections from one peer address (one client pod).
+    pub connections_per_peer: usize,
+}
+
+/// Inbound HBONE connections held, in all and per peer address.
+#[derive(Debug)]
+struct Peers {
+    limits: Limits,
+    held: std::sync::Mutex<(usize, std::collections::HashMap<IpAddr, usize>)>,
+}
+
+impl Peers {
+    /// A place for one more connection from `ip`, if the caps allow it.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<OwnedPeerSlot> {
+        let mut held = self.held.lock().expect("peers lock poisoned");
+        let (total, per_peer) = &mut *held;
+        let from_ip = per_peer.entry(ip).or_default();
+        if *total >= self.limits.connections || *from_ip >= self.limits.connections_per_peer {
+            if *from_ip == 0 {
+                per_peer.remove(&ip);
+            }
+            return None;
+        }
+        *from_ip += 1;
+        *total += 1;
+        Some(OwnedPeerSlot {
+            peers: self.clone(),
+            ip,
+        })
+    }
+
+    fn release(&self, ip: IpAddr) {
+        let mut held = self.held.lock().expect("peers lock poisoned");
+        let (total, per_peer) = &mut *held;
+        *total -= 1;
+        if let Some(n) = per_peer.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_peer.remove(&ip);
+            }
+        }
+    }
+}
+
+/// One admitted HBONE connection; gives its place back when dropped.
+struct OwnedPeerSlot {
+    peers: Arc<Peers>,
+    ip: IpAddr,
+}
+
+impl Drop for OwnedPeerSlot {
+    fn drop(&mut self) {
+        self.peers.release(self.ip);
+    }
 }
 
 /// Counts early refusals and logs them at most once a second each: a hostile app can cause
@@ -103,8 +169,9 @@ pub enum Refusal {
 struct Refusals {
     loops: AtomicU64,
     no_original_dst: AtomicU64,
+    hbone_capacity: AtomicU64,
     /// When each kind was last logged.
-    logged: std::sync::Mutex<[Option<tokio::time::Instant>; 2]>,
+    logged: std::sync::Mutex<[Option<tokio::time::Instant>; 3]>,
 }
 
 impl Refusals {
@@ -112,6 +179,7 @@ impl Refusals {
         let (counter, slot) = match refusal {
             Refusal::Loop => (&self.loops, 0),
             Refusal::NoOriginalDst => (&self.no_original_dst, 1),
+            Refusal::HboneCapacity => (&self.hbone_capacity, 2),
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let now = tokio::time::Instant::now();
@@ -130,6 +198,7 @@ impl Proxy {
         certs: Arc<identity::Cache>,
         ports: Ports,
         key_exchange: tls::KeyExchange,
+        limits: Limits,
     ) -> Self {
         Self {
             state,
@@ -141,6 +210,10 @@ impl Proxy {
             tasks: TaskTracker::new(),
             endpoint_turn: Default::default(),
             refusals: Refusals::default(),
+            peers: Arc::new(Peers {
+                limits,
+                held: Default::default(),
+            }),
         }
     }
 
@@ -149,6 +222,7 @@ impl Proxy {
         match refusal {
             Refusal::Loop => self.refusals.loops.load(Ordering::Relaxed),
             Refusal::NoOriginalDst => self.refusals.no_original_dst.load(Ordering::Relaxed),
+            Refusal::HboneCapacity => self.refusals.hbone_capacity.load(Ordering::Relaxed),
         }
     }
 
@@ -174,10 +248,22 @@ impl Proxy {
         self.accept_loop(listeners.inbound_plaintext, stop, move |stream, peer| {
             inbound::plaintext(proxy.clone(), p.clone(), stream, peer)
         });
-        let drain = self.drain.clone();
+        let (drain, proxy) = (self.drain.clone(), self.clone());
         self.accept_loop(listeners.hbone, stop, move |stream, peer| {
             let (server, drain) = (hbone_server.clone(), drain.clone());
-            async move { server.serve(stream, peer, drain).await }
+            let admitted = proxy.peers.admit(peer.ip());
+            let proxy = proxy.clone();
+            async move {
+                let Some(_slot) = admitted else {
+                    proxy.refusals.note(Refusal::HboneCapacity, || {
+                        tracing::warn!(peer.addr = %peer,
+                            "HBONE connection refused: the node or this peer holds its maximum")
+                    });
+                    let _ = reset(stream);
+                    return;
+                };
+                server.serve(stream, peer, drain).await;
+            }
         });
         Ok(())
     }

@@ -306,3 +306,102 @@ fn a_sighup_while_the_daemon_starts_neither_kills_it_nor_stops_it_becoming_ready
         assert!(status.success(), "{delay_ms} ms: stopped with {status}");
     }
 }
+
+/// Opens a TCP connection to `to` from `from` that sends nothing; `Err` when the server reset
+/// it before the connect completed on this side.
+async fn silent(from: std::net::IpAddr, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from, 0))?;
+    socket.connect(to).await
+}
+
+/// Whether the server ends the connection (reset or close) within `wait`.
+async fn ended_within(stream: &mut std::io::Result<tokio::net::TcpStream>, wait: Duration) -> bool {
+    let Ok(stream) = stream else { return true };
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(wait, stream.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hbone_flood_meets_the_caps_and_the_deadline_while_real_tunnels_go_through() {
+    let mut t = Topology::new("flood", &[("client", 0), ("server", 1)]);
+    t.hbone_limits = (6, 4); // per node, per peer
+    let (a, b) = (t.start(0).await, t.start(1).await);
+    t.register(&a, "client").await;
+    t.register(&b, "server").await;
+    let server = SocketAddr::new(t.ip("server"), APP);
+    echo_server(server).await;
+    let hbone = SocketAddr::new(t.ip("server"), 15008);
+
+    // One peer takes its four places and says nothing.
+    let flooder = t.host_ip(0, 99);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(Ok(silent(flooder, hbone).await.unwrap()));
+    }
+    let started = Instant::now();
+    let mut fifth = silent(flooder, hbone).await;
+    assert!(
+        ended_within(&mut fifth, Duration::from_secs(2)).await,
+        "a fifth connection from one peer was kept"
+    );
+    // Another pod's tunnel is not held up by it.
+    let app = a.connect_from(&t.namespace, "client", server).await;
+    let back = exchange(app, b"through").await;
+    let ns = &t.namespace;
+    assert_eq!(
+        back.ok().as_deref(),
+        Some(&b"through"[..]),
+        "{:?}",
+        access(&format!("{ns}/client"))
+    );
+
+    // A mesh peer that completes TLS and then sends no HTTP/2 preface is cut off as well.
+    let certs = t.ca.certs();
+    let (me, them) = (
+        culvert::identity::Id::new("cluster.local", &t.namespace, "client").unwrap(),
+        culvert::identity::Id::new("cluster.local", &t.namespace, "server").unwrap(),
+    );
+    certs.ensure(&me).await.unwrap();
+    let config = culvert::tls::client_config(&certs, &me, &them, Default::default()).unwrap();
+    let tcp = silent(t.host_ip(0, 95), hbone);
+    let name = rustls::pki_types::ServerName::IpAddress(t.ip("server").into());
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp.await.unwrap())
+        .await
+        .expect("a mesh peer completes TLS");
+    let tls_done = Instant::now();
+
+    // The node's own cap: the flood's four, the client's pooled connection and the silent TLS
+    // peer fill it; the next peer, whoever it is, is refused.
+    let mut over = silent(t.host_ip(0, 96), hbone).await;
+    let refused = ended_within(&mut over, Duration::from_secs(2)).await;
+    assert!(refused, "the node held more than its cap");
+    assert!(
+        b.node
+            .proxy()
+            .refused(culvert::proxy::Refusal::HboneCapacity)
+            >= 2,
+        "refusals were not counted"
+    );
+
+    // Saying nothing costs a peer its connections at the deadline (10 s from accept).
+    for mut stream in held {
+        assert!(
+            ended_within(&mut stream, Duration::from_secs(12)).await,
+            "a silent connection outlived the deadline"
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(13));
+    // The server's own SETTINGS come first; then, with no preface from the peer, the end.
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(12), tls.read_to_end(&mut sink)).await;
+    assert!(
+        matches!(read, Ok(Ok(_) | Err(_))),
+        "a TLS peer without a preface was kept past the deadline"
+    );
+    assert!(tls_done.elapsed() < Duration::from_secs(11));
+}

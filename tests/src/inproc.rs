@@ -51,6 +51,8 @@ pub struct Topology {
     /// Extra node-file lines for both nodes (`peerAuthentication: STRICT`, ...).
     pub extra: String,
     pub drain_timeout: Duration,
+    /// `(per node, per peer)` caps on inbound HBONE connections.
+    pub hbone_limits: (usize, usize),
 }
 
 /// A running in-process node.
@@ -89,6 +91,7 @@ impl Topology {
             workloads,
             extra: String::new(),
             drain_timeout: Duration::from_secs(5),
+            hbone_limits: (16384, 256),
         }
     }
 
@@ -163,6 +166,8 @@ impl Topology {
             state_dir: self.dir.path().join(format!("state{i}")),
             netns_dirs: vec![],
             ports: PORTS,
+            hbone_max_connections: self.hbone_limits.0,
+            hbone_max_connections_per_peer: self.hbone_limits.1,
             cni: CniInstall {
                 install: false,
                 cni_bin_dir: self.dir.path().join("bin"),

@@ -3,6 +3,8 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::RecvStream;
@@ -10,12 +12,14 @@ use h2::server::SendResponse;
 use http::StatusCode;
 use rustls::ServerConfig;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span};
 
 use super::{
-    CONNECT_TIMEOUT, CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_HEADER_LIST, Refusal,
-    SERVER_MAX_STREAMS, STREAM_WINDOW, Stream, TargetAddr,
+    CONNECT_TIMEOUT, CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_HEADER_LIST, PING_INTERVAL,
+    PING_TIMEOUT, Refusal, SERVER_IDLE_TIMEOUT, SERVER_MAX_STREAMS, STREAM_WINDOW, Stream,
+    TargetAddr,
 };
 use crate::identity::Id;
 use crate::tls;
@@ -88,10 +92,13 @@ impl<H: Handler> Server<H> {
     }
 
     async fn serve_inner(&self, tcp: TcpStream, peer_addr: SocketAddr, drain: CancellationToken) {
+        // TLS, the HTTP/2 preface and the first request all within this from the accept: a
+        // peer that connects and then says nothing holds a socket for no longer.
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
         if let Err(e) = super::tune(&tcp) {
             debug!(error = &e as &dyn std::error::Error, "socket options");
         }
-        let tls = match tokio::time::timeout(CONNECT_TIMEOUT, self.tls.accept(tcp)).await {
+        let tls = match tokio::time::timeout_at(deadline, self.tls.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 debug!(error = &e as &dyn std::error::Error, "TLS handshake failed");
@@ -113,7 +120,8 @@ impl<H: Handler> Server<H> {
             debug!("peer did not negotiate h2");
             return;
         }
-        self.serve_h2(tls, peer_addr, peer_id, drain).await;
+        self.serve_h2_until(tls, peer_addr, peer_id, drain, deadline)
+            .await;
     }
 
     /// Serves HTTP/2 CONNECT requests on `io`, a connection whose peer has already proved
@@ -127,24 +135,51 @@ impl<H: Handler> Server<H> {
     ) where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let mut conn = match h2::server::Builder::new()
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        self.serve_h2_until(io, peer_addr, peer_id, drain, deadline)
+            .await;
+    }
+
+    /// [`Self::serve_h2`] with the preface and the first request due by `deadline`. Then the
+    /// peer is kept honest: PINGs every [`PING_INTERVAL`] must be answered within
+    /// [`PING_TIMEOUT`], and a connection without a stream for [`SERVER_IDLE_TIMEOUT`] is sent
+    /// GOAWAY.
+    async fn serve_h2_until<IO>(
+        &self,
+        io: IO,
+        peer_addr: SocketAddr,
+        peer_id: Id,
+        drain: CancellationToken,
+        deadline: Instant,
+    ) where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let handshake = h2::server::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
             .max_concurrent_streams(SERVER_MAX_STREAMS)
             .max_header_list_size(MAX_HEADER_LIST)
-            .handshake::<_, Bytes>(io)
-            .await
-        {
-            Ok(conn) => conn,
-            Err(e) => {
+            .handshake::<_, Bytes>(io);
+        let mut conn = match tokio::time::timeout_at(deadline, handshake).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
                 debug!(
                     error = &e as &dyn std::error::Error,
                     "HTTP/2 handshake failed"
                 );
                 return;
             }
+            Err(_) => {
+                debug!("no HTTP/2 preface before the deadline");
+                return;
+            }
         };
+        let keepalive = keepalive(conn.ping_pong());
+        tokio::pin!(keepalive);
+        let active = Arc::new(AtomicUsize::new(0));
+        let (mut seen, mut busy_at) = (false, Instant::now());
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
         let mut draining = false;
         loop {
             let next = tokio::select! {
@@ -152,6 +187,24 @@ impl<H: Handler> Server<H> {
                 () = drain.cancelled(), if !draining => {
                     draining = true;
                     conn.graceful_shutdown();
+                    continue;
+                }
+                () = &mut keepalive => {
+                    debug!("peer stopped answering PINGs");
+                    break;
+                }
+                _ = ticks.tick() => {
+                    let now = Instant::now();
+                    if active.load(Ordering::Relaxed) > 0 {
+                        busy_at = now;
+                    } else if !seen && now >= deadline {
+                        debug!("no request before the deadline");
+                        break;
+                    } else if seen && !draining && now - busy_at >= SERVER_IDLE_TIMEOUT {
+                        debug!("idle; closing");
+                        draining = true;
+                        conn.graceful_shutdown();
+                    }
                     continue;
                 }
             };
@@ -162,15 +215,52 @@ impl<H: Handler> Server<H> {
                     break;
                 }
                 Some(Ok((request, respond))) => {
+                    seen = true;
                     let incoming = parse(request, respond, peer_addr, &peer_id);
                     if let Some(incoming) = incoming {
                         let handler = self.handler.clone();
+                        let open = Open::count(&active);
                         tokio::spawn(
-                            async move { handler.handle(incoming).await }.in_current_span(),
+                            async move {
+                                handler.handle(incoming).await;
+                                drop(open);
+                            }
+                            .in_current_span(),
                         );
                     }
                 }
             }
+        }
+    }
+}
+
+/// One stream being handled, counted in the connection's `active` while it lives.
+struct Open(Arc<AtomicUsize>);
+
+impl Open {
+    fn count(active: &Arc<AtomicUsize>) -> Self {
+        active.fetch_add(1, Ordering::Relaxed);
+        Self(active.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Resolves once the peer fails to answer a PING within [`PING_TIMEOUT`] (or the connection
+/// is gone); pends forever when PINGs cannot be sent.
+async fn keepalive(ping: Option<h2::PingPong>) {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(PING_INTERVAL).await;
+        match tokio::time::timeout(PING_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(_)) | Err(_) => return,
         }
     }
 }

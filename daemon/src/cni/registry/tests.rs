@@ -133,6 +133,10 @@ fn registry(ca: &Ca, state: &Arc<Store>, capture: &Arc<Loopback>, dir: &Path) ->
             certs.clone(),
             ports,
             Default::default(),
+            crate::proxy::Limits {
+                connections: 64,
+                connections_per_peer: 8,
+            },
         )),
         certs,
         capture: capture.clone(),
