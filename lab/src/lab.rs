@@ -127,9 +127,21 @@ pub struct Pod {
     netns_handle: Netns,
 }
 
+/// The second octet of this lab's pod subnets (`10.<net>.1.0/24` on node 0, `10.<net>.2.0/24`
+/// on node 1). Labs started side by side in one process (the tests) each get their own, so no
+/// two running labs share a pod address: a daemon finds running pods by address among every
+/// process's network namespace, and those of another lab's pods are visible to it too. The
+/// first lab gets 244 (10.244.x.x, the familiar pod range).
+fn next_net() -> u8 {
+    static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(244);
+    NEXT.fetch_sub(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The whole lab; dropping it tears everything down.
 pub struct Lab {
     pub tag: String,
+    /// Second octet of the pod subnets, see [`next_net`].
+    pub net: u8,
     pub dir: PathBuf,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
@@ -162,6 +174,7 @@ impl Lab {
         std::fs::create_dir_all(&dir)?;
         let mut lab = Self {
             tag: tag.to_owned(),
+            net: next_net(),
             dir,
             nodes: Vec::new(),
             pods: Vec::new(),
@@ -209,7 +222,7 @@ impl Lab {
                     "ipMasq": false,
                     "ipam": {
                         "type": "host-local",
-                        "ranges": [[{"subnet": format!("10.244.{}.0/24", i + 1)}]],
+                        "ranges": [[{"subnet": format!("10.{}.{}.0/24", self.net, i + 1)}]],
                         "routes": [{"dst": "0.0.0.0/0"}],
                         "dataDir": self.dir.join(format!("ipam-n{i}")),
                     },
@@ -257,7 +270,7 @@ impl Lab {
         }
         for i in 0..2 {
             let other = self.nodes[1 - i].wire_ip.to_string();
-            let cidr = format!("10.244.{}.0/24", 2 - i);
+            let cidr = format!("10.{}.{}.0/24", self.net, 2 - i);
             ip(&[
                 "-n",
                 &self.nodes[i].netns,
@@ -277,7 +290,7 @@ impl Lab {
         let mut next_host = [2u8, 2u8];
         for (k, spec) in self.spec.pods.iter().enumerate() {
             let netns = format!("{}-p{k}", self.tag);
-            let ipaddr = Ipv4Addr::new(10, 244, spec.node as u8 + 1, next_host[spec.node]);
+            let ipaddr = Ipv4Addr::new(10, self.net, spec.node as u8 + 1, next_host[spec.node]);
             next_host[spec.node] += 1;
             ip(&["netns", "add", &netns])?;
             ip(&["-n", &netns, "link", "set", "lo", "up"])?;

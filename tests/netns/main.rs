@@ -556,7 +556,10 @@ fn sighup_applies_a_new_mode_and_keeps_the_old_config_when_the_new_one_is_broken
 
     std::fs::write(
         config,
-        original.replace("ips: [10.244.2.2]", "ips: [10.244.2.x]"),
+        original.replace(
+            &format!("ips: [{}]", lab.pod("server").ip),
+            "ips: [10.0.0.x]",
+        ),
     )
     .unwrap();
     lab.signal_node(1, nix::sys::signal::Signal::SIGHUP)
