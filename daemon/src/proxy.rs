@@ -248,7 +248,16 @@ impl Proxy {
         self.accept_loop(listeners.inbound_plaintext, stop, move |stream, peer| {
             inbound::plaintext(proxy.clone(), p.clone(), stream, peer)
         });
-        let (drain, proxy) = (self.drain.clone(), self.clone());
+        // The pod's HBONE connections get GOAWAY when the daemon drains, and also when the pod
+        // stops being served this way (released, or now under another identity).
+        let drain = self.drain.child_token();
+        let pod_stopped = drain.clone();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            stopped.cancelled().await;
+            pod_stopped.cancel();
+        });
+        let proxy = self.clone();
         self.accept_loop(listeners.hbone, stop, move |stream, peer| {
             let (server, drain) = (hbone_server.clone(), drain.clone());
             let admitted = proxy.peers.admit(peer.ip());

@@ -405,3 +405,37 @@ async fn an_hbone_flood_meets_the_caps_and_the_deadline_while_real_tunnels_go_th
     );
     assert!(tls_done.elapsed() < Duration::from_secs(11));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_reload_that_changes_a_service_account_tunnels_prove_the_new_identity() {
+    let mut t = Topology::new("rename", &[("client", 0), ("server", 1)]);
+    let (a, b) = (t.start(0).await, t.start(1).await);
+    t.register(&a, "client").await;
+    t.register(&b, "server").await;
+    let server = SocketAddr::new(t.ip("server"), APP);
+    echo_server(server).await;
+    let app = a.connect_from(&t.namespace, "client", server).await;
+    assert_eq!(exchange(app, b"before").await.unwrap(), b"before");
+
+    let w = t.workloads.iter_mut().find(|w| w.name == "server").unwrap();
+    w.service_account = "renamed".into();
+    for node in [&a, &b] {
+        let i = if std::ptr::eq(node, &a) { 0 } else { 1 };
+        std::fs::write(&node.config, t.node_file(i)).unwrap();
+        node.node.reload().await.unwrap();
+    }
+    let ns = t.namespace.clone();
+    let want = format!("spiffe://cluster.local/ns/{ns}/sa/renamed");
+    let pod = b.node.registry().pod(&ns, "server").unwrap();
+    assert_eq!(pod.identity.as_str(), want);
+
+    let app = a.connect_from(&ns, "client", server).await;
+    assert_eq!(exchange(app, b"after").await.unwrap(), b"after");
+    let line = eventually("the client's second access-log line", || {
+        let lines = access(&format!("{ns}/client"));
+        (lines.len() == 2).then(|| lines[1].clone())
+    })
+    .await;
+    assert_eq!(line["transport"], "hbone");
+    assert_eq!(line["dst.id"], want, "{line}");
+}

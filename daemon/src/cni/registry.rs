@@ -157,6 +157,27 @@ impl Registry {
         for w in released {
             self.unwire(w).await;
         }
+        // A pod whose identity changed (its service account, in a reload) is served under the
+        // new one, without a moment unredirected.
+        let renamed: Vec<(String, Id)> = {
+            let wired = self.wired.lock().expect("pods lock poisoned");
+            wired
+                .iter()
+                .filter_map(|(id, w)| {
+                    let now = snapshot.workload(&w.pod.namespace, &w.pod.name)?;
+                    (now.identity != w.pod.identity).then(|| (id.clone(), now.identity.clone()))
+                })
+                .collect()
+        };
+        for (id, identity) in renamed {
+            if let Err(e) = self.reidentify(&id, identity).await {
+                warn!(
+                    container_id = id,
+                    error = &e as &dyn std::error::Error,
+                    "serving a pod under its new identity failed; it keeps the old one"
+                );
+            }
+        }
 
         let wanted: Vec<_> = snapshot
             .workloads()
@@ -297,6 +318,61 @@ impl Registry {
     /// Rule sets restored by [`Self::heal`] since start.
     pub fn rules_restored(&self) -> u64 {
         self.restored.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Serves the pod wired under `id` as `identity` from now on: a certificate for it, new
+    /// listeners next to the old ones (`SO_REUSEPORT`), then the old listeners close and the
+    /// old identity's HBONE connections get GOAWAY. The rules never leave the pod.
+    async fn reidentify(&self, id: &str, identity: Id) -> Result<(), Error> {
+        let Some((old, sandbox)) = self.with_wired(id, |w| (w.pod.clone(), w.sandbox.clone()))
+        else {
+            return Ok(());
+        };
+        self.deps
+            .certs
+            .ensure(&identity)
+            .await
+            .map_err(|source| Error::Certificate {
+                id: identity.clone(),
+                source,
+            })?;
+        let listeners = old.sockets.listen(self.deps.ports).map_err(Error::Listen)?;
+        let pod = Arc::new(Pod::new(
+            old.namespace.clone(),
+            old.name.clone(),
+            identity,
+            old.ips.clone(),
+            old.sockets.clone(),
+        ));
+        let stop = CancellationToken::new();
+        self.deps
+            .proxy
+            .serve_pod(pod.clone(), listeners, &stop)
+            .map_err(Error::Tls)?;
+        info!(pod = pod.label(), from = %old.identity, to = %pod.identity, "pod identity changed");
+        let replaced = self
+            .wired
+            .lock()
+            .expect("pods lock poisoned")
+            .insert(id.to_owned(), Wired { pod, sandbox, stop });
+        if let Some(replaced) = replaced {
+            replaced.stop.cancel();
+            self.release_if_unused(&replaced.pod.identity);
+        }
+        Ok(())
+    }
+
+    /// Gives up `identity`'s certificate when no wired pod uses it any more.
+    fn release_if_unused(&self, identity: &Id) {
+        let still_used = self
+            .wired
+            .lock()
+            .expect("pods lock poisoned")
+            .values()
+            .any(|w| &w.pod.identity == identity);
+        if !still_used {
+            self.deps.certs.release(identity);
+        }
     }
 
     /// This node's enrolled pods and their addresses: when it changes, [`Self::reconcile`] has
@@ -571,15 +647,7 @@ impl Registry {
                 "rules not removed; namespace gone?"
             );
         }
-        let still_used = self
-            .wired
-            .lock()
-            .expect("pods lock poisoned")
-            .values()
-            .any(|w| w.pod.identity == wired.pod.identity);
-        if !still_used {
-            self.deps.certs.release(&wired.pod.identity);
-        }
+        self.release_if_unused(&wired.pod.identity);
         info!(pod = wired.pod.label(), "pod released");
     }
 

@@ -507,3 +507,47 @@ async fn heal_puts_back_rules_that_were_flushed_and_leaves_intact_ones_alone() {
     assert_eq!(f.capture.rules(&f.netns("c1")).installs, 1);
     assert_eq!(f.registry.rules_restored(), 1);
 }
+
+#[tokio::test]
+async fn a_pod_whose_service_account_changes_is_served_under_the_new_identity_without_a_gap() {
+    let f = Fixture::new(&[("cart", NODE, 2, Some(true))], &[]);
+    f.add("c1", "cart", 2).await.unwrap();
+    let before = f.registry.pod("shop", "cart").unwrap();
+
+    // The reload: same pod, another service account.
+    let mut renamed = snapshot(f.net, &[("cart", NODE, 2, Some(true))], &[]);
+    let cart = Workload {
+        service_account: "checkout".into(),
+        identity: Id::new("cluster.local", "shop", "checkout").unwrap(),
+        ..(**renamed.workload("shop", "cart").unwrap()).clone()
+    };
+    renamed = Snapshot::build(
+        "cluster.local",
+        PeerAuthentication::Permissive,
+        BTreeSet::new(),
+        vec![cart],
+        vec![],
+    )
+    .unwrap();
+    f.state.replace(renamed);
+    f.registry.reconcile().await;
+
+    let after = f.registry.pod("shop", "cart").unwrap();
+    assert_eq!(
+        after.identity.as_str(),
+        "spiffe://cluster.local/ns/shop/sa/checkout"
+    );
+    assert!(!Arc::ptr_eq(&before, &after));
+    assert_eq!(f.wired(), ["c1"]);
+    let rules = f.capture.rules(&f.netns("c1"));
+    assert_eq!(
+        (rules.removals, rules.present),
+        (0, true),
+        "the rules left the pod"
+    );
+    // The pod still answers on its HBONE port (the new listeners).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::net::TcpStream::connect(SocketAddr::new(f.ip(2), 15008))
+        .await
+        .unwrap();
+}
