@@ -49,7 +49,7 @@ pub struct Node {
 /// Starts `culvert node` with the real in-pod capture (nftables or iptables, per `--redirect`).
 pub async fn start(args: NodeArgs) -> anyhow::Result<Node> {
     let backend = Backend::choose(args.redirect);
-    let capture = Netfilter::new(backend, args.netns_dirs.clone())
+    let capture = Netfilter::new(backend, args.netns_dirs.clone(), args.probe_snat)
         .context("opening the daemon's own network namespace")?;
     start_with(args, Arc::new(capture)).await
 }

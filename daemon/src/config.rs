@@ -52,6 +52,11 @@ pub struct NodeArgs {
     #[arg(long, env = "CULVERT_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     #[serde(with = "humantime_serde_secs")]
     pub drain_timeout: Duration,
+    /// Make the node's own TCP to wired pods (kubelet probes) come from 169.254.7.127, which
+    /// the pods' rules let through, so STRICT pods pass their probes. Off only where the daemon
+    /// does not run in the node's network namespace.
+    #[arg(long, env = "CULVERT_PROBE_SNAT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub probe_snat: bool,
     /// How often every wired pod's redirection rules are checked and, when gone (someone
     /// flushed them), restored. Each check lists one table inside the pod.
     #[arg(long, env = "CULVERT_HEAL_INTERVAL", value_parser = humantime::parse_duration, default_value = "3s")]

@@ -47,6 +47,10 @@ pub trait Capture: Send + Sync + 'static {
     fn same_netns(&self, a: &Path, b: &Path) -> bool;
     /// The addresses configured inside the pod's namespace (loopback excluded).
     fn addresses(&self, sockets: &Sockets) -> io::Result<Vec<IpAddr>>;
+    /// Makes the node's own TCP to these pod addresses (kubelet probes) arrive from the probe
+    /// address, which the pods' rules let through: a STRICT pod still passes its probes.
+    /// Replaces the previous set.
+    fn probes(&self, pod_ips: &[IpAddr]) -> Result<(), rules::Error>;
     /// Whether the namespace the runtime registered at `path` is still there: the path still
     /// names the namespace these sockets live in. The daemon's own handle pins a namespace,
     /// so this asks about the runtime's, not ours.
@@ -70,6 +74,9 @@ pub enum Missing {
 #[derive(Debug)]
 pub struct Netfilter {
     backend: Backend,
+    /// Whether to install the host's probe SNAT (off where the daemon does not run in the
+    /// node's network namespace, as in the kube test lab).
+    probe_snat: bool,
     /// The daemon's own namespace, to return to after entering a pod's.
     home: Arc<std::fs::File>,
     /// Where the runtime keeps pod namespaces (searched, with /proc, by [`Capture::scan`]).
@@ -77,9 +84,10 @@ pub struct Netfilter {
 }
 
 impl Netfilter {
-    pub fn new(backend: Backend, netns_dirs: Vec<PathBuf>) -> io::Result<Self> {
+    pub fn new(backend: Backend, netns_dirs: Vec<PathBuf>, probe_snat: bool) -> io::Result<Self> {
         Ok(Self {
             backend,
+            probe_snat,
             home: netns::home()?,
             netns_dirs,
         })
@@ -137,6 +145,13 @@ impl Capture for Netfilter {
 
     fn alive(&self, sockets: &Sockets, path: &Path) -> bool {
         sockets.is_in(path)
+    }
+
+    fn probes(&self, pod_ips: &[IpAddr]) -> Result<(), rules::Error> {
+        if !self.probe_snat {
+            return Ok(());
+        }
+        rules::apply_host(self.backend, pod_ips)
     }
 }
 

@@ -114,6 +114,8 @@ pub struct Loopback {
     rules: Mutex<HashMap<PathBuf, RuleRecord>>,
     /// What [`Capture::scan`] finds: running pods' namespace paths and addresses.
     running: Mutex<Vec<(PathBuf, Vec<IpAddr>)>>,
+    /// The pod addresses the host's probe rule covers now.
+    probed: Mutex<Vec<IpAddr>>,
 }
 
 /// What the stand-in knows of one namespace's rules.
@@ -141,6 +143,11 @@ impl Loopback {
             .get(Path::new(path))
             .copied()
             .unwrap_or_default()
+    }
+
+    /// The pod addresses the host's probe rule covers.
+    pub fn probed(&self) -> Vec<IpAddr> {
+        self.probed.lock().unwrap().clone()
     }
 
     /// Makes the pod at `path` gone, as a deleted sandbox's namespace is.
@@ -226,6 +233,13 @@ impl Capture for Loopback {
             Some((_, ips)) => ips.clone(),
             None => sockets.loopback_ips().to_vec(),
         })
+    }
+
+    fn probes(&self, pod_ips: &[IpAddr]) -> Result<(), rules::Error> {
+        let mut ips = pod_ips.to_vec();
+        ips.sort();
+        *self.probed.lock().unwrap() = ips;
+        Ok(())
     }
 
     fn alive(&self, _sockets: &Sockets, path: &Path) -> bool {

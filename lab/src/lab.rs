@@ -140,7 +140,8 @@ fn next_net() -> u8 {
 /// The whole lab; dropping it tears everything down.
 pub struct Lab {
     pub tag: String,
-    /// Second octet of the pod subnets, see [`next_net`].
+    /// Second octet of the pod subnets (`10.<net>.1.0/24`, `10.<net>.2.0/24`): every lab in a
+    /// process gets its own, so labs side by side never share a pod address.
     pub net: u8,
     pub dir: PathBuf,
     pub nodes: Vec<Node>,
@@ -400,11 +401,14 @@ impl Lab {
                     .arg("node")
                     .arg("--kubeconfig")
                     .arg(kubeconfig);
+                // In the host's namespace here, not a node's: no probe rule there.
                 command.args([
                     "--admin-addr",
                     "127.0.0.1:0",
                     "--readiness-addr",
                     "127.0.0.1:0",
+                    "--probe-snat",
+                    "false",
                 ]);
                 command
             }

@@ -10,6 +10,7 @@ mod hostile;
 mod lifecycle;
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use culvert_cni_proto::Response;
@@ -577,5 +578,70 @@ fn sighup_applies_a_new_mode_and_keeps_the_old_config_when_the_new_one_is_broken
     assert!(
         !plaintext_allowed(),
         "a broken file replaced the working configuration"
+    );
+}
+
+#[test]
+#[ignore = "needs root: netns"]
+fn a_strict_pod_passes_its_nodes_probes_and_still_refuses_plaintext_from_anywhere_else() {
+    use std::io::{Read, Write};
+    let server = PodSpec {
+        peer_authentication: Some("STRICT"),
+        ..PodSpec::new("server", 1, true)
+    };
+    let lab = lab(
+        "cvprobe",
+        spec(vec![
+            PodSpec::new("legacy", 0, false),
+            server,
+            PodSpec::new("neighbour", 1, false),
+        ]),
+    );
+    lab.pod("server").serve_echo(ECHO).unwrap();
+    let to_server = addr(&lab, "server", ECHO);
+
+    // A probe: the node itself connects, as the kubelet does.
+    let node = culvert::redirect::Netns::open(
+        &culvert_lab::netns_path(&lab.nodes[1].netns),
+        culvert::redirect::netns::home().unwrap(),
+    )
+    .unwrap();
+    let probe = || -> std::io::Result<Vec<u8>> {
+        let mut stream =
+            node.run(|| std::net::TcpStream::connect_timeout(&to_server, Duration::from_secs(5)))??;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"probe")?;
+        let mut back = [0u8; 5];
+        stream.read_exact(&mut back)?;
+        Ok(back.to_vec())
+    };
+    assert_eq!(probe().unwrap(), b"probe", "the node's probe was refused");
+    let table = Command::new("ip")
+        .args(["netns", "exec", &lab.nodes[1].netns])
+        .args(["nft", "list", "table", "ip", "culvert_host"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains(&lab.pod("server").ip.to_string()), "{table}");
+
+    // Plaintext from another node's pod and from a pod on the same node is still refused.
+    for from in ["legacy", "neighbour"] {
+        let back = round_trip(&lab, from, to_server, b"plain");
+        assert!(
+            back.map(|b| b.is_empty()).unwrap_or(true),
+            "{from} reached a STRICT pod in plaintext"
+        );
+    }
+    // Once the pod is released, the node's probes no longer get the probe address.
+    assert_eq!(lab.unregister("server").unwrap(), Response::Removed);
+    let table = Command::new("ip")
+        .args(["netns", "exec", &lab.nodes[1].netns])
+        .args(["nft", "list", "table", "ip", "culvert_host"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        !table.contains(&lab.pod("server").ip.to_string()),
+        "{table}"
     );
 }

@@ -163,6 +163,7 @@ impl Topology {
             redirect: RedirectChoice::Auto,
             drain_timeout: self.drain_timeout,
             heal_interval: Duration::from_secs(3),
+            probe_snat: true,
             state_dir: self.dir.path().join(format!("state{i}")),
             netns_dirs: vec![],
             ports: PORTS,

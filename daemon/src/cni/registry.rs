@@ -230,7 +230,7 @@ impl Registry {
                 }
             }
         }
-        self.persist();
+        self.persist().await;
     }
 
     /// Puts back the redirection rules of every wired pod whose rules have gone (someone ran
@@ -393,7 +393,7 @@ impl Registry {
     pub async fn add(&self, req: AddPod) -> Result<bool, Error> {
         let _serial = self.serial.lock().await;
         let enrolled = self.add_locked(req).await?;
-        self.persist();
+        self.persist().await;
         Ok(enrolled)
     }
 
@@ -601,7 +601,7 @@ impl Registry {
         if let Some(wired) = removed {
             self.unwire(wired).await;
         }
-        self.persist();
+        self.persist().await;
     }
 
     /// Unwires the sandboxes the runtime no longer lists, except any whose namespace is still
@@ -633,7 +633,7 @@ impl Registry {
         for wired in stale {
             self.unwire(wired).await;
         }
-        self.persist();
+        self.persist().await;
     }
 
     async fn unwire(&self, wired: Wired) {
@@ -723,13 +723,27 @@ impl Registry {
             .unwrap_or_default()
     }
 
-    /// Records the wired sandboxes; a failure is logged, as it only costs container-id
-    /// continuity after a restart.
-    fn persist(&self) {
-        let sandboxes: Vec<Sandbox> = {
+    /// Records the wired sandboxes (a failure is logged, as it only costs container-id
+    /// continuity after a restart) and points the host's probe rule at their addresses. Runs
+    /// after every change, under the registration lock.
+    async fn persist(&self) {
+        let (sandboxes, mut ips): (Vec<Sandbox>, Vec<IpAddr>) = {
             let wired = self.wired.lock().expect("pods lock poisoned");
-            wired.values().map(|w| w.sandbox.clone()).collect()
+            let sandboxes = wired.values().map(|w| w.sandbox.clone()).collect();
+            let ips = wired.values().flat_map(|w| w.pod.ips.clone()).collect();
+            (sandboxes, ips)
         };
+        ips.sort();
+        ips.dedup();
+        let capture = self.deps.capture.clone();
+        match tokio::task::spawn_blocking(move || capture.probes(&ips)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(
+                error = &e as &dyn std::error::Error,
+                "updating the host's probe rule"
+            ),
+            Err(e) => warn!(error = &e as &dyn std::error::Error, "probe rule task"),
+        }
         let json = serde_json::to_vec_pretty(&sandboxes).expect("sandboxes serialize");
         if let Err(e) = super::write_atomically(&self.deps.state_dir.join(PODS_FILE), &json) {
             warn!(error = &e as &dyn std::error::Error, "recording wired pods");

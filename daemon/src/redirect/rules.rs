@@ -199,6 +199,70 @@ const JUMPS: [(&str, &str, &str); 4] = [
     ("nat", "OUTPUT", CHAIN_OUTPUT),
 ];
 
+/// The host table or chain holding the probe SNAT.
+const HOST_TABLE: &str = "culvert_host";
+const CHAIN_HOST: &str = "CULVERT_HOST";
+
+/// Renders the host's probe rule for nftables: TCP the node itself originates (a kubelet
+/// probe) to a wired pod's IPv4 address leaves with [`PROBE_ADDR`] as its source, which the
+/// pod's rules let through unredirected, so a STRICT pod still passes its health checks.
+/// Traffic from anywhere else (other pods, other nodes) is untouched: its source is not local.
+pub fn render_host_nft(pod_ips: &[IpAddr]) -> String {
+    let ips = v4(pod_ips);
+    let elements = if ips.is_empty() {
+        String::new()
+    } else {
+        format!("\t\telements = {{ {} }}\n", ips.join(", "))
+    };
+    format!(
+        "table ip {HOST_TABLE}
+delete table ip {HOST_TABLE}
+table ip {HOST_TABLE} {{
+\tset probed {{
+\t\ttype ipv4_addr
+{elements}\t}}
+\tchain postrouting {{
+\t\ttype nat hook postrouting priority srcnat; policy accept;
+\t\tip daddr @probed meta l4proto tcp fib saddr type local snat to {PROBE_ADDR}
+\t}}
+}}
+"
+    )
+}
+
+/// [`render_host_nft`] for `iptables-restore --noflush`; `jump` when POSTROUTING lacks the jump.
+pub fn render_host_iptables(pod_ips: &[IpAddr], jump: bool) -> String {
+    let mut rules = format!("*nat\n:{CHAIN_HOST} - [0:0]\n");
+    for ip in v4(pod_ips) {
+        let _ = writeln!(
+            rules,
+            "-A {CHAIN_HOST} -d {ip}/32 -p tcp -m addrtype --src-type LOCAL -j SNAT --to-source {PROBE_ADDR}"
+        );
+    }
+    if jump {
+        let _ = writeln!(rules, "-I POSTROUTING 1 -j {CHAIN_HOST}");
+    }
+    rules.push_str("COMMIT\n");
+    rules
+}
+
+/// Installs the host's probe rule for `pod_ips` in the calling thread's namespace (the
+/// daemon's own, the node's), replacing the previous one atomically. Blocking.
+pub fn apply_host(backend: Backend, pod_ips: &[IpAddr]) -> Result<(), Error> {
+    match backend {
+        Backend::Nftables => run("nft", &["-f", "-"], Some(&render_host_nft(pod_ips))),
+        Backend::Iptables => {
+            let check = ["-w", "-t", "nat", "-C", "POSTROUTING", "-j", CHAIN_HOST];
+            let jump = run("iptables", &check, None).is_err();
+            run(
+                "iptables-restore",
+                &["-w", "--noflush"],
+                Some(&render_host_iptables(pod_ips, jump)),
+            )
+        }
+    }
+}
+
 /// Installs (or re-installs) the ruleset in the pod. Blocking: call from a blocking thread.
 pub fn apply(netns: &Netns, backend: Backend, spec: &Spec) -> Result<(), Error> {
     netns
@@ -404,5 +468,31 @@ mod tests {
         assert_eq!(v4, include_str!("testdata/pod-v4.iptables"));
         let v6_without_jumps = render_iptables(&spec(), true, &[]);
         assert_eq!(v6_without_jumps, include_str!("testdata/pod-v6.iptables"));
+    }
+
+    #[test]
+    fn the_host_probe_rule_covers_the_wired_pods_ipv4_addresses() {
+        let ips: Vec<IpAddr> = ["10.244.1.2", "fd00::2", "10.244.1.3"]
+            .iter()
+            .map(|ip| ip.parse().unwrap())
+            .collect();
+        let nft = render_host_nft(&ips);
+        assert!(
+            nft.contains("elements = { 10.244.1.2, 10.244.1.3 }"),
+            "{nft}"
+        );
+        assert!(nft.contains(
+            "ip daddr @probed meta l4proto tcp fib saddr type local snat to 169.254.7.127"
+        ));
+        assert!(nft.starts_with("table ip culvert_host\ndelete table ip culvert_host\n"));
+        assert!(!render_host_nft(&[]).contains("elements"));
+        let ipt = render_host_iptables(&ips, true);
+        assert_eq!(
+            ipt,
+            "*nat\n:CULVERT_HOST - [0:0]\n\
+             -A CULVERT_HOST -d 10.244.1.2/32 -p tcp -m addrtype --src-type LOCAL -j SNAT --to-source 169.254.7.127\n\
+             -A CULVERT_HOST -d 10.244.1.3/32 -p tcp -m addrtype --src-type LOCAL -j SNAT --to-source 169.254.7.127\n\
+             -I POSTROUTING 1 -j CULVERT_HOST\nCOMMIT\n"
+        );
     }
 }

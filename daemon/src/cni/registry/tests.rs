@@ -551,3 +551,13 @@ async fn a_pod_whose_service_account_changes_is_served_under_the_new_identity_wi
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn the_host_probe_rule_follows_the_wired_pods() {
+    let f = Fixture::two_wired().await;
+    assert_eq!(f.capture.probed(), [f.ip(2), f.ip(3)]);
+    f.del("c1").await;
+    assert_eq!(f.capture.probed(), [f.ip(3)]);
+    f.registry.gc(&[]).await;
+    assert!(f.capture.probed().is_empty());
+}
