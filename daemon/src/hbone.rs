@@ -207,18 +207,32 @@ impl Stream {
         let (mut sent, mut received) = (0u64, 0u64);
         let send = &mut self.send;
         let recv = &mut self.recv;
+        // Set once the peer's half has ended and been written out.
+        let downstream_done = tokio::sync::Notify::new();
         let upstream = async {
             let (mut buf, mut want) = (BytesMut::new(), MIN_READ);
             loop {
                 buf.reserve(want);
-                let n = rd.read_buf(&mut (&mut buf).limit(want)).await?;
+                // Waiting on the app, watch the stream too: a peer that resets it or whose
+                // connection is lost must end the splice, even if the app neither reads nor
+                // writes (the other direction may be stuck writing to it).
+                let mut limited = (&mut buf).limit(want);
+                let n = tokio::select! {
+                    n = rd.read_buf(&mut limited) => n?,
+                    reset = poll_fn(|cx| send.poll_reset(cx)) => return Err(gone(reset)),
+                };
                 if n == want {
                     want = (want * 2).min(MAX_READ);
                 }
                 if n == 0 {
                     send.send_data(Bytes::new(), true)
                         .map_err(io::Error::other)?;
-                    return Ok::<_, io::Error>(());
+                    // Our half is done; keep watching until the peer's is.
+                    return tokio::select! {
+                        biased;
+                        () = downstream_done.notified() => Ok::<_, io::Error>(()),
+                        reset = poll_fn(|cx| send.poll_reset(cx)) => Err(gone(reset)),
+                    };
                 }
                 while !buf.is_empty() {
                     send.reserve_capacity(buf.len());
@@ -242,7 +256,9 @@ impl Stream {
                     .release_capacity(chunk.len())
                     .map_err(io::Error::other)?;
             }
-            wr.shutdown().await
+            let shut = wr.shutdown().await;
+            downstream_done.notify_one();
+            shut
         };
         let result = tokio::try_join!(upstream, downstream);
         let error = result.err();
@@ -255,6 +271,15 @@ impl Stream {
             error,
         }
     }
+}
+
+/// The error a splice ends with when the peer reset the stream or its connection is gone.
+fn gone(reset: Result<h2::Reason, h2::Error>) -> io::Error {
+    let why = match reset {
+        Ok(reason) => format!("the peer reset the stream ({reason})"),
+        Err(e) => format!("the HBONE connection is gone ({e})"),
+    };
+    io::Error::new(io::ErrorKind::ConnectionReset, why)
 }
 
 /// Copies bytes both ways between two TCP sockets, with half-close, counting as [`Transfer`]

@@ -439,3 +439,59 @@ async fn after_a_reload_that_changes_a_service_account_tunnels_prove_the_new_ide
     assert_eq!(line["transport"], "hbone");
     assert_eq!(line["dst.id"], want, "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_hbone_peer_vanishes_the_upstream_socket_is_closed_even_if_the_app_is_idle() {
+    let t = Topology::new("vanish", &[("client", 0), ("server", 1)]);
+    let b = t.start(1).await;
+    t.register(&b, "server").await;
+    let app = tokio::net::TcpListener::bind(SocketAddr::new(t.ip("server"), APP))
+        .await
+        .unwrap();
+
+    // A mesh peer opens a tunnel to the app by hand, then disappears.
+    let certs = t.ca.certs();
+    let id = |sa: &str| culvert::identity::Id::new("cluster.local", &t.namespace, sa).unwrap();
+    certs.ensure(&id("client")).await.unwrap();
+    let config =
+        culvert::tls::client_config(&certs, &id("client"), &id("server"), Default::default())
+            .unwrap();
+    let tcp = silent(t.ip("client"), SocketAddr::new(t.ip("server"), 15008))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(t.ip("server").into());
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut requests, connection) = h2::client::handshake(tls).await.unwrap();
+    let driver = tokio::spawn(connection);
+    let request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(SocketAddr::new(t.ip("server"), APP).to_string())
+        .body(())
+        .unwrap();
+    let (response, mut stream) = requests.send_request(request, false).unwrap();
+    let (_upstream, _) = app.accept().await.unwrap();
+    assert_eq!(response.await.unwrap().status(), 200);
+    // More than the app's socket buffers hold: the daemon ends up waiting to write to an app
+    // that does not read.
+    for _ in 0..16 {
+        stream
+            .send_data(bytes::Bytes::from(vec![7u8; 1 << 20]), false)
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The peer's node dies: its connection is gone.
+    driver.abort();
+    drop((requests, stream));
+    // The server's side of the tunnel ends (its access-log line is written then), which
+    // closes the app's connection, although the app never reads.
+    let ns = &t.namespace;
+    let line = eventually("the tunnel to end on the server", || {
+        access(&format!("{ns}/server")).into_iter().next()
+    })
+    .await;
+    assert_eq!(line["transport"], "hbone", "{line}");
+}
