@@ -92,6 +92,8 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
         crate::proxy::Limits {
             connections: args.hbone_max_connections,
             connections_per_peer: args.hbone_max_connections_per_peer,
+            streams: args.hbone_max_streams,
+            streams_per_peer: args.hbone_max_streams_per_peer,
         },
     ));
     std::fs::create_dir_all(&args.state_dir)

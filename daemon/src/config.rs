@@ -88,6 +88,17 @@ pub struct NodeArgs {
         default_value_t = 256
     )]
     pub hbone_max_connections_per_peer: usize,
+    /// Inbound HBONE streams (tunnels, each with an upstream socket) this node holds at most;
+    /// one more is answered 503.
+    #[arg(long, env = "CULVERT_HBONE_MAX_STREAMS", default_value_t = 65536)]
+    pub hbone_max_streams: usize,
+    /// Inbound HBONE streams one peer address holds at most.
+    #[arg(
+        long,
+        env = "CULVERT_HBONE_MAX_STREAMS_PER_PEER",
+        default_value_t = 4096
+    )]
+    pub hbone_max_streams_per_peer: usize,
     #[command(flatten)]
     pub cni: CniInstall,
 }

@@ -88,6 +88,8 @@ pub struct Proxy {
     refusals: Refusals,
     /// Inbound HBONE connections held, against [`Limits`].
     peers: Arc<Peers>,
+    /// Inbound HBONE streams held, against [`Limits`].
+    streams: Arc<Peers>,
 }
 
 /// Why a connection was refused before anything else was done with it.
@@ -101,20 +103,26 @@ pub enum Refusal {
     HboneCapacity,
 }
 
-/// Caps on inbound HBONE connections: a flood from one peer, or from everywhere, meets a
-/// clean refusal (a reset at accept) instead of exhausting descriptors and memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+/// Caps on inbound HBONE: a flood from one peer, or from everywhere, meets a clean refusal
+/// (a reset at accept for a connection, 503 for a stream) instead of exhausting descriptors
+/// and memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Inbound HBONE connections on this node, all pods together.
     pub connections: usize,
     /// Inbound HBONE connections from one peer address (one client pod).
     pub connections_per_peer: usize,
+    /// Inbound HBONE streams (tunnels) on this node; each holds an upstream socket.
+    pub streams: usize,
+    /// Inbound HBONE streams from one peer address.
+    pub streams_per_peer: usize,
 }
 
-/// Inbound HBONE connections held, in all and per peer address.
+/// What is held against one pair of caps, in all and per peer address.
 #[derive(Debug)]
 struct Peers {
-    limits: Limits,
+    total: usize,
+    per_peer: usize,
     held: std::sync::Mutex<(usize, std::collections::HashMap<IpAddr, usize>)>,
 }
 
@@ -124,7 +132,7 @@ impl Peers {
         let mut held = self.held.lock().expect("peers lock poisoned");
         let (total, per_peer) = &mut *held;
         let from_ip = per_peer.entry(ip).or_default();
-        if *total >= self.limits.connections || *from_ip >= self.limits.connections_per_peer {
+        if *total >= self.total || *from_ip >= self.per_peer {
             if *from_ip == 0 {
                 per_peer.remove(&ip);
             }
@@ -211,7 +219,13 @@ impl Proxy {
             endpoint_turn: Default::default(),
             refusals: Refusals::default(),
             peers: Arc::new(Peers {
-                limits,
+                total: limits.connections,
+                per_peer: limits.connections_per_peer,
+                held: Default::default(),
+            }),
+            streams: Arc::new(Peers {
+                total: limits.streams,
+                per_peer: limits.streams_per_peer,
                 held: Default::default(),
             }),
         }

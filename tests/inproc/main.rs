@@ -495,3 +495,45 @@ async fn when_the_hbone_peer_vanishes_the_upstream_socket_is_closed_even_if_the_
     .await;
     assert_eq!(line["transport"], "hbone", "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_past_a_peers_stream_cap_are_refused_until_one_closes() {
+    let mut t = Topology::new("streams", &[("client", 0), ("server", 1)]);
+    t.stream_limits = (8, 3); // per node, per peer
+    let (a, b) = (t.start(0).await, t.start(1).await);
+    t.register(&a, "client").await;
+    t.register(&b, "server").await;
+    let server = SocketAddr::new(t.ip("server"), APP);
+    echo_server(server).await;
+    let ns = t.namespace.clone();
+
+    let mut open = Vec::new();
+    for i in 0..3u8 {
+        let mut app = a.connect_from(&ns, "client", server).await;
+        app.write_all(&[i]).await.unwrap();
+        let mut back = [0u8];
+        app.read_exact(&mut back).await.unwrap();
+        open.push(app);
+    }
+    // A fourth tunnel from the same client pod is refused by the server.
+    let mut fourth = a.connect_from(&ns, "client", server).await;
+    let _ = fourth.write_all(b"x").await;
+    let mut buf = [0u8; 4];
+    assert!(
+        matches!(fourth.read(&mut buf).await, Ok(0) | Err(_)),
+        "a fourth tunnel was carried"
+    );
+    let refused = eventually("the server to log the refusal", || {
+        access(&format!("{ns}/server"))
+            .into_iter()
+            .find(|l| l["reason"] == "capacity")
+    })
+    .await;
+    assert_eq!(refused["transport"], "hbone");
+
+    // One tunnel closes; its place is free again.
+    drop(open.pop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let app = a.connect_from(&ns, "client", server).await;
+    assert_eq!(exchange(app, b"again").await.unwrap(), b"again");
+}

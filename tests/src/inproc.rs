@@ -53,6 +53,8 @@ pub struct Topology {
     pub drain_timeout: Duration,
     /// `(per node, per peer)` caps on inbound HBONE connections.
     pub hbone_limits: (usize, usize),
+    /// `(per node, per peer)` caps on inbound HBONE streams.
+    pub stream_limits: (usize, usize),
 }
 
 /// A running in-process node.
@@ -92,6 +94,7 @@ impl Topology {
             extra: String::new(),
             drain_timeout: Duration::from_secs(5),
             hbone_limits: (16384, 256),
+            stream_limits: (65536, 4096),
         }
     }
 
@@ -169,6 +172,8 @@ impl Topology {
             ports: PORTS,
             hbone_max_connections: self.hbone_limits.0,
             hbone_max_connections_per_peer: self.hbone_limits.1,
+            hbone_max_streams: self.stream_limits.0,
+            hbone_max_streams_per_peer: self.stream_limits.1,
             cni: CniInstall {
                 install: false,
                 cni_bin_dir: self.dir.path().join("bin"),

@@ -29,6 +29,8 @@ pub enum Outcome {
     UnknownWorkload,
     /// The app, or the destination outside the mesh, could not be reached.
     UpstreamUnreachable,
+    /// The node, or the peer, held its maximum of tunnels.
+    Capacity,
 }
 
 impl Outcome {
@@ -42,6 +44,7 @@ impl Outcome {
             Self::BadTarget => "bad_target",
             Self::UnknownWorkload => "unknown_workload",
             Self::UpstreamUnreachable => "upstream_unreachable",
+            Self::Capacity => "capacity",
         })
     }
 
@@ -51,7 +54,9 @@ impl Outcome {
             Self::Complete | Self::Broken | Self::Tunnel(_) => None,
             Self::Denied(_) => Some(hbone::Refusal::Denied),
             Self::BadTarget => Some(hbone::Refusal::BadRequest),
-            Self::UnknownWorkload | Self::UpstreamUnreachable => Some(hbone::Refusal::Unavailable),
+            Self::UnknownWorkload | Self::UpstreamUnreachable | Self::Capacity => {
+                Some(hbone::Refusal::Unavailable)
+            }
         }
     }
 }
@@ -175,6 +180,7 @@ mod tests {
             Outcome::BadTarget,
             Outcome::UnknownWorkload,
             Outcome::UpstreamUnreachable,
+            Outcome::Capacity,
         ];
         let labels: std::collections::HashSet<_> = all.iter().map(|o| o.label()).collect();
         assert_eq!(labels.len(), all.len());

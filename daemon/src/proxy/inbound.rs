@@ -21,6 +21,8 @@ enum Refused {
     ProxyPort(SocketAddr),
     #[error("workload unknown to this node")]
     UnknownWorkload,
+    #[error("the node or this peer holds its maximum of HBONE streams")]
+    Capacity,
     #[error("denied by policy: {}", .0.as_str())]
     Policy(policy::Reason),
     #[error("connecting to the app at {target}")]
@@ -36,6 +38,7 @@ impl Refused {
         match self {
             Self::NotLocal(_) | Self::ProxyPort(_) => Outcome::BadTarget,
             Self::UnknownWorkload => Outcome::UnknownWorkload,
+            Self::Capacity => Outcome::Capacity,
             Self::Policy(reason) => Outcome::Denied(*reason),
             Self::Upstream { .. } => Outcome::UpstreamUnreachable,
         }
@@ -116,6 +119,10 @@ impl hbone::Handler for Hbone {
             record.transport = Transport::Hbone;
             record.src_id = Some(incoming.peer_id.clone());
             record.dst_id = Some(self.pod.identity.clone());
+            let Some(_slot) = self.proxy.streams.admit(src.ip()) else {
+                refuse(incoming, record, Refused::Capacity);
+                return;
+            };
             if let Err(refused) = self.admit(dst, &incoming.peer_id) {
                 refuse(incoming, record, refused);
                 return;

@@ -136,6 +136,8 @@ fn registry(ca: &Ca, state: &Arc<Store>, capture: &Arc<Loopback>, dir: &Path) ->
             crate::proxy::Limits {
                 connections: 64,
                 connections_per_peer: 8,
+                streams: 64,
+                streams_per_peer: 8,
             },
         )),
         certs,
