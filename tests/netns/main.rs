@@ -616,12 +616,15 @@ fn a_strict_pod_passes_its_nodes_probes_and_still_refuses_plaintext_from_anywher
         Ok(back.to_vec())
     };
     assert_eq!(probe().unwrap(), b"probe", "the node's probe was refused");
-    let table = Command::new("ip")
-        .args(["netns", "exec", &lab.nodes[1].netns])
-        .args(["nft", "list", "table", "ip", "culvert_host"])
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&table.stdout);
+    let host_table = || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &lab.nodes[1].netns])
+            .args(["nft", "list", "table", "ip", "culvert_host"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table = host_table();
     assert!(table.contains(&lab.pod("server").ip.to_string()), "{table}");
 
     // Plaintext from another node's pod and from a pod on the same node is still refused.
@@ -634,12 +637,7 @@ fn a_strict_pod_passes_its_nodes_probes_and_still_refuses_plaintext_from_anywher
     }
     // Once the pod is released, the node's probes no longer get the probe address.
     assert_eq!(lab.unregister("server").unwrap(), Response::Removed);
-    let table = Command::new("ip")
-        .args(["netns", "exec", &lab.nodes[1].netns])
-        .args(["nft", "list", "table", "ip", "culvert_host"])
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&table.stdout);
+    let table = host_table();
     assert!(
         !table.contains(&lab.pod("server").ip.to_string()),
         "{table}"
