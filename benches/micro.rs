@@ -151,5 +151,50 @@ async fn local_pair() -> (TcpStream, TcpStream) {
     (a.unwrap(), b.unwrap().0)
 }
 
-criterion_group!(benches, state_and_policy, hbone_bytes);
+/// One full mTLS handshake (TLS 1.3, ECDSA P-256 certificates both ways) in memory, with the
+/// key exchange two Culvert nodes agree on (X25519MLKEM768) and with a peer offering only
+/// X25519 (what a post-quantum-less peer gets).
+fn handshakes(c: &mut Criterion) {
+    use culvert::tls;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let certs = Ca::new("bench-handshake").certs();
+    let (src, dst) = (
+        Id::new("cluster.local", "a", "a").unwrap(),
+        Id::new("cluster.local", "b", "b").unwrap(),
+    );
+    runtime.block_on(async {
+        certs.ensure(&src).await.unwrap();
+        certs.ensure(&dst).await.unwrap();
+    });
+    let server = tokio_rustls::TlsAcceptor::from(
+        tls::server_config(&certs, &dst, tls::KeyExchange::PreferPostQuantum).unwrap(),
+    );
+    let ours = tls::provider_for(tls::KeyExchange::PreferPostQuantum);
+    let mut classic = (*ours).clone();
+    classic.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+    let mut group = c.benchmark_group("tls handshake");
+    for (name, provider) in [("X25519MLKEM768", ours), ("X25519", Arc::new(classic))] {
+        let client = tokio_rustls::TlsConnector::from(
+            tls::client_config_with(&certs, &src, &dst, provider).unwrap(),
+        );
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                runtime.block_on(async {
+                    let (a, z) = tokio::io::duplex(64 << 10);
+                    let name = rustls::pki_types::ServerName::IpAddress(
+                        std::net::Ipv4Addr::LOCALHOST.into(),
+                    );
+                    let (c, s) = tokio::join!(client.connect(name, a), server.accept(z));
+                    black_box((c.unwrap(), s.unwrap()));
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, state_and_policy, hbone_bytes, handshakes);
 criterion_main!(benches);

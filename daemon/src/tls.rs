@@ -111,8 +111,9 @@ pub fn client_config(
     client_config_with(certs, src, dst, provider_for(kx))
 }
 
-/// [`client_config`] on a provider of the caller's (tests play peers with other key exchanges).
-fn client_config_with(
+/// [`client_config`] on a provider of the caller's: tests and benches play peers with other
+/// key exchanges (a classic-only one, as ztunnel's default builds are).
+pub fn client_config_with(
     certs: &Arc<identity::Cache>,
     src: &Id,
     dst: &Id,
