@@ -616,6 +616,14 @@ fn a_strict_pod_passes_its_nodes_probes_and_still_refuses_plaintext_from_anywher
         Ok(back.to_vec())
     };
     assert_eq!(probe().unwrap(), b"probe", "the node's probe was refused");
+    // Through the proxy, and logged as what it is.
+    let line = access_line(&lab, 1, |v| {
+        v["pod"] == "demo/server" && v["transport"] == "probe"
+    });
+    assert_eq!(
+        line["src.addr"].as_str().unwrap().split(':').next(),
+        Some("169.254.7.127")
+    );
     let host_table = || {
         let out = Command::new("ip")
             .args(["netns", "exec", &lab.nodes[1].netns])

@@ -77,6 +77,9 @@ pub(super) enum Transport {
     Passthrough,
     /// Plain TCP from outside the mesh into a PERMISSIVE pod.
     Plaintext,
+    /// A probe from the pod's own node (source 169.254.7.127 after the host's SNAT): plain
+    /// TCP, admitted whatever the pod's PeerAuthentication.
+    Probe,
 }
 
 impl Direction {
@@ -94,6 +97,7 @@ impl Transport {
             Self::Hbone => "hbone",
             Self::Passthrough => "passthrough",
             Self::Plaintext => "plaintext",
+            Self::Probe => "probe",
         }
     }
 }

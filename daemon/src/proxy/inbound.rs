@@ -10,7 +10,7 @@ use super::conn::{Direction, Outcome, Record, Transport};
 use super::{Pod, Proxy};
 use crate::hbone::{self, CONNECT_TIMEOUT};
 use crate::policy::{self, Decision};
-use crate::redirect::{canonical, original_dst};
+use crate::redirect::{canonical, original_dst, rules};
 
 /// Why an inbound connection was refused, for the access log.
 #[derive(Debug, thiserror::Error)]
@@ -66,9 +66,14 @@ pub(super) async fn plaintext(
     let span = info_span!("inbound", pod = pod.label(), src.addr = %src, dst.addr = %dst);
     async move {
         let mut record = Record::new(Direction::Inbound, &pod, src, dst);
-        record.transport = Transport::Plaintext;
+        let probe = is_probe(src);
+        record.transport = if probe {
+            Transport::Probe
+        } else {
+            Transport::Plaintext
+        };
         record.dst_id = Some(pod.identity.clone());
-        let upstream = match admit_plaintext(&proxy, &pod, dst) {
+        let upstream = match admit_plaintext(&proxy, &pod, dst, probe) {
             Ok(()) => pod
                 .sockets
                 .connect_as(src.ip(), dst)
@@ -86,7 +91,13 @@ pub(super) async fn plaintext(
     .await;
 }
 
-fn admit_plaintext(proxy: &Proxy, pod: &Pod, dst: SocketAddr) -> Result<(), Refused> {
+/// Whether a plaintext connection comes from the pod's own node's probes: only the node's
+/// own traffic is given this source (by its probe SNAT).
+fn is_probe(src: SocketAddr) -> bool {
+    src.ip() == std::net::IpAddr::V4(rules::PROBE_IP)
+}
+
+fn admit_plaintext(proxy: &Proxy, pod: &Pod, dst: SocketAddr, probe: bool) -> Result<(), Refused> {
     if !pod.owns(dst.ip()) {
         return Err(Refused::NotLocal(dst));
     }
@@ -97,6 +108,10 @@ fn admit_plaintext(proxy: &Proxy, pod: &Pod, dst: SocketAddr) -> Result<(), Refu
     let workload = snapshot
         .workload(&pod.namespace, &pod.name)
         .ok_or(Refused::UnknownWorkload)?;
+    if probe {
+        // Health checks pass STRICT, as in Istio: the kubelet speaks no mTLS.
+        return Ok(());
+    }
     match policy::plaintext_inbound(&snapshot, workload) {
         Decision::Allow => Ok(()),
         Decision::Deny(reason) => Err(Refused::Policy(reason)),

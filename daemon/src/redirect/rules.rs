@@ -19,8 +19,11 @@ pub const REPLY_CONNMARK: u32 = 0x111;
 pub const MARK_MASK: u32 = 0xfff;
 /// Routing table holding the `local` route for marked replies.
 pub const ROUTE_TABLE: u32 = 100;
-/// Source address of kubelet probes after the host SNATs them; never captured.
+/// Source address of kubelet probes after the host SNATs them: the proxy admits them to a
+/// STRICT pod and logs them as probes.
 pub const PROBE_ADDR: &str = "169.254.7.127";
+/// [`PROBE_ADDR`] as an address.
+pub const PROBE_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 7, 127);
 
 const NFT_TABLE: &str = "culvert";
 const CHAIN_PRERT: &str = "CULVERT_PRERT";
@@ -101,7 +104,6 @@ table inet {NFT_TABLE} {{
 \tchain prerouting_nat {{
 \t\ttype nat hook prerouting priority dstnat; policy accept;
 \t\tmeta l4proto != tcp return
-\t\tip saddr {PROBE_ADDR} accept
 \t\tip daddr 127.0.0.1 return
 \t\tip6 daddr ::1 return
 \t\ttcp dport {hbone} return
@@ -165,9 +167,6 @@ pub fn render_iptables(spec: &Spec, ipv6: bool, jumps: &[(&str, &str, &str)]) ->
     jumps_of(&mut out, "mangle");
     out.push_str("COMMIT\n*nat\n");
     let _ = writeln!(out, ":{CHAIN_PRERT} - [0:0]\n:{CHAIN_OUTPUT} - [0:0]");
-    if let Some(probe) = probe {
-        let _ = writeln!(out, "-A {CHAIN_PRERT} -s {probe}/32 -p tcp -j ACCEPT");
-    }
     let _ = writeln!(
         out,
         "-A {CHAIN_PRERT} ! -d {lo} -p tcp ! --dport {hbone} -m mark ! --mark {mark} -j REDIRECT --to-ports {inbound_plaintext}"
@@ -468,6 +467,11 @@ mod tests {
         assert_eq!(v4, include_str!("testdata/pod-v4.iptables"));
         let v6_without_jumps = render_iptables(&spec(), true, &[]);
         assert_eq!(v6_without_jumps, include_str!("testdata/pod-v6.iptables"));
+    }
+
+    #[test]
+    fn the_probe_address_is_one_address() {
+        assert_eq!(PROBE_IP.to_string(), PROBE_ADDR);
     }
 
     #[test]
