@@ -59,7 +59,7 @@ pub struct NodeArgs {
     pub probe_snat: bool,
     /// How often every wired pod's redirection rules are checked and, when gone (someone
     /// flushed them), restored. Each check lists one table inside the pod.
-    #[arg(long, env = "CULVERT_HEAL_INTERVAL", value_parser = humantime::parse_duration, default_value = "3s")]
+    #[arg(long, env = "CULVERT_HEAL_INTERVAL", value_parser = positive_duration, default_value = "3s")]
     #[serde(with = "humantime_serde_secs")]
     pub heal_interval: Duration,
     /// Where the daemon keeps what must survive restarts and reboots: the enrollment state the
@@ -79,23 +79,25 @@ pub struct NodeArgs {
     pub ports: PortFlags,
     /// Inbound HBONE connections this node holds at most, all pods together; one more is
     /// reset at accept.
-    #[arg(long, env = "CULVERT_HBONE_MAX_CONNECTIONS", default_value_t = 16384)]
+    #[arg(long, env = "CULVERT_HBONE_MAX_CONNECTIONS", value_parser = at_least_one, default_value_t = 16384)]
     pub hbone_max_connections: usize,
     /// Inbound HBONE connections one peer address (one client pod) holds at most.
     #[arg(
         long,
         env = "CULVERT_HBONE_MAX_CONNECTIONS_PER_PEER",
+        value_parser = at_least_one,
         default_value_t = 256
     )]
     pub hbone_max_connections_per_peer: usize,
     /// Inbound HBONE streams (tunnels, each with an upstream socket) this node holds at most;
     /// one more is answered 503.
-    #[arg(long, env = "CULVERT_HBONE_MAX_STREAMS", default_value_t = 65536)]
+    #[arg(long, env = "CULVERT_HBONE_MAX_STREAMS", value_parser = at_least_one, default_value_t = 65536)]
     pub hbone_max_streams: usize,
     /// Inbound HBONE streams one peer address holds at most.
     #[arg(
         long,
         env = "CULVERT_HBONE_MAX_STREAMS_PER_PEER",
+        value_parser = at_least_one,
         default_value_t = 4096
     )]
     pub hbone_max_streams_per_peer: usize,
@@ -185,6 +187,24 @@ pub enum RedirectChoice {
     Auto,
     Nftables,
     Iptables,
+}
+
+/// A duration above zero (a zero period would make a ticking loop spin, or panic).
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d > Duration::ZERO => Ok(d),
+        Ok(_) => Err("must be more than zero".to_owned()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A cap of at least one (zero would refuse every connection).
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 mod humantime_serde_secs {
@@ -551,6 +571,35 @@ services:
             ("node-7", Discovery::Kubernetes)
         );
         assert_eq!(file.snapshot.workloads().count(), 0);
+    }
+
+    #[test]
+    fn flags_refuse_a_zero_heal_interval_and_zero_caps() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            node: NodeArgs,
+        }
+        let parse = |extra: &[&str]| {
+            let args = ["culvert", "--config", "/etc/culvert/node.yaml"];
+            Cli::try_parse_from(args.iter().chain(extra)).map(|c| c.node)
+        };
+        let node = parse(&[]).unwrap();
+        assert_eq!(node.heal_interval, Duration::from_secs(3));
+        assert_eq!(node.hbone_max_streams_per_peer, 4096);
+        for bad in [
+            ["--heal-interval", "0s"],
+            ["--hbone-max-connections", "0"],
+            ["--hbone-max-connections-per-peer", "0"],
+            ["--hbone-max-streams", "0"],
+            ["--hbone-max-streams-per-peer", "0"],
+        ] {
+            let err = parse(&bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} accepted"));
+            assert!(err.to_string().contains(bad[0]), "{err}");
+        }
     }
 
     #[test]

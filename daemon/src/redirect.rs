@@ -92,10 +92,6 @@ impl Netfilter {
             netns_dirs,
         })
     }
-
-    pub fn backend(&self) -> Backend {
-        self.backend
-    }
 }
 
 impl Capture for Netfilter {
@@ -382,8 +378,12 @@ pub fn listening_ports(netns: &Netns) -> io::Result<Vec<u16>> {
 
 /// The destination a redirected connection was originally sent to.
 pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    original_dst_at(stream, stream.local_addr()?)
+}
+
+/// [`original_dst`] for a caller that already has the connection's local address.
+pub fn original_dst_at(stream: &TcpStream, local: SocketAddr) -> io::Result<SocketAddr> {
     // Listeners are dual-stack, so IPv4 clients arrive as v4-mapped addresses.
-    let local = stream.local_addr()?;
     let v4 = match local {
         SocketAddr::V4(_) => true,
         SocketAddr::V6(a) => a.ip().to_ipv4_mapped().is_some(),

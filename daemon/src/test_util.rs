@@ -114,8 +114,8 @@ pub struct Loopback {
     rules: Mutex<HashMap<PathBuf, RuleRecord>>,
     /// What [`Capture::scan`] finds: running pods' namespace paths and addresses.
     running: Mutex<Vec<(PathBuf, Vec<IpAddr>)>>,
-    /// The pod addresses the host's probe rule covers now.
-    probed: Mutex<Vec<IpAddr>>,
+    /// The pod addresses the host's probe rule covers now, and how often it was rewritten.
+    probed: Mutex<(Vec<IpAddr>, usize)>,
 }
 
 /// What the stand-in knows of one namespace's rules.
@@ -147,7 +147,12 @@ impl Loopback {
 
     /// The pod addresses the host's probe rule covers.
     pub fn probed(&self) -> Vec<IpAddr> {
-        self.probed.lock().unwrap().clone()
+        self.probed.lock().unwrap().0.clone()
+    }
+
+    /// How many times the host's probe rule was rewritten.
+    pub fn probe_updates(&self) -> usize {
+        self.probed.lock().unwrap().1
     }
 
     /// Makes the pod at `path` gone, as a deleted sandbox's namespace is.
@@ -238,7 +243,8 @@ impl Capture for Loopback {
     fn probes(&self, pod_ips: &[IpAddr]) -> Result<(), rules::Error> {
         let mut ips = pod_ips.to_vec();
         ips.sort();
-        *self.probed.lock().unwrap() = ips;
+        let mut probed = self.probed.lock().unwrap();
+        *probed = (ips, probed.1 + 1);
         Ok(())
     }
 

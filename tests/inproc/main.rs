@@ -72,9 +72,7 @@ async fn a_started_node_is_ready_and_its_admin_api_shows_what_it_knows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_on_two_nodes_talk_over_hbone_and_the_server_sees_the_client_address() {
     let t = Topology::new("hbone", &[("client", 0), ("server", 1)]);
-    let (a, b) = (t.start(0).await, t.start(1).await);
-    t.register(&a, "client").await;
-    t.register(&b, "server").await;
+    let (a, _b) = t.start_pair().await; // _b: node 1 must keep running
     let server = SocketAddr::new(t.ip("server"), APP);
     echo_server(server).await;
 
@@ -103,9 +101,7 @@ async fn a_server_presenting_another_identity_is_refused_before_the_app_is_reach
     let mut t = Topology::new("mismatch", &[("client", 0), ("server", 1)]);
     // Node 0 expects the server to be `expected`; node 1 issues it `server`.
     t.believe("server", "expected");
-    let (a, b) = (t.start(0).await, t.start(1).await);
-    t.register(&a, "client").await;
-    t.register(&b, "server").await;
+    let (a, _b) = t.start_pair().await; // _b: node 1 must keep running
     let reached = Arc::new(AtomicUsize::new(0));
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(t.ip("server"), APP))
         .await
@@ -146,9 +142,7 @@ async fn a_server_presenting_another_identity_is_refused_before_the_app_is_reach
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbound_connections_go_to_a_vip_endpoint_over_hbone_and_elsewhere_in_plain_tcp() {
     let t = Topology::new("route", &[("client", 0), ("server", 1)]);
-    let (a, b) = (t.start(0).await, t.start(1).await);
-    t.register(&a, "client").await;
-    t.register(&b, "server").await;
+    let (a, _b) = t.start_pair().await; // _b: node 1 must keep running
     echo_server(SocketAddr::new(t.ip("server"), APP)).await;
     // Outside the mesh: an address no node file names.
     let outside = echo_server(SocketAddr::new(t.host_ip(1, 200), 0)).await;
@@ -209,9 +203,7 @@ async fn a_reload_applies_a_good_file_and_keeps_the_running_config_for_a_bad_one
 async fn shutdown_waits_for_open_tunnels_until_the_drain_deadline() {
     let mut t = Topology::new("drain", &[("client", 0), ("server", 1)]);
     t.drain_timeout = Duration::from_millis(500);
-    let (a, b) = (t.start(0).await, t.start(1).await);
-    t.register(&a, "client").await;
-    t.register(&b, "server").await;
+    let (a, b) = t.start_pair().await;
     echo_server(SocketAddr::new(t.ip("server"), APP)).await;
 
     let mut held = a
@@ -329,9 +321,7 @@ async fn ended_within(stream: &mut std::io::Result<tokio::net::TcpStream>, wait:
 async fn an_hbone_flood_meets_the_caps_and_the_deadline_while_real_tunnels_go_through() {
     let mut t = Topology::new("flood", &[("client", 0), ("server", 1)]);
     t.hbone_limits = (6, 4); // per node, per peer
-    let (a, b) = (t.start(0).await, t.start(1).await);
-    t.register(&a, "client").await;
-    t.register(&b, "server").await;
+    let (a, b) = t.start_pair().await;
     let server = SocketAddr::new(t.ip("server"), APP);
     echo_server(server).await;
     let hbone = SocketAddr::new(t.ip("server"), 15008);
@@ -399,8 +389,9 @@ async fn an_hbone_flood_meets_the_caps_and_the_deadline_while_real_tunnels_go_th
     // The server's own SETTINGS come first; then, with no preface from the peer, the end.
     let mut sink = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(12), tls.read_to_end(&mut sink)).await;
+    // Any end (EOF or reset) within the deadline will do; only still being open fails.
     assert!(
-        matches!(read, Ok(Ok(_) | Err(_))),
+        read.is_ok(),
         "a TLS peer without a preface was kept past the deadline"
     );
     assert!(tls_done.elapsed() < Duration::from_secs(11));
@@ -409,9 +400,7 @@ async fn an_hbone_flood_meets_the_caps_and_the_deadline_while_real_tunnels_go_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_reload_that_changes_a_service_account_tunnels_prove_the_new_identity() {
     let mut t = Topology::new("rename", &[("client", 0), ("server", 1)]);
-    let (a, b) = (t.start(0).await, t.start(1).await);
-    t.register(&a, "client").await;
-    t.register(&b, "server").await;
+    let (a, b) = t.start_pair().await;
     let server = SocketAddr::new(t.ip("server"), APP);
     echo_server(server).await;
     let app = a.connect_from(&t.namespace, "client", server).await;
@@ -500,9 +489,7 @@ async fn when_the_hbone_peer_vanishes_the_upstream_socket_is_closed_even_if_the_
 async fn tunnels_past_a_peers_stream_cap_are_refused_until_one_closes() {
     let mut t = Topology::new("streams", &[("client", 0), ("server", 1)]);
     t.stream_limits = (8, 3); // per node, per peer
-    let (a, b) = (t.start(0).await, t.start(1).await);
-    t.register(&a, "client").await;
-    t.register(&b, "server").await;
+    let (a, _b) = t.start_pair().await; // _b: node 1 must keep running
     let server = SocketAddr::new(t.ip("server"), APP);
     echo_server(server).await;
     let ns = t.namespace.clone();

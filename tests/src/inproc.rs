@@ -193,6 +193,21 @@ impl Topology {
         }
     }
 
+    /// Starts both nodes and registers `client` on node 0 and `server` on node 1: where most
+    /// tests begin.
+    pub async fn start_pair(&self) -> (TestNode, TestNode) {
+        let (a, b) = (self.start(0).await, self.start(1).await);
+        assert_eq!(
+            self.register(&a, "client").await,
+            Response::Added { enrolled: true }
+        );
+        assert_eq!(
+            self.register(&b, "server").await,
+            Response::Added { enrolled: true }
+        );
+        (a, b)
+    }
+
     /// Registers workload `name` with its node over the registration socket, as culvert-cni
     /// does after the primary CNI plugin.
     pub async fn register(&self, node: &TestNode, name: &str) -> Response {

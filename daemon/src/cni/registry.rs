@@ -107,6 +107,9 @@ pub struct Registry {
     serial: tokio::sync::Mutex<()>,
     /// Rule sets found missing in a wired pod and put back, since start.
     restored: std::sync::atomic::AtomicU64,
+    /// The addresses the host's probe rule was last given (`None` before the first time, so
+    /// a start clears whatever a previous daemon left).
+    probed: Mutex<Option<Vec<IpAddr>>>,
 }
 
 /// A wired sandbox as persisted in [`PODS_FILE`].
@@ -131,6 +134,7 @@ impl Registry {
             wired: Mutex::default(),
             serial: tokio::sync::Mutex::default(),
             restored: Default::default(),
+            probed: Mutex::default(),
         }
     }
 
@@ -733,20 +737,26 @@ impl Registry {
             let ips = wired.values().flat_map(|w| w.pod.ips.clone()).collect();
             (sandboxes, ips)
         };
+        let json = serde_json::to_vec_pretty(&sandboxes).expect("sandboxes serialize");
+        if let Err(e) = super::write_atomically(&self.deps.state_dir.join(PODS_FILE), &json) {
+            warn!(error = &e as &dyn std::error::Error, "recording wired pods");
+        }
         ips.sort();
         ips.dedup();
+        // Most registrations (a repeated ADD, a DEL of nothing) leave the set as it was.
+        if self.probed.lock().expect("probed lock poisoned").as_ref() == Some(&ips) {
+            return;
+        }
         let capture = self.deps.capture.clone();
-        match tokio::task::spawn_blocking(move || capture.probes(&ips)).await {
-            Ok(Ok(())) => {}
+        let applying = ips.clone();
+        match tokio::task::spawn_blocking(move || capture.probes(&applying)).await {
+            Ok(Ok(())) => *self.probed.lock().expect("probed lock poisoned") = Some(ips),
+            // Not recorded as applied: the next change tries again.
             Ok(Err(e)) => warn!(
                 error = &e as &dyn std::error::Error,
                 "updating the host's probe rule"
             ),
             Err(e) => warn!(error = &e as &dyn std::error::Error, "probe rule task"),
-        }
-        let json = serde_json::to_vec_pretty(&sandboxes).expect("sandboxes serialize");
-        if let Err(e) = super::write_atomically(&self.deps.state_dir.join(PODS_FILE), &json) {
-            warn!(error = &e as &dyn std::error::Error, "recording wired pods");
         }
     }
 }

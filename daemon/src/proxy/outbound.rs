@@ -11,7 +11,7 @@ use super::conn::{Direction, Outcome, Record, Transport};
 use super::{Pod, Proxy, Refusal};
 use crate::config::Ports;
 use crate::hbone;
-use crate::redirect::{canonical, original_dst};
+use crate::redirect::{canonical, original_dst_at};
 use crate::state::{Snapshot, Workload};
 
 /// Where an outbound connection goes, once resolved.
@@ -49,8 +49,12 @@ fn route(snapshot: &Snapshot, dst: SocketAddr, turn: &AtomicUsize) -> Route {
 /// destination. One that would come straight back to the proxy is refused at once: dialling
 /// it would be accepted again, and again, until the node runs out of file descriptors.
 pub(super) async fn accepted(proxy: Arc<Proxy>, pod: Arc<Pod>, app: TcpStream, src: SocketAddr) {
-    let dst = match original_dst(&app) {
-        Ok(dst) => canonical(dst),
+    // One getsockname for both: the listener's side and, from it, the original destination.
+    let addrs = app
+        .local_addr()
+        .and_then(|local| Ok((local, original_dst_at(&app, local)?)));
+    let (local, dst) = match addrs {
+        Ok((local, dst)) => (canonical(local), canonical(dst)),
         Err(e) => {
             proxy.refusals.note(Refusal::NoOriginalDst, || {
                 tracing::warn!(
@@ -63,7 +67,6 @@ pub(super) async fn accepted(proxy: Arc<Proxy>, pod: Arc<Pod>, app: TcpStream, s
             return;
         }
     };
-    let local = app.local_addr().ok().map(canonical);
     if loops_back(&proxy.ports, &pod, dst, local) {
         proxy.refusals.note(Refusal::Loop, || {
             tracing::warn!(pod = pod.label(), src.addr = %src, dst.addr = %dst,
@@ -78,10 +81,10 @@ pub(super) async fn accepted(proxy: Arc<Proxy>, pod: Arc<Pod>, app: TcpStream, s
 /// Whether a connection to `dst`, accepted on a listener at `local`, would come back to the
 /// proxy: it was not redirected (its destination is the listener itself), or it names one of
 /// the proxy ports on loopback, the unspecified address or the pod's own address.
-fn loops_back(ports: &Ports, pod: &Pod, dst: SocketAddr, local: Option<SocketAddr>) -> bool {
+fn loops_back(ports: &Ports, pod: &Pod, dst: SocketAddr, local: SocketAddr) -> bool {
     let ip = dst.ip();
     let own = ip.is_loopback() || ip.is_unspecified() || pod.owns(ip);
-    Some(dst) == local || (own && ports.is_proxy_port(dst.port()))
+    dst == local || (own && ports.is_proxy_port(dst.port()))
 }
 
 /// Carries `app`'s connection from `src` to `dst`: over HBONE, or plain TCP.
@@ -264,7 +267,7 @@ mod loop_tests {
         ] {
             let dst: SocketAddr = dst.parse().unwrap();
             assert_eq!(
-                loops_back(&ports, &pod, dst, Some(local)),
+                loops_back(&ports, &pod, dst, local),
                 loops,
                 "{dst} on {local}"
             );

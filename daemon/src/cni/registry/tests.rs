@@ -355,9 +355,6 @@ async fn a_restarted_registry_rewires_under_the_recorded_container_id() {
     let f = Fixture::new(&[("cart", NODE, 2, Some(true))], &[]);
     f.capture.run_pod(&f.netns("c1"), &[f.ip(2)]);
     f.add("c1", "cart", 2).await.unwrap();
-    let before = f.registry.pod("shop", "cart").unwrap();
-    drop(before);
-
     let restarted = f.restarted();
     restarted.reconcile().await;
     let ids: Vec<_> = restarted
@@ -558,6 +555,11 @@ async fn a_pod_whose_service_account_changes_is_served_under_the_new_identity_wi
 async fn the_host_probe_rule_follows_the_wired_pods() {
     let f = Fixture::two_wired().await;
     assert_eq!(f.capture.probed(), [f.ip(2), f.ip(3)]);
+    // Requests that change nothing rewrite nothing on the host.
+    let updates = f.capture.probe_updates();
+    f.del("never-seen").await;
+    f.add("c1", "cart", 2).await.unwrap();
+    assert_eq!(f.capture.probe_updates(), updates);
     f.del("c1").await;
     assert_eq!(f.capture.probed(), [f.ip(3)]);
     f.registry.gc(&[]).await;
