@@ -16,9 +16,9 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, Admin};
 use crate::cni::{self, Registry, install};
-use crate::config::{Discovery, NodeArgs, NodeFile};
+use crate::config::{CaConfig, Discovery, NodeArgs, NodeFile};
 use crate::discovery::{self, Settings, Watches};
-use crate::identity::{self, LocalCa};
+use crate::identity::{self, IstioCa, LocalCa};
 use crate::proxy::Proxy;
 use crate::redirect::{Backend, Capture, Netfilter};
 use crate::state::Store;
@@ -75,13 +75,39 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
         Discovery::File => None,
     };
 
-    let ca = LocalCa::load(
-        &file.ca.cert,
-        &file.ca.key,
-        file.ca.roots.as_deref(),
-        file.cert_ttl,
-    )?;
-    let certs = identity::Cache::new(Arc::new(ca), tls::provider());
+    let certs = match &file.ca {
+        CaConfig::Local(ca) => {
+            let ca = LocalCa::load(&ca.cert, &ca.key, ca.roots.as_deref(), file.cert_ttl)?;
+            identity::Cache::new(Arc::new(ca), tls::provider())
+        }
+        CaConfig::Istio(ca) => {
+            // The bundle comes first: it verifies the CA as well as the mesh's peers.
+            info!(source = ?ca.roots, "reading the trust bundle");
+            let bundle = identity::load_bundle(&ca.roots, client.as_ref()).await?;
+            let roots = identity::Roots::new();
+            roots
+                .set(&bundle.roots)
+                .context("installing the trust bundle")?;
+            let source = IstioCa::new(ca, roots.clone(), file.cert_ttl)
+                .with_context(|| format!("the CA at {}", ca.address))?;
+            info!(
+                address = ca.address,
+                roots = bundle.roots.len(),
+                "certificates from an Istio CA"
+            );
+            let certs =
+                identity::Cache::with_roots(Arc::new(source), tls::provider(), roots.clone());
+            tokio::spawn(identity::follow_bundle(
+                ca.roots.clone(),
+                client.clone(),
+                roots,
+                certs.clone(),
+                bundle,
+                stop.clone(),
+            ));
+            certs
+        }
+    };
     let state = Arc::new(Store::new(std::mem::take(&mut file.snapshot)));
     let ports = args.ports.into();
     let proxy = Arc::new(Proxy::new(

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::identity::Id;
+use crate::identity::{self, BundleSource, Id};
 use crate::state::{self, PeerAuthentication, ServiceSpec, Snapshot, Workload};
 
 /// Default trust domain, as in Istio.
@@ -233,11 +233,20 @@ pub struct NodeFile {
     pub node: String,
     pub discovery: Discovery,
     pub trust_domain: String,
-    pub ca: CaFiles,
+    pub ca: CaConfig,
     pub cert_ttl: Duration,
     /// Post-quantum key exchange on HBONE: preferred (default) or required.
     pub key_exchange: crate::tls::KeyExchange,
     pub snapshot: Snapshot,
+}
+
+/// Where workload certificates come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaConfig {
+    /// A CA key on this host: demos, tests, hosts without a cluster CA.
+    Local(CaFiles),
+    /// An Istio CA API endpoint: culvert ca, istiod or istio-csr.
+    Istio(identity::Endpoint),
 }
 
 /// Where the local CA's files are; relative paths in the file are relative to the file.
@@ -247,6 +256,11 @@ pub struct CaFiles {
     pub key: PathBuf,
     pub roots: Option<PathBuf>,
 }
+
+/// Where ztunnel and Istio's charts mount the CA token.
+pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/tokens/istio-token";
+/// The key Istio's root ConfigMaps (and culvert ca's) keep the bundle under.
+pub const BUNDLE_KEY: &str = "root-cert.pem";
 
 /// Why the node file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -298,10 +312,39 @@ struct RawFile {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCa {
-    cert: PathBuf,
-    key: PathBuf,
+    #[serde(default)]
+    cert: Option<PathBuf>,
+    #[serde(default)]
+    key: Option<PathBuf>,
     #[serde(default)]
     roots: Option<PathBuf>,
+    #[serde(default)]
+    istio: Option<RawIstioCa>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawIstioCa {
+    address: String,
+    #[serde(default)]
+    server_name: Option<String>,
+    roots: RawBundle,
+    #[serde(default)]
+    token_file: Option<PathBuf>,
+    #[serde(default)]
+    cluster_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawBundle {
+    #[serde(default)]
+    file: Option<PathBuf>,
+    /// `namespace/name`.
+    #[serde(default)]
+    config_map: Option<String>,
+    #[serde(default)]
+    key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -488,16 +531,87 @@ impl NodeFile {
             node: raw.node,
             discovery: raw.discovery,
             trust_domain,
-            ca: CaFiles {
-                cert: dir.join(raw.ca.cert),
-                key: dir.join(raw.ca.key),
-                roots: raw.ca.roots.map(|r| dir.join(r)),
-            },
+            ca: ca_config(raw.ca, dir)
+                .map_err(|(path, value, reason)| invalid(path, &value, reason))?,
             cert_ttl,
             key_exchange: raw.key_exchange,
             snapshot,
         })
     }
+}
+
+/// Checks the `ca:` block: local files or an Istio CA endpoint, exactly one.
+fn ca_config(raw: RawCa, dir: &Path) -> Result<CaConfig, (&'static str, String, String)> {
+    let RawCa {
+        cert,
+        key,
+        roots,
+        istio,
+    } = raw;
+    let istio = match (cert, key, istio) {
+        (Some(cert), Some(key), None) => {
+            return Ok(CaConfig::Local(CaFiles {
+                cert: dir.join(cert),
+                key: dir.join(key),
+                roots: roots.map(|r| dir.join(r)),
+            }));
+        }
+        (None, None, Some(istio)) if roots.is_none() => istio,
+        _ => {
+            let reason =
+                "either cert and key (and optionally roots) of a local CA, or istio".into();
+            return Err(("ca", "{...}".into(), reason));
+        }
+    };
+    let address = istio
+        .address
+        .strip_prefix("https://")
+        .unwrap_or(&istio.address)
+        .trim_end_matches('/')
+        .to_owned();
+    let host = match address.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        _ => {
+            let reason = "expected host:port".into();
+            return Err(("ca.istio.address", istio.address, reason));
+        }
+    };
+    let roots = match (istio.roots.file, istio.roots.config_map) {
+        (Some(file), None) => BundleSource::File(dir.join(file)),
+        (None, Some(cm)) => match cm.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                BundleSource::ConfigMap {
+                    namespace: ns.to_owned(),
+                    name: name.to_owned(),
+                    key: istio.roots.key.unwrap_or_else(|| BUNDLE_KEY.to_owned()),
+                }
+            }
+            _ => {
+                let reason = "expected namespace/name".into();
+                return Err(("ca.istio.roots.configMap", cm, reason));
+            }
+        },
+        _ => {
+            let reason = "exactly one of file and configMap".into();
+            return Err(("ca.istio.roots", "{...}".into(), reason));
+        }
+    };
+    Ok(CaConfig::Istio(identity::Endpoint {
+        server_name: istio.server_name.unwrap_or(host),
+        address,
+        roots,
+        token_file: dir.join(
+            istio
+                .token_file
+                .unwrap_or_else(|| DEFAULT_TOKEN_FILE.into()),
+        ),
+        cluster_id: istio
+            .cluster_id
+            .unwrap_or_else(|| culvert_ca_proto::DEFAULT_CLUSTER_ID.to_owned()),
+    }))
 }
 
 enum ParseError {
@@ -532,12 +646,69 @@ services:
     }
 
     #[test]
+    fn an_istio_ca_endpoint_is_read_with_istios_defaults() {
+        let text = "node: a\nca:\n  istio:\n    address: https://culvert-ca.culvert-system.svc:15012\n    roots: { configMap: culvert-system/culvert-ca-root-cert }\n";
+        let file = parse(text).unwrap();
+        assert_eq!(
+            file.ca,
+            CaConfig::Istio(identity::Endpoint {
+                address: "culvert-ca.culvert-system.svc:15012".into(),
+                server_name: "culvert-ca.culvert-system.svc".into(),
+                roots: BundleSource::ConfigMap {
+                    namespace: "culvert-system".into(),
+                    name: "culvert-ca-root-cert".into(),
+                    key: BUNDLE_KEY.into(),
+                },
+                token_file: DEFAULT_TOKEN_FILE.into(),
+                cluster_id: "Kubernetes".into(),
+            })
+        );
+        let text = "node: a\nca:\n  istio:\n    address: 127.0.0.1:15012\n    serverName: ca.test\n    tokenFile: token\n    clusterId: east\n    roots: { file: roots.pem }\n";
+        let CaConfig::Istio(ca) = parse(text).unwrap().ca else {
+            panic!("not an Istio CA")
+        };
+        assert_eq!(ca.server_name, "ca.test");
+        assert_eq!(
+            ca.roots,
+            BundleSource::File("/etc/culvert/roots.pem".into())
+        );
+        assert_eq!(ca.token_file, Path::new("/etc/culvert/token"));
+        assert_eq!(ca.cluster_id, "east");
+    }
+
+    #[test]
+    fn a_ca_block_that_is_neither_or_both_is_refused() {
+        for (ca, field) in [
+            ("{ cert: ca.crt }", "ca"),
+            (
+                "{ cert: ca.crt, key: ca.key, istio: { address: 'a:1', roots: { file: r } } }",
+                "ca",
+            ),
+            (
+                "{ istio: { address: nowhere, roots: { file: r } } }",
+                "ca.istio.address",
+            ),
+            ("{ istio: { address: 'a:1', roots: {} } }", "ca.istio.roots"),
+            (
+                "{ istio: { address: 'a:1', roots: { configMap: lonely } } }",
+                "ca.istio.roots.configMap",
+            ),
+        ] {
+            let err = parse(&format!("node: a\nca: {ca}\n")).unwrap_err();
+            assert!(err.starts_with(field), "{ca}: {err}");
+        }
+    }
+
+    #[test]
     fn good_file_loads_with_defaults_filled_in() {
         let file = parse(GOOD).unwrap();
         assert_eq!(file.node, "node-a");
         assert_eq!(file.trust_domain, "cluster.local");
         assert_eq!(file.cert_ttl, DEFAULT_CERT_TTL);
-        assert_eq!(file.ca.cert, Path::new("/etc/culvert/ca.crt"));
+        let CaConfig::Local(ca) = &file.ca else {
+            panic!("not a local CA: {:?}", file.ca)
+        };
+        assert_eq!(ca.cert, Path::new("/etc/culvert/ca.crt"));
         let legacy = file.snapshot.workload("demo", "legacy").unwrap();
         assert_eq!(
             legacy.identity.as_str(),

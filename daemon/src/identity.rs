@@ -4,11 +4,14 @@
 //! [`Cache`] that keeps one certificate per local identity fresh. Knows nothing of TLS sessions
 //! or pods: [`crate::tls`] turns cached certificates into rustls configs.
 
+mod bundle;
 mod ca;
 mod cache;
+mod istio;
 
 use std::fmt;
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -17,8 +20,10 @@ use std::time::SystemTime;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Serialize, Serializer};
 
-pub use ca::{LocalCa, write_root};
+pub use bundle::{Bundle, Roots, follow as follow_bundle, load as load_bundle};
+pub use ca::{LocalCa, leaf_params, write_root};
 pub use cache::Cache;
+pub use istio::IstioCa;
 
 /// A SPIFFE identity of the form `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 ///
@@ -142,6 +147,33 @@ impl Serialize for Id {
     }
 }
 
+/// How to reach an Istio CA API endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `host:port` (an `https://` prefix is accepted).
+    pub address: String,
+    /// The name the CA's certificate must carry; the address's host by default.
+    pub server_name: String,
+    /// The mesh trust bundle, which also verifies the CA.
+    pub roots: BundleSource,
+    /// A projected service-account token, re-read for every request.
+    pub token_file: PathBuf,
+    pub cluster_id: String,
+}
+
+/// Where the mesh trust bundle is read, and watched, from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BundleSource {
+    /// A PEM file (a mounted ConfigMap, say), re-read when it changes.
+    File(PathBuf),
+    /// A ConfigMap read through the API: `key` in `namespace/name`.
+    ConfigMap {
+        namespace: String,
+        name: String,
+        key: String,
+    },
+}
+
 /// A certificate for one identity, as a certificate authority issued it.
 pub struct Issued {
     /// Leaf first, then any intermediates.
@@ -176,6 +208,15 @@ pub enum Error {
         #[source]
         source: Arc<rustls::Error>,
     },
+    #[error("asking the CA at {ca} for {id}")]
+    Ca {
+        ca: String,
+        id: Id,
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("the CA at {ca} answered for {id} with an unusable chain: {reason}")]
+    BadChain { ca: String, id: Id, reason: String },
 }
 
 /// The future a [`Source`] returns.

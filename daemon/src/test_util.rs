@@ -74,6 +74,22 @@ impl Ca {
         LocalCa::load(&self.cert(), &self.key(), None, ttl).unwrap()
     }
 
+    /// A one-hour leaf for `key` naming `uri`, signed by this CA, as PEM: what a remote CA
+    /// would answer.
+    pub fn sign_pem(&self, key: &rcgen::KeyPair, uri: &str) -> String {
+        let pem = std::fs::read_to_string(self.key()).unwrap();
+        let ca_key = rcgen::KeyPair::from_pem(&pem).unwrap();
+        let cert = std::fs::read_to_string(self.cert()).unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&cert, ca_key).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+        let now = std::time::SystemTime::now();
+        params.not_before = (now - Duration::from_secs(60)).into();
+        params.not_after = (now + Duration::from_secs(3600)).into();
+        params.signed_by(key, &issuer).unwrap().pem()
+    }
+
     /// A certificate cache backed by this CA (one-hour certificates).
     pub fn certs(&self) -> Arc<identity::Cache> {
         identity::Cache::new(

@@ -81,11 +81,10 @@ pub fn server_config(
     kx: KeyExchange,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
     let provider = provider_for(kx);
-    let webpki = WebPkiClientVerifier::builder_with_provider(certs.roots(), provider.clone())
-        .build()
-        .map_err(|e| rustls::Error::General(format!("client verifier: {e}")))?;
     let verifier = SameTrustDomain {
-        inner: webpki,
+        certs: certs.clone(),
+        provider: provider.clone(),
+        current: std::sync::Mutex::new(None),
         trust_domain: id.trust_domain().to_owned(),
     };
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -245,12 +244,44 @@ impl ServerCertVerifier for ExpectIdentity {
     }
 }
 
-/// Server-side verifier: the standard client-auth chain check, plus a URI SAN in our trust
+/// Server-side verifier: the standard client-auth chain check against the trust bundle as it is
+/// at each handshake (a pod's listener outlives root rotations), plus a URI SAN in our trust
 /// domain. Which identities may connect is policy's decision, not the handshake's.
-#[derive(Debug)]
 struct SameTrustDomain {
-    inner: Arc<dyn ClientCertVerifier>,
+    certs: Arc<identity::Cache>,
+    provider: Arc<CryptoProvider>,
+    /// The webpki verifier for the roots it was built from, rebuilt when they change.
+    current: std::sync::Mutex<Option<BuiltVerifier>>,
     trust_domain: String,
+}
+
+/// A webpki client verifier and the roots it was built from.
+type BuiltVerifier = (Arc<rustls::RootCertStore>, Arc<dyn ClientCertVerifier>);
+
+impl fmt::Debug for SameTrustDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SameTrustDomain")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SameTrustDomain {
+    fn webpki(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+        let roots = self.certs.roots();
+        let mut current = self.current.lock().expect("verifier lock poisoned");
+        if let Some((built_from, verifier)) = &*current
+            && Arc::ptr_eq(built_from, &roots)
+        {
+            return Ok(verifier.clone());
+        }
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(format!("client verifier: {e}")))?;
+        *current = Some((roots, verifier.clone()));
+        Ok(verifier)
+    }
 }
 
 /// A client certificate that chains to the mesh roots but names no identity of this mesh.
@@ -263,7 +294,9 @@ struct ForeignTrustDomain {
 
 impl ClientCertVerifier for SameTrustDomain {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        // No hints: a mesh client has exactly one certificate to offer, and the hints would
+        // have to follow the bundle.
+        &[]
     }
 
     fn verify_client_cert(
@@ -272,7 +305,7 @@ impl ClientCertVerifier for SameTrustDomain {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
+        self.webpki()?
             .verify_client_cert(end_entity, intermediates, now)?;
         match identity_of(end_entity) {
             Some(id) if id.trust_domain() == self.trust_domain => {
@@ -290,11 +323,13 @@ impl ClientCertVerifier for SameTrustDomain {
 
     fn verify_tls12_signature(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
     }
 
     fn verify_tls13_signature(
@@ -303,11 +338,14 @@ impl ClientCertVerifier for SameTrustDomain {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -415,6 +453,63 @@ mod tests {
         // A node that requires it reaches one that prefers it.
         let pq_only = provider_for(require);
         assert_eq!(group(pq_only, prefer).await, Ok(NamedGroup::X25519MLKEM768));
+    }
+
+    #[tokio::test]
+    async fn a_running_listener_trusts_a_root_added_after_it_was_built() {
+        use crate::test_util::Ca;
+        let (old, new) = (Ca::new("rotate-old"), Ca::new("rotate-new"));
+        let pem = |ca: &Ca| {
+            let text = std::fs::read(ca.cert()).unwrap();
+            CertificateDer::from_pem_slice(&text).unwrap()
+        };
+        use rustls::pki_types::pem::PemObject as _;
+        let ttl = std::time::Duration::from_secs(3600);
+        // The server's node trusts only the old root when its pod's listener is built.
+        let server_roots = identity::Roots::new();
+        server_roots.set(&[pem(&old)]).unwrap();
+        let server =
+            identity::Cache::with_roots(Arc::new(old.local(ttl)), provider(), server_roots.clone());
+        // The client's leaf is already under the new root; it trusts both.
+        let client_roots = identity::Roots::new();
+        client_roots.set(&[pem(&old), pem(&new)]).unwrap();
+        let client =
+            identity::Cache::with_roots(Arc::new(new.local(ttl)), provider(), client_roots);
+        let (src, dst): (Id, Id) = (
+            "spiffe://cluster.local/ns/x/sa/a".parse().unwrap(),
+            "spiffe://cluster.local/ns/y/sa/b".parse().unwrap(),
+        );
+        server.ensure(&dst).await.unwrap();
+        client.ensure(&src).await.unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(
+            server_config(&server, &dst, KeyExchange::default()).unwrap(),
+        );
+        let connector = tokio_rustls::TlsConnector::from(
+            client_config(&client, &src, &dst, KeyExchange::default()).unwrap(),
+        );
+        let attempt = || async {
+            let (a, b) = tokio::io::duplex(64 << 10);
+            let accept = acceptor.clone();
+            let server = tokio::spawn(async move {
+                let mut tls = accept.accept(b).await?;
+                tls.write_all(b"x").await
+            });
+            let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+            if let Ok(mut tls) = connector.clone().connect(name, a).await {
+                let mut byte = [0u8];
+                let _ = tls.read_exact(&mut byte).await;
+            }
+            server.await.unwrap().is_ok()
+        };
+        assert!(
+            !attempt().await,
+            "a leaf under an untrusted root was accepted"
+        );
+        // The bundle changes; the listener built before it follows.
+        server_roots.set(&[pem(&old), pem(&new)]).unwrap();
+        assert!(attempt().await, "the listener did not pick up the new root");
+        server_roots.set(&[pem(&old)]).unwrap();
+        assert!(!attempt().await, "a removed root is still trusted");
     }
 
     #[tokio::test]

@@ -72,21 +72,8 @@ impl LocalCa {
         let now = SystemTime::now();
         let not_before = now - BACKDATE;
         let not_after = now + self.ttl;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
-        params.not_before = not_before.into();
-        params.not_after = not_after.into();
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        let leaf = params.signed_by(&key, &self.issuer)?;
+        let leaf =
+            leaf_params(id.as_str(), not_before, not_after)?.signed_by(&key, &self.issuer)?;
         let mut chain = vec![leaf.der().clone()];
         if !self.roots.contains(&self.ca_cert) {
             chain.push(self.ca_cert.clone());
@@ -99,6 +86,31 @@ impl LocalCa {
             not_after,
         })
     }
+}
+
+/// A workload certificate's contents, as every Culvert CA issues them: no subject, one URI SAN
+/// (critical, as the subject is empty), digital signature and key encipherment, server and client
+/// auth, the issuer's key id.
+pub fn leaf_params(
+    uri: &str,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<CertificateParams, rcgen::Error> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
+    params.not_before = not_before.into();
+    params.not_after = not_after.into();
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
 }
 
 impl Source for LocalCa {

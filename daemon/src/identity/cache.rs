@@ -9,7 +9,7 @@ use rustls::sign::CertifiedKey;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
-use super::{Error, Id, Issued, Source};
+use super::{Error, Id, Issued, Roots, Source};
 
 /// Renewal retries start at this delay and double up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
@@ -24,8 +24,13 @@ pub struct Cache {
     source: Arc<dyn Source>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     certs: RwLock<HashMap<Id, Cert>>,
-    roots: RwLock<Arc<RootCertStore>>,
+    roots: Arc<Roots>,
+    /// Whether each issuance's roots replace the bundle (a local CA), or a followed bundle
+    /// source owns it ([`Cache::with_roots`]).
+    roots_from_issuance: bool,
     fetching: Mutex<HashMap<Id, Arc<Mutex<()>>>>,
+    /// Wakes the renewal loops after [`Cache::reissue_all`].
+    reissued: tokio::sync::Notify,
 }
 
 #[derive(Clone)]
@@ -46,16 +51,38 @@ impl Cert {
 }
 
 impl Cache {
+    /// A cache whose trust bundle is whatever the source last issued with.
     pub fn new(
         source: Arc<dyn Source>,
         provider: Arc<rustls::crypto::CryptoProvider>,
+    ) -> Arc<Self> {
+        Self::build(source, provider, Roots::new(), true)
+    }
+
+    /// A cache whose trust bundle is `roots`, kept by a followed bundle source: what the
+    /// source sends with each certificate does not change it.
+    pub fn with_roots(
+        source: Arc<dyn Source>,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+        roots: Arc<Roots>,
+    ) -> Arc<Self> {
+        Self::build(source, provider, roots, false)
+    }
+
+    fn build(
+        source: Arc<dyn Source>,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+        roots: Arc<Roots>,
+        roots_from_issuance: bool,
     ) -> Arc<Self> {
         Arc::new(Self {
             source,
             provider,
             certs: RwLock::default(),
-            roots: RwLock::new(Arc::new(RootCertStore::empty())),
+            roots,
+            roots_from_issuance,
             fetching: Mutex::default(),
+            reissued: tokio::sync::Notify::new(),
         })
     }
 
@@ -68,7 +95,31 @@ impl Cache {
 
     /// The mesh trust bundle, as the authority last sent it.
     pub fn roots(&self) -> Arc<RootCertStore> {
-        self.roots.read().expect("roots lock poisoned").clone()
+        self.roots.get()
+    }
+
+    /// The identities held, with each certificate's expiry.
+    pub fn held_ids(&self) -> Vec<(Id, SystemTime)> {
+        let certs = self.certs.read().expect("cert cache lock poisoned");
+        certs
+            .iter()
+            .map(|(id, c)| (id.clone(), c.not_after))
+            .collect()
+    }
+
+    /// Fetches a fresh certificate for every held identity now (the trust bundle changed, so
+    /// the CA may sign under another root). Failures are logged; the renewal loops retry.
+    pub fn reissue_all(self: &Arc<Self>) {
+        for (id, _) in self.held_ids() {
+            let cache = self.clone();
+            tokio::spawn(async move {
+                match cache.fetch(&id).await {
+                    Ok(_) => cache.reissued.notify_waiters(),
+                    Err(e) => warn!(id = %id, error = &e as &dyn std::error::Error,
+                        "re-issuing after a trust bundle change failed; renewal will retry"),
+                }
+            });
+        }
     }
 
     /// Makes sure a valid certificate for `id` is held, fetching it if needed, and keeps it
@@ -126,16 +177,14 @@ impl Cache {
             .key_provider
             .load_private_key(issued.key)
             .map_err(unusable)?;
-        let mut roots = RootCertStore::empty();
-        for root in issued.roots {
-            roots.add(root).map_err(unusable)?;
+        if self.roots_from_issuance {
+            self.roots.set(&issued.roots).map_err(unusable)?;
         }
         let cert = Cert {
             key: Arc::new(CertifiedKey::new(issued.chain, signer)),
             not_before: issued.not_before,
             not_after: issued.not_after,
         };
-        *self.roots.write().expect("roots lock poisoned") = Arc::new(roots);
         self.certs
             .write()
             .expect("cert cache lock poisoned")
@@ -151,7 +200,14 @@ impl Cache {
                 .renew_at()
                 .duration_since(SystemTime::now())
                 .unwrap_or_default();
-            tokio::time::sleep(wait).await;
+            if !wait.is_zero() {
+                // A certificate re-issued meanwhile (the bundle changed) moves the deadline.
+                let reissued = self.reissued.notified();
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = reissued => continue,
+                }
+            }
             let mut backoff = MIN_BACKOFF;
             loop {
                 if self.held(&id).is_none() {
