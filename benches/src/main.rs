@@ -151,6 +151,8 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         services: vec![],
         node_flags: vec!["--log".into(), args.daemon_log.clone()],
         kubeconfig: None,
+        ca: vec![],
+        cert_ttl: None,
     };
     eprintln!("culvert-bench: building the lab ({reps} repetition(s))");
     let lab = Lab::start("cvbench", &culvert, spec)?;

@@ -51,6 +51,11 @@ pub struct Spec {
     /// network namespace, where the test apiserver listens on loopback, with their admin API
     /// and probes on free loopback ports.
     pub kubeconfig: Option<PathBuf>,
+    /// Node `i`'s `ca:` block (YAML flow text), replacing the lab's local CA; empty: the
+    /// local CA on every node.
+    pub ca: Vec<String>,
+    /// `certTtl` of every node file, if not the default.
+    pub cert_ttl: Option<String>,
 }
 
 /// One pod of the lab.
@@ -322,16 +327,27 @@ impl Lab {
     }
 
     fn write_node_file(&self, i: usize) -> anyhow::Result<()> {
+        let ca = self
+            .spec
+            .ca
+            .get(i)
+            .map_or("{ cert: ca.crt, key: ca.key }", String::as_str);
+        let ttl = self
+            .spec
+            .cert_ttl
+            .as_ref()
+            .map(|t| format!("certTtl: {t}\n"))
+            .unwrap_or_default();
         if self.spec.kubeconfig.is_some() {
             let yaml = format!(
-                "node: {}\ndiscovery: kubernetes\nca: {{ cert: ca.crt, key: ca.key }}\npeerAuthentication: {}\n",
+                "node: {}\ndiscovery: kubernetes\nca: {ca}\n{ttl}peerAuthentication: {}\n",
                 self.nodes[i].name, self.spec.mesh_mode
             );
             std::fs::write(&self.nodes[i].config, yaml)?;
             return Ok(());
         }
         let mut yaml = format!(
-            "node: {}\nca: {{ cert: ca.crt, key: ca.key }}\npeerAuthentication: {}\nenrolledNamespaces: [{}]\nworkloads:\n",
+            "node: {}\nca: {ca}\n{ttl}peerAuthentication: {}\nenrolledNamespaces: [{}]\nworkloads:\n",
             self.nodes[i].name,
             self.spec.mesh_mode,
             self.spec.enrolled_namespaces.join(", ")

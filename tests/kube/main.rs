@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+mod ca;
+
 use culvert_tests::kube::{self, Cluster, PodObject};
 use culvert_tests::{
     ECHO, Lab, PodSpec, access_line, addr, echo_ok, eventually, spec, wire, wired,

@@ -147,6 +147,136 @@ impl Cluster {
         path
     }
 
+    /// A token minted (TokenRequest) for `namespace/service_account`, bound to pod
+    /// `bound_pod` when given, for `audience`.
+    pub fn token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        bound_pod: Option<&str>,
+        audience: &str,
+    ) -> String {
+        let mut args = vec![
+            "-n",
+            namespace,
+            "create",
+            "token",
+            service_account,
+            "--duration=1h",
+            "--audience",
+            audience,
+        ];
+        if let Some(pod) = bound_pod {
+            args.extend(["--bound-object-kind", "Pod", "--bound-object-name", pod]);
+        }
+        self.kubectl(&args).trim().to_owned()
+    }
+
+    /// The admin kubeconfig with its credentials replaced by `token`.
+    pub fn kubeconfig_with(&self, name: &str, token: &str) -> PathBuf {
+        let admin = std::fs::read_to_string(&self.kubeconfig).unwrap();
+        let text: String = admin
+            .lines()
+            .map(|l| match l.trim_start().strip_prefix("token: ") {
+                Some(_) => format!("    token: {token}"),
+                None => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let path = self.dir.join(format!("{name}.kubeconfig"));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Creates the node agent's Pod object on `node` (the DaemonSet's pod, as the scheduler
+    /// leaves it) and writes a token bound to it, for the CA's audience, into the returned file.
+    pub fn node_agent(&self, node: &str) -> PathBuf {
+        let name = format!("culvert-node-{node}");
+        self.pod(&PodObject {
+            name: &name,
+            namespace: "culvert-system",
+            node,
+            service_account: "culvert-node",
+            mode: None,
+            host_network: true,
+        });
+        let token = self.token("culvert-system", "culvert-node", Some(&name), "istio-ca");
+        let path = self.dir.join(format!("{name}.token"));
+        std::fs::write(&path, token).unwrap();
+        path
+    }
+
+    /// Starts `culvert ca serve` against this cluster as the manifests' `culvert-ca` service
+    /// account, on a free loopback port. Needs [`Self::install`].
+    pub fn start_ca(&self, tag: &str, extra: &[&str]) -> CaServer {
+        let token = self.kubectl(&[
+            "-n",
+            "culvert-system",
+            "create",
+            "token",
+            "culvert-ca",
+            "--duration=2h",
+        ]);
+        let kubeconfig = self.kubeconfig_with("ca", token.trim());
+        let free = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let (addr, readiness) = (free(), free());
+        let log = self.dir.join(format!("ca-{tag}.log"));
+        let mut ca = CaServer {
+            child: None,
+            addr,
+            readiness,
+            log,
+            args: vec![
+                "serve".into(),
+                "--kubeconfig".into(),
+                kubeconfig.display().to_string(),
+                "--listen".into(),
+                addr.to_string(),
+                "--readiness".into(),
+                readiness.to_string(),
+            ],
+        };
+        ca.args.extend(extra.iter().map(|s| (*s).to_owned()));
+        ca.start();
+        ca
+    }
+
+    /// The trust bundle culvert ca published.
+    pub fn bundle(&self) -> String {
+        let out = self.kubectl(&[
+            "-n",
+            "culvert-system",
+            "get",
+            "configmap",
+            "culvert-ca-root-cert",
+            "-o",
+            "jsonpath={.data.root-cert\\.pem}",
+        ]);
+        assert!(out.contains("BEGIN CERTIFICATE"), "no bundle: {out}");
+        out
+    }
+
+    /// Runs `culvert ca` (the CLI) as admin.
+    pub fn ca_cli(&self, args: &[&str]) -> String {
+        let out = Command::new(ca_bin())
+            .args(args)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "culvert-ca {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn stop_apiserver(&self) {
         self.script("stop-apiserver");
     }
@@ -319,4 +449,160 @@ pub fn workloads(lab: &Lab, i: usize, enrolled: bool) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// The `culvert-ca` binary next to `culvert`.
+pub fn ca_bin() -> PathBuf {
+    let bin = culvert_bin().with_file_name("culvert-ca");
+    assert!(
+        bin.exists(),
+        "{} is not built (cargo build --bins)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `culvert ca serve`; killed on drop.
+pub struct CaServer {
+    child: Option<std::process::Child>,
+    pub addr: std::net::SocketAddr,
+    pub readiness: std::net::SocketAddr,
+    pub log: PathBuf,
+    args: Vec<String>,
+}
+
+impl CaServer {
+    /// Starts the process and waits until it is ready.
+    pub fn start(&mut self) {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(ca_bin())
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let url = format!("{}", self.readiness);
+        crate::eventually(
+            &format!("culvert ca ready on {url}"),
+            std::time::Duration::from_secs(20),
+            || {
+                use std::io::{Read as _, Write as _};
+                let mut s = std::net::TcpStream::connect(self.readiness).ok()?;
+                s.write_all(b"GET /healthz/ready HTTP/1.0\r\n\r\n").ok()?;
+                let mut out = String::new();
+                s.read_to_string(&mut out).ok()?;
+                out.starts_with("HTTP/1.0 200").then_some(())
+            },
+        );
+    }
+
+    /// Kills the process (as a crash would).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The node file's `ca:` block for a daemon whose token is in `token_file`.
+    pub fn node_block(&self, token_file: &Path) -> String {
+        format!(
+            "{{ istio: {{ address: '{}', serverName: culvert-ca.culvert-system.svc, tokenFile: '{}', roots: {{ configMap: culvert-system/culvert-ca-root-cert }} }} }}",
+            self.addr,
+            token_file.display()
+        )
+    }
+}
+
+impl Drop for CaServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What a direct call to the CA API asks.
+pub struct CaCall<'a> {
+    pub token: &'a str,
+    pub impersonate: Option<&'a str>,
+    pub csr: &'a str,
+    pub ttl_seconds: i64,
+}
+
+/// Calls `CreateCertificate` on `addr`, verifying the CA against `bundle` (PEM); the chain, or
+/// the status code and message.
+pub fn ca_call(
+    addr: std::net::SocketAddr,
+    bundle: &str,
+    call: &CaCall<'_>,
+) -> Result<Vec<String>, (tonic::Code, String)> {
+    use culvert_ca_proto::istio_certificate_service_client::IstioCertificateServiceClient;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(bundle.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(culvert::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = std::sync::Arc::new(tls);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let connector = tower::service_fn(move |_: http::Uri| {
+            let tls = tls.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let name = rustls::pki_types::ServerName::try_from("culvert-ca.culvert-system.svc")
+                    .unwrap();
+                let tls = tokio_rustls::TlsConnector::from(tls)
+                    .connect(name, tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        });
+        let channel =
+            tonic::transport::Endpoint::from_static("https://culvert-ca.culvert-system.svc:15012")
+                .connect_with_connector(connector)
+                .await
+                .map_err(|e| (tonic::Code::Unavailable, e.to_string()))?;
+        let mut request = tonic::Request::new(culvert_ca_proto::IstioCertificateRequest {
+            csr: call.csr.to_owned(),
+            validity_duration: call.ttl_seconds,
+            metadata: call.impersonate.map(culvert_ca_proto::impersonating),
+        });
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", call.token).parse().unwrap(),
+        );
+        IstioCertificateServiceClient::new(channel)
+            .create_certificate(request)
+            .await
+            .map(|r| r.into_inner().cert_chain)
+            .map_err(|s| (s.code(), s.message().to_owned()))
+    })
+}
+
+/// A CSR as node daemons send it for `uri`, edited by `edit`.
+pub fn csr_for(uri: &str, edit: impl FnOnce(&mut rcgen::CertificateParams)) -> String {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+    edit(&mut params);
+    params.serialize_request(&key).unwrap().pem().unwrap()
 }

@@ -48,6 +48,8 @@ pub fn spec(pods: Vec<PodSpec>) -> Spec {
         services: vec![],
         node_flags: vec![],
         kubeconfig: None,
+        ca: vec![],
+        cert_ttl: None,
     }
 }
 

@@ -61,6 +61,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         services: vec![],
         node_flags: vec![],
         kubeconfig: None,
+        ca: vec![],
+        cert_ttl: None,
     };
     println!(
         "culvert-demo: two nodes, three pods wired by a CNI chain (bridge, host-local, culvert-cni)..."
