@@ -109,6 +109,10 @@ fn manifests_apply_with_a_server_side_dry_run_and_for_real() {
         "clusterrolebinding.rbac.authorization.k8s.io/culvert-node",
         "configmap/culvert-node",
         "daemonset.apps/culvert-node",
+        "serviceaccount/culvert-ca",
+        "role.rbac.authorization.k8s.io/culvert-ca",
+        "service/culvert-ca",
+        "deployment.apps/culvert-ca",
     ] {
         assert!(
             dry.contains(&format!("{object} created (server dry run)")),
@@ -124,9 +128,9 @@ fn manifests_apply_with_a_server_side_dry_run_and_for_real() {
     );
 
     let real = cluster.kubectl(&["apply", "-k", dir]);
-    assert_eq!(real.matches(" created").count(), 5, "{real}");
+    assert_eq!(real.matches(" created").count(), 14, "{real}");
     let again = cluster.kubectl(&["apply", "-k", dir]);
-    assert_eq!(again.matches(" unchanged").count(), 6, "{again}");
+    assert_eq!(again.matches(" unchanged").count(), 15, "{again}");
 
     let ds: serde_json::Value = serde_json::from_str(&cluster.kubectl(&[
         "-n",
@@ -139,6 +143,17 @@ fn manifests_apply_with_a_server_side_dry_run_and_for_real() {
     ]))
     .unwrap();
     let pod = &ds["spec"]["template"]["spec"];
+    // The node daemon mounts no Secret (no CA key); its CA credential is a projected token.
+    let volumes = pod["volumes"].as_array().unwrap();
+    assert!(
+        volumes.iter().all(|v| v.get("secret").is_none()),
+        "{volumes:#?}"
+    );
+    let token = volumes.iter().find(|v| v["name"] == "ca-token").unwrap();
+    assert_eq!(
+        token["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+        "istio-ca"
+    );
     assert_eq!(pod["hostNetwork"], true);
     assert_eq!(pod["serviceAccountName"], "culvert-node");
     assert_eq!(pod["priorityClassName"], "system-node-critical");
