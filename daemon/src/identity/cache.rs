@@ -33,6 +33,13 @@ pub struct Cache {
     reissued: tokio::sync::Notify,
 }
 
+/// Whether a fetched certificate replaces a held one only, or may be the first.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Install {
+    Always,
+    IfHeld,
+}
+
 #[derive(Clone)]
 struct Cert {
     key: Arc<CertifiedKey>,
@@ -98,28 +105,29 @@ impl Cache {
         self.roots.get()
     }
 
-    /// The identities held, with each certificate's expiry.
-    pub fn held_ids(&self) -> Vec<(Id, SystemTime)> {
-        let certs = self.certs.read().expect("cert cache lock poisoned");
-        certs
-            .iter()
-            .map(|(id, c)| (id.clone(), c.not_after))
-            .collect()
-    }
-
     /// Fetches a fresh certificate for every held identity now (the trust bundle changed, so
     /// the CA may sign under another root). Failures are logged; the renewal loops retry.
     pub fn reissue_all(self: &Arc<Self>) {
-        for (id, _) in self.held_ids() {
+        let ids: Vec<Id> = {
+            let certs = self.certs.read().expect("cert cache lock poisoned");
+            certs.keys().cloned().collect()
+        };
+        for id in ids {
             let cache = self.clone();
             tokio::spawn(async move {
-                match cache.fetch(&id).await {
-                    Ok(_) => cache.reissued.notify_waiters(),
+                match cache.refresh(&id).await {
+                    Ok(()) => cache.reissued.notify_waiters(),
                     Err(e) => warn!(id = %id, error = &e as &dyn std::error::Error,
                         "re-issuing after a trust bundle change failed; renewal will retry"),
                 }
             });
         }
+    }
+
+    /// The per-identity lock that makes fetches single-flight.
+    async fn slot(&self, id: &Id) -> Arc<Mutex<()>> {
+        let mut fetching = self.fetching.lock().await;
+        fetching.entry(id.clone()).or_default().clone()
     }
 
     /// Makes sure a valid certificate for `id` is held, fetching it if needed, and keeps it
@@ -128,13 +136,7 @@ impl Cache {
         if self.get(id).is_some() {
             return Ok(());
         }
-        let slot = self
-            .fetching
-            .lock()
-            .await
-            .entry(id.clone())
-            .or_default()
-            .clone();
+        let slot = self.slot(id).await;
         let _guard = slot.lock().await;
         // Another task may have fetched it while this one waited.
         if self.get(id).is_some() {
@@ -145,7 +147,7 @@ impl Cache {
             .read()
             .expect("cert cache lock poisoned")
             .contains_key(id);
-        self.fetch(id).await?;
+        self.fetch(id, Install::Always).await?;
         if first {
             tokio::spawn(self.clone().renew(id.clone()));
         }
@@ -160,14 +162,23 @@ impl Cache {
             .remove(id);
     }
 
-    async fn fetch(&self, id: &Id) -> Result<Cert, Error> {
-        let issued = self.source.issue(id).await?;
-        let cert = self.install(id, issued)?;
-        info!(id = %id, not_after = ?cert.not_after, "certificate issued");
-        Ok(cert)
+    /// A new certificate for a held identity (renewal, re-issue), single-flight with every
+    /// other fetch of it; dropped if the identity is released meanwhile.
+    async fn refresh(&self, id: &Id) -> Result<(), Error> {
+        let slot = self.slot(id).await;
+        let _guard = slot.lock().await;
+        self.fetch(id, Install::IfHeld).await
     }
 
-    fn install(&self, id: &Id, issued: Issued) -> Result<Cert, Error> {
+    async fn fetch(&self, id: &Id, when: Install) -> Result<(), Error> {
+        let issued = self.source.issue(id).await?;
+        if let Some(cert) = self.install(id, issued, when)? {
+            info!(id = %id, not_after = ?cert.not_after, "certificate issued");
+        }
+        Ok(())
+    }
+
+    fn install(&self, id: &Id, issued: Issued, when: Install) -> Result<Option<Cert>, Error> {
         let unusable = |e| Error::Unusable {
             id: id.clone(),
             source: Arc::new(e),
@@ -185,11 +196,13 @@ impl Cache {
             not_before: issued.not_before,
             not_after: issued.not_after,
         };
-        self.certs
-            .write()
-            .expect("cert cache lock poisoned")
-            .insert(id.clone(), cert.clone());
-        Ok(cert)
+        let mut certs = self.certs.write().expect("cert cache lock poisoned");
+        if when == Install::IfHeld && !certs.contains_key(id) {
+            // Released while the CA answered: holding it again would leave it unrenewed.
+            return Ok(None);
+        }
+        certs.insert(id.clone(), cert.clone());
+        Ok(Some(cert))
     }
 
     /// Renews `id` at half life for as long as it is held; on failure retries with backoff
@@ -213,8 +226,8 @@ impl Cache {
                 if self.held(&id).is_none() {
                     return;
                 }
-                match self.fetch(&id).await {
-                    Ok(_) => break,
+                match self.refresh(&id).await {
+                    Ok(()) => break,
                     Err(e) => {
                         warn!(id = %id, retry_in = ?backoff, error = &e as &dyn std::error::Error,
                             "certificate renewal failed");
@@ -273,6 +286,48 @@ mod tests {
             fail: false.into(),
         });
         (Cache::new(source.clone(), crate::tls::provider()), source)
+    }
+
+    /// Issues from a local CA once the test lets each request through.
+    struct Gated {
+        ca: LocalCa,
+        gate: tokio::sync::Semaphore,
+        asked: AtomicUsize,
+    }
+
+    impl Source for Gated {
+        fn issue<'a>(&'a self, id: &'a Id) -> IssueFuture<'a> {
+            Box::pin(async move {
+                self.asked.fetch_add(1, Ordering::SeqCst);
+                self.gate.acquire().await.expect("open").forget();
+                self.ca.issue(id).await
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_certificate_released_while_it_is_reissued_is_not_held_again() {
+        let ca = crate::test_util::Ca::new("reissue-release").local(Duration::from_secs(3600));
+        let source = Arc::new(Gated {
+            ca,
+            gate: tokio::sync::Semaphore::new(1),
+            asked: AtomicUsize::new(0),
+        });
+        let cache = Cache::new(source.clone(), crate::tls::provider());
+        let id = Id::new("cluster.local", "demo", "a").unwrap();
+        cache.ensure(&id).await.unwrap();
+
+        cache.reissue_all();
+        while source.asked.load(Ordering::SeqCst) < 2 {
+            tokio::task::yield_now().await;
+        }
+        cache.release(&id);
+        source.gate.add_permits(1);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            cache.get(&id).is_none(),
+            "a released identity was held again by its re-issue"
+        );
     }
 
     #[tokio::test(start_paused = true)]
