@@ -310,6 +310,7 @@ async fn serve_readiness(listener: tokio::net::TcpListener, ca: Arc<server::Ca>)
     use hyper::service::service_fn;
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let ca = ca.clone();

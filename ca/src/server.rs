@@ -40,8 +40,13 @@ const SERVER_CERT_TTL: Duration = Duration::from_secs(7 * 86_400);
 const SERVER_CERT_REFRESH: Duration = Duration::from_secs(86_400);
 /// A TLS handshake must finish within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once; more connections wait in the kernel's backlog.
-const MAX_HANDSHAKES: usize = 256;
+/// Connections at once, handshaking or established; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 1024;
+/// Streams one connection may have open (a node daemon sends at most 8).
+const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+/// Requests being answered at once across all connections, which bounds the apiserver calls
+/// (a TokenReview and two pod reads each) a flood can cause; the rest wait their turn.
+const MAX_IN_FLIGHT: usize = 64;
 /// A request larger than this is refused by the gRPC layer (a CSR is about 500 bytes).
 const MAX_REQUEST_BYTES: usize = 64 << 10;
 
@@ -89,6 +94,7 @@ pub struct Ca {
     settings: Settings,
     current: RwLock<Arc<Current>>,
     serving: RwLock<Arc<CertifiedKey>>,
+    in_flight: Semaphore,
     pub ready: AtomicBool,
 }
 
@@ -113,6 +119,7 @@ impl Ca {
             settings,
             current: RwLock::new(Arc::new(current)),
             serving: RwLock::new(serving),
+            in_flight: Semaphore::new(MAX_IN_FLIGHT),
             ready: AtomicBool::new(false),
         }))
     }
@@ -186,6 +193,7 @@ impl Ca {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Vec<String>, Refused> {
+        let _permit = self.in_flight.acquire().await.expect("never closed");
         let header = |name: &str| {
             request
                 .metadata()
@@ -279,7 +287,7 @@ fn serving_cert(current: &Current, names: &[String]) -> anyhow::Result<Arc<Certi
     let mut chain = vec![leaf];
     chain.extend(current.material.current.intermediates()?);
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    let signer = rustls::crypto::aws_lc_rs::default_provider()
+    let signer = culvert::tls::provider()
         .key_provider
         .load_private_key(key)?;
     Ok(Arc::new(CertifiedKey::new(chain, signer)))
@@ -313,13 +321,13 @@ pub async fn serve(
     tls.alpn_protocols = vec![b"h2".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<io::Result<Tls>>(64);
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let accepting = stop.clone();
     tokio::spawn(async move {
         loop {
             let permit = tokio::select! {
                 () = accepting.cancelled() => return,
-                permit = handshakes.clone().acquire_owned() => permit.expect("never closed"),
+                permit = connections.clone().acquire_owned() => permit.expect("never closed"),
             };
             let (tcp, peer) = tokio::select! {
                 () = accepting.cancelled() => return,
@@ -334,11 +342,11 @@ pub async fn serve(
             };
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
-                let _permit = permit;
                 let _ = tcp.set_nodelay(true);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(Tls(stream))).await;
+                        // The permit goes with the connection and is freed when tonic drops it.
+                        let _ = tx.send(Ok(Tls(stream, permit))).await;
                     }
                     Ok(Err(e)) => info!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => info!(%peer, "TLS handshake timed out"),
@@ -351,13 +359,18 @@ pub async fn serve(
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     tonic::transport::Server::builder()
         .timeout(Duration::from_secs(30))
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .serve_with_incoming_shutdown(service, incoming, stop.cancelled_owned())
         .await
         .context("serving the CA API")
 }
 
-/// A TLS connection handed to tonic.
-struct Tls(tokio_rustls::server::TlsStream<TcpStream>);
+/// A TLS connection handed to tonic, holding its place among [`MAX_CONNECTIONS`].
+struct Tls(
+    tokio_rustls::server::TlsStream<TcpStream>,
+    #[allow(dead_code, reason = "held, not read: dropping it frees the place")]
+    tokio::sync::OwnedSemaphorePermit,
+);
 
 impl tonic::transport::server::Connected for Tls {
     type ConnectInfo = ();
