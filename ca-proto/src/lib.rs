@@ -24,6 +24,10 @@ pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 /// The token audience Istio's CA checks by default.
 pub const DEFAULT_AUDIENCE: &str = "istio-ca";
 
+/// The key Istio's root ConfigMaps (`istio-ca-root-cert`) and culvert ca's keep the PEM trust
+/// bundle under.
+pub const ROOT_CERT_KEY: &str = "root-cert.pem";
+
 /// Port Istio's CA API is served on.
 pub const DEFAULT_PORT: u16 = 15012;
 

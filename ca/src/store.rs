@@ -12,8 +12,7 @@ use tracing::info;
 
 use crate::authority::Material;
 
-/// The bundle ConfigMap's keys.
-pub const BUNDLE_KEY: &str = "root-cert.pem";
+/// The bundle ConfigMap's keys: the bundle under [`culvert_ca_proto::ROOT_CERT_KEY`], and the
 /// SHA-256 of the current signing certificate: a change tells node daemons to re-issue.
 pub const SIGNER_KEY: &str = "signer";
 
@@ -108,7 +107,10 @@ impl Store {
                 ..Default::default()
             },
             data: Some(BTreeMap::from([
-                (BUNDLE_KEY.to_owned(), material.roots_pem.clone()),
+                (
+                    culvert_ca_proto::ROOT_CERT_KEY.to_owned(),
+                    material.roots_pem.clone(),
+                ),
                 (SIGNER_KEY.to_owned(), material.current.fingerprint()?),
             ])),
             ..Default::default()

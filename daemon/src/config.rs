@@ -259,8 +259,6 @@ pub struct CaFiles {
 
 /// Where ztunnel and Istio's charts mount the CA token.
 pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/tokens/istio-token";
-/// The key Istio's root ConfigMaps (and culvert ca's) keep the bundle under.
-pub const BUNDLE_KEY: &str = "root-cert.pem";
 
 /// Why the node file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -586,7 +584,10 @@ fn ca_config(raw: RawCa, dir: &Path) -> Result<CaConfig, (&'static str, String, 
                 BundleSource::ConfigMap {
                     namespace: ns.to_owned(),
                     name: name.to_owned(),
-                    key: istio.roots.key.unwrap_or_else(|| BUNDLE_KEY.to_owned()),
+                    key: istio
+                        .roots
+                        .key
+                        .unwrap_or_else(|| culvert_ca_proto::ROOT_CERT_KEY.to_owned()),
                 }
             }
             _ => {
@@ -657,7 +658,7 @@ services:
                 roots: BundleSource::ConfigMap {
                     namespace: "culvert-system".into(),
                     name: "culvert-ca-root-cert".into(),
-                    key: BUNDLE_KEY.into(),
+                    key: culvert_ca_proto::ROOT_CERT_KEY.into(),
                 },
                 token_file: DEFAULT_TOKEN_FILE.into(),
                 cluster_id: "Kubernetes".into(),

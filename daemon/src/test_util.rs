@@ -81,12 +81,9 @@ impl Ca {
         let ca_key = rcgen::KeyPair::from_pem(&pem).unwrap();
         let cert = std::fs::read_to_string(self.cert()).unwrap();
         let issuer = rcgen::Issuer::from_ca_cert_pem(&cert, ca_key).unwrap();
-        let mut params = rcgen::CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
         let now = std::time::SystemTime::now();
-        params.not_before = (now - Duration::from_secs(60)).into();
-        params.not_after = (now + Duration::from_secs(3600)).into();
+        let hour = Duration::from_secs(3600);
+        let params = identity::leaf_params(uri, now - Duration::from_secs(60), now + hour).unwrap();
         params.signed_by(key, &issuer).unwrap().pem()
     }
 
