@@ -147,6 +147,14 @@ mod tests {
     }
 
     #[test]
+    fn a_csr_made_by_openssl_passes() {
+        // `openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -subj / -addext
+        // subjectAltName=critical,URI:<id>`: the fuzz seed.
+        let pem = include_str!("../../fuzz/seeds/ca_csr/agent.pem");
+        assert!(check(pem, ID).is_ok(), "{:?}", check(pem, ID));
+    }
+
+    #[test]
     fn every_deviation_is_refused_with_its_reason() {
         let uri = |s: &str| SanType::URI(s.try_into().unwrap());
         let other = "spiffe://cluster.local/ns/shop/sa/other";
