@@ -349,9 +349,13 @@ spec:
 
     /// Sets a pod's IP in its status, as the kubelet does once the sandbox runs.
     pub fn set_pod_ip(&self, namespace: &str, name: &str, ip: &str) {
-        let patch = format!(
-            r#"{{"status":{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}]}}}}"#
-        );
+        let status = format!(r#"{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}]}}"#);
+        self.patch_pod_status(namespace, name, &status);
+    }
+
+    /// Merges `status` (JSON) into a pod's status, as its kubelet would.
+    pub fn patch_pod_status(&self, namespace: &str, name: &str, status: &str) {
+        let patch = format!(r#"{{"status":{status}}}"#);
         self.kubectl(&[
             "-n",
             namespace,
