@@ -7,6 +7,7 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr, clippy::disallowed_types)]
 
+mod ca;
 mod load;
 mod report;
 
@@ -35,6 +36,9 @@ enum Cmd {
     Run(RunArgs),
     /// Compare two result files: each median of NEW as a ratio of OLD's.
     Compare { old: PathBuf, new: PathBuf },
+    /// culvert ca's signing rate and a restarted node's wait for its certificates (root; the
+    /// test apiserver from scripts/kube-test-env).
+    Ca(ca::CaArgs),
 }
 
 #[derive(clap::Args)]
@@ -116,6 +120,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Cmd::Run(args) => run(&args),
         Cmd::Compare { old, new } => report::compare(&old, &new),
+        Cmd::Ca(args) => ca::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -401,9 +406,7 @@ fn measure(lab: &Lab, name: &str, test: Test, mode: Mode, rep: usize) -> anyhow:
         }
     };
     let wall = started.elapsed().as_secs_f64();
-    let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
-    let cpu_s =
-        [0, 1].map(|i| (cpu_ticks(lab, i).saturating_sub(cpu_before[i])) as f64 / ticks_per_s);
+    let cpu_s = [0, 1].map(|i| ticks_to_secs(cpu_ticks(lab, i).saturating_sub(cpu_before[i])));
     let per_unit = |s: f64| match test {
         Test::Iperf { .. } => s / units,
         _ => s * 1e6 / units,
@@ -428,9 +431,11 @@ fn quantiles(lat: &mut load::Latencies) -> [f64; 4] {
 
 /// utime + stime of node `i`'s daemon, in clock ticks.
 fn cpu_ticks(lab: &Lab, i: usize) -> u64 {
-    let Some(pid) = lab.daemon_pid(i) else {
-        return 0;
-    };
+    lab.daemon_pid(i).map_or(0, process_ticks)
+}
+
+/// utime + stime of process `pid`, in clock ticks (0 once it is gone).
+pub(crate) fn process_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces, hence the last ')').
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
@@ -442,6 +447,16 @@ fn cpu_ticks(lab: &Lab, i: usize) -> u64 {
             .unwrap_or(0)
     };
     field(11) + field(12)
+}
+
+/// Clock ticks as seconds.
+#[allow(clippy::cast_precision_loss)]
+pub(crate) fn ticks_to_secs(ticks: u64) -> f64 {
+    let per_sec = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100);
+    ticks as f64 / per_sec as f64
 }
 
 /// (VmRSS, VmHWM) of node `i`'s daemon, KiB.

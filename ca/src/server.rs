@@ -27,6 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::{error, info, warn};
 
@@ -321,46 +322,62 @@ pub async fn serve(
     tls.alpn_protocols = vec![b"h2".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<io::Result<Tls>>(64);
+    let queued = tx.clone();
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let accepting = stop.clone();
-    tokio::spawn(async move {
-        loop {
-            let permit = tokio::select! {
-                () = accepting.cancelled() => return,
-                permit = connections.clone().acquire_owned() => permit.expect("never closed"),
-            };
-            let (tcp, peer) = tokio::select! {
-                () = accepting.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        warn!(error = %e, "accepting");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
+    let handshakes = TaskTracker::new();
+    let accepting = {
+        let (stop, handshakes) = (stop.clone(), handshakes.clone());
+        tokio::spawn(async move {
+            loop {
+                let permit = tokio::select! {
+                    () = stop.cancelled() => return,
+                    permit = connections.clone().acquire_owned() => permit.expect("never closed"),
+                };
+                let (tcp, peer) = tokio::select! {
+                    () = stop.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            warn!(error = %e, "accepting");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                handshakes.spawn(async move {
+                    let _ = tcp.set_nodelay(true);
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            // The permit goes with the connection; tonic drops it at the end.
+                            let _ = tx.send(Ok(Tls(stream, permit))).await;
+                        }
+                        Ok(Err(e)) => info!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => info!(%peer, "TLS handshake timed out"),
                     }
-                },
-            };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                let _ = tcp.set_nodelay(true);
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        // The permit goes with the connection and is freed when tonic drops it.
-                        let _ = tx.send(Ok(Tls(stream, permit))).await;
-                    }
-                    Ok(Err(e)) => info!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => info!(%peer, "TLS handshake timed out"),
-                }
-            });
+                });
+            }
+        })
+    };
+    // tonic stops taking connections when told to shut down, and one it has not taken would be
+    // dropped with its request unanswered. So it is told only once no handshake is left and it
+    // has taken every connection already made: then each is served and gracefully closed.
+    let drained = async move {
+        stop.cancelled().await;
+        let _ = accepting.await;
+        handshakes.close();
+        handshakes.wait().await;
+        while queued.capacity() < queued.max_capacity() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-    });
+    };
     let incoming = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
     let service = IstioCertificateServiceServer::new(Service(ca))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     tonic::transport::Server::builder()
         .timeout(Duration::from_secs(30))
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .serve_with_incoming_shutdown(service, incoming, stop.cancelled_owned())
+        .serve_with_incoming_shutdown(service, incoming, drained)
         .await
         .context("serving the CA API")
 }

@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use culvert_tests::kube::{self, CaCall, CaServer, Cluster, PodObject, ca_call, csr_for};
+use culvert_tests::kube::{
+    self, CaCall, CaEndpoint, CaServer, Cluster, PodObject, ca_call, csr_for,
+};
 use culvert_tests::{ECHO, Lab, PodSpec, addr, eventually, round_trip, spec};
 use tonic::Code;
 
@@ -45,7 +47,7 @@ fn ask(
     csr: &str,
 ) -> Result<Vec<String>, (Code, String)> {
     ca_call(
-        ca.addr,
+        ca.endpoint(),
         bundle,
         &CaCall {
             token,
@@ -141,6 +143,12 @@ fn tokens_that_do_not_prove_a_node_agents_pod_are_unauthenticated() {
             "wrong audience",
             cluster.token("culvert-system", "culvert-node", agent, "someone-else"),
             "token refused",
+        ),
+        (
+            "expired",
+            cluster.expired_token("culvert-system", "culvert-node", agent, "istio-ca"),
+            // The apiserver's own words: the signature held, the lifetime did not.
+            "has expired",
         ),
         (
             "not bound to a pod",
@@ -259,7 +267,7 @@ fn csrs_that_ask_for_more_than_the_identity_are_refused_and_nothing_is_signed() 
     ];
     for (what, csr, id, ttl, code) in &cases {
         let refused = ca_call(
-            ca.addr,
+            ca.endpoint(),
             &bundle,
             &CaCall {
                 token: &node_a,
@@ -278,7 +286,7 @@ fn csrs_that_ask_for_more_than_the_identity_are_refused_and_nothing_is_signed() 
     );
     // The same caller with a clean CSR and no TTL preference gets the 24 h default.
     let chain = ca_call(
-        ca.addr,
+        ca.endpoint(),
         &bundle,
         &CaCall {
             token: &node_a,
@@ -307,7 +315,7 @@ fn tamper(pem: &str) -> String {
 }
 
 /// Two lab pods in `shop` on different nodes whose daemons get certificates from `ca`.
-fn lab_with_ca(tag: &str, cluster: &Cluster, ca: &CaServer, ttl: Option<&str>) -> Lab {
+fn lab_with_ca(tag: &str, cluster: &Cluster, ca: CaEndpoint, ttl: Option<&str>) -> Lab {
     let mut pods = spec(vec![
         PodSpec::in_namespace("client", 0, "shop"),
         PodSpec::in_namespace("server", 1, "shop"),
@@ -329,7 +337,7 @@ fn lab_with_ca(tag: &str, cluster: &Cluster, ca: &CaServer, ttl: Option<&str>) -
 #[ignore = "needs root and the test apiserver"]
 fn node_daemons_hold_certificates_from_the_ca_for_their_own_pods_and_talk_over_hbone() {
     let (cluster, ca, _) = cluster_with_ca("ca-flow", &[]);
-    let lab = lab_with_ca("kbcaflow", &cluster, &ca, None);
+    let lab = lab_with_ca("kbcaflow", &cluster, ca.endpoint(), None);
     eventually("the client to reach the server", WAIT, || {
         echo_ok_quiet(&lab, "client", "server")
     });
@@ -377,7 +385,7 @@ fn certificates_keep_serving_through_a_ca_outage_longer_than_a_renewal_and_renew
     // One-minute certificates (the shortest allowed): renewal at 30 s; the CA is away from
     // 5 s to 35 s, across the renewal.
     let (cluster, mut ca, _) = cluster_with_ca("ca-outage", &[]);
-    let lab = lab_with_ca("kbcaout", &cluster, &ca, Some("1m"));
+    let lab = lab_with_ca("kbcaout", &cluster, ca.endpoint(), Some("1m"));
     eventually("first traffic", WAIT, || {
         echo_ok_quiet(&lab, "client", "server")
     });
@@ -410,7 +418,7 @@ fn certificates_keep_serving_through_a_ca_outage_longer_than_a_renewal_and_renew
 #[ignore = "needs root and the test apiserver"]
 fn a_root_rotation_under_traffic_fails_no_connection() {
     let (cluster, ca, _) = cluster_with_ca("ca-rotate", &[]);
-    let lab = lab_with_ca("kbcarot", &cluster, &ca, None);
+    let lab = lab_with_ca("kbcarot", &cluster, ca.endpoint(), None);
     eventually("first traffic", WAIT, || {
         echo_ok_quiet(&lab, "client", "server")
     });
@@ -483,4 +491,200 @@ fn a_root_rotation_under_traffic_fails_no_connection() {
     eventually("traffic from the restarted node", WAIT, || {
         echo_ok_quiet(&lab, "client", "server")
     });
+}
+
+#[test]
+#[ignore = "needs root, the test apiserver and istiod"]
+fn node_daemons_hold_certificates_from_a_real_istiod_and_talk_over_hbone() {
+    let cluster = Cluster::with_shop("ca-istiod", true);
+    let istiod = cluster.start_istiod();
+    let [node_a, _] = ["node-a", "node-b"].map(|node| {
+        let path = cluster.node_agent(node);
+        std::fs::read_to_string(path).unwrap()
+    });
+    let bundle = cluster.istio_bundle().unwrap();
+
+    // istiod's node authorizer holds for Culvert's node account as culvert ca's does (istiod
+    // answers Unauthenticated where culvert ca says PermissionDenied).
+    shop_pod(&cluster, "cart-b", "node-b", "cart");
+    let call = CaCall {
+        token: &node_a,
+        impersonate: Some(CART),
+        csr: &csr_for(CART, |_| {}),
+        ttl_seconds: 3600,
+    };
+    let refused = ca_call(istiod.endpoint(), &bundle, &call).unwrap_err();
+    assert_eq!(refused.0, Code::Unauthenticated, "{refused:?}");
+    assert!(
+        istiod
+            .log()
+            .contains(r#"no instances of "shop/cart" found on node "node-a""#),
+        "istiod refused for another reason: {}",
+        istiod.log()
+    );
+    shop_pod(&cluster, "cart-a", "node-a", "cart");
+    let chain = ca_call(istiod.endpoint(), &bundle, &call).unwrap();
+    assert!(chain.len() >= 2, "{chain:?}");
+
+    // The daemons trust only istiod's root, from its ConfigMap, and renew from it.
+    let lab = lab_with_ca("kbistiod", &cluster, istiod.endpoint(), None);
+    eventually("the client to reach the server", WAIT, || {
+        echo_ok_quiet(&lab, "client", "server")
+    });
+    super::assert_hbone_lines_name(
+        &lab,
+        "spiffe://cluster.local/ns/shop/sa/client",
+        "spiffe://cluster.local/ns/shop/sa/api",
+    );
+    for i in 0..2 {
+        let log = lab.log(i);
+        assert!(log.contains("certificate issued"), "node {i}: {log}");
+        let file = std::fs::read_to_string(&lab.nodes[i].config).unwrap();
+        assert!(file.contains("istiod.istio-system.svc"), "{file}");
+    }
+}
+
+/// What each of `threads` callers got from `to` while `during` ran: `(successes, failure codes)`.
+fn hammer(
+    to: CaEndpoint,
+    bundle: &str,
+    token: &str,
+    threads: usize,
+    during: impl FnOnce(),
+) -> (usize, Vec<(Code, String)>) {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let csr = csr_for(CART, |_| {});
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let (mut ok, mut failed) = (0, Vec::new());
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        if !failed.is_empty() {
+                            // A dead replica refuses at once: do not spin on it.
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        let call = CaCall {
+                            token,
+                            impersonate: Some(CART),
+                            csr: &csr,
+                            ttl_seconds: 3600,
+                        };
+                        match ca_call(to, bundle, &call) {
+                            Ok(_) => ok += 1,
+                            Err(e) => failed.push(e),
+                        }
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        during();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        workers.into_iter().map(|w| w.join().unwrap()).fold(
+            (0, Vec::new()),
+            |(ok, mut failed), (o, f)| {
+                failed.extend(f);
+                (ok + o, failed)
+            },
+        )
+    })
+}
+
+/// A call the connection failed under, not one the CA answered: Unavailable when there was no
+/// one to connect to, Unknown when the connection died mid-call. The node daemon retries both.
+fn transport_failure(failure: &(Code, String)) -> bool {
+    match failure.0 {
+        Code::Unavailable => true,
+        Code::Unknown => failure.1.contains("transport error"),
+        _ => false,
+    }
+}
+
+/// Each distinct failure once, with how often it happened.
+fn summary(failures: &[(Code, String)]) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for (code, message) in failures {
+        *counts.entry(format!("{code:?}: {message}")).or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+#[ignore = "needs the test apiserver"]
+fn two_replicas_serve_one_root_and_one_killed_under_load_fails_only_retryable_calls() {
+    let cluster = Cluster::with_shop("ca-replicas", true);
+    // Both start at once on an empty namespace: create-if-absent leaves one signing key.
+    let (mut first, mut second) = std::thread::scope(|scope| {
+        let a = scope.spawn(|| cluster.start_ca("first", &[]));
+        let b = scope.spawn(|| cluster.start_ca("second", &[]));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let node_a = std::fs::read_to_string(cluster.node_agent("node-a")).unwrap();
+    shop_pod(&cluster, "cart-a", "node-a", "cart");
+    let bundle = cluster.bundle();
+    let roots = |ca: &CaServer| {
+        let call = CaCall {
+            token: &node_a,
+            impersonate: Some(CART),
+            csr: &csr_for(CART, |_| {}),
+            ttl_seconds: 3600,
+        };
+        ca_call(ca.endpoint(), &bundle, &call)
+            .unwrap()
+            .pop()
+            .unwrap()
+    };
+    assert_eq!(
+        roots(&first),
+        roots(&second),
+        "the replicas sign under different roots"
+    );
+    assert_eq!(roots(&first).trim(), bundle.trim());
+
+    // Callers on the survivor lose nothing; callers on the killed one see only transport
+    // failures, which the node daemon retries (with a Service, on the other replica).
+    let (survivor, on_survivor) = {
+        let (mut survivor_ok, mut survivor_failed) = (0, Vec::new());
+        let (killed_ok, killed_failed) = hammer(first.endpoint(), &bundle, &node_a, 4, || {
+            let (ok, failed) = hammer(second.endpoint(), &bundle, &node_a, 4, || {
+                std::thread::sleep(Duration::from_secs(2));
+                first.kill();
+                std::thread::sleep(Duration::from_secs(2));
+            });
+            survivor_ok = ok;
+            survivor_failed = failed;
+        });
+        assert!(
+            killed_ok > 0,
+            "no call reached the first replica before it was killed"
+        );
+        assert!(
+            !killed_failed.is_empty(),
+            "the kill did not interrupt the load"
+        );
+        assert!(
+            killed_failed.iter().all(transport_failure),
+            "{:?}",
+            summary(&killed_failed)
+        );
+        (survivor_ok, survivor_failed)
+    };
+    assert!(survivor > 0);
+    assert!(on_survivor.is_empty(), "{:?}", summary(&on_survivor));
+
+    // SIGTERM, as a rolling update sends: calls in flight are answered, later ones find no
+    // listener, and the process exits cleanly.
+    let mut exit = None;
+    let (_, failed) = hammer(second.endpoint(), &bundle, &node_a, 4, || {
+        std::thread::sleep(Duration::from_secs(1));
+        exit = Some(second.terminate());
+    });
+    // No call was cut mid-way (that would be Unknown): only refused connections.
+    assert!(
+        failed.iter().all(|(code, _)| *code == Code::Unavailable),
+        "{:?}",
+        summary(&failed)
+    );
+    assert!(exit.unwrap().success(), "{}", second.log());
 }

@@ -22,6 +22,8 @@ pub struct Cluster {
     /// Admin (system:masters) kubeconfig.
     pub kubeconfig: PathBuf,
     kubectl: PathBuf,
+    /// pilot-discovery, built by `scripts/kube-test-env build`.
+    istiod: PathBuf,
 }
 
 impl Cluster {
@@ -52,6 +54,7 @@ impl Cluster {
         Self {
             kubeconfig: var("KUBECONFIG").into(),
             kubectl: var("KUBECTL").into(),
+            istiod: var("ISTIOD").into(),
             dir,
         }
     }
@@ -172,6 +175,46 @@ impl Cluster {
         self.kubectl(&args).trim().to_owned()
     }
 
+    /// [`Self::token`]'s token with its lifetime moved an hour into the past, re-signed with
+    /// this apiserver's service-account key: a genuine token, expired. (TokenRequest will not
+    /// mint one shorter than 10 minutes, and a test should not wait that long.)
+    pub fn expired_token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        bound_pod: Option<&str>,
+        audience: &str,
+    ) -> String {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+        let token = self.token(namespace, service_account, bound_pod, audience);
+        let [header, claims, _]: [&str; 3] =
+            token.split('.').collect::<Vec<_>>().try_into().unwrap();
+        let mut claims: serde_json::Value =
+            serde_json::from_slice(&B64.decode(claims).unwrap()).unwrap();
+        // Issued two hours ago, expired one hour ago.
+        let issued = claims["iat"].as_i64().unwrap();
+        claims["iat"] = (issued - 7200).into();
+        claims["nbf"] = (issued - 7200).into();
+        claims["exp"] = (issued - 3600).into();
+        let signing_input = format!("{header}.{}", B64.encode(claims.to_string()));
+        // The key scripts/kube-test-env made: P-256, so the tokens are ES256.
+        let key = std::fs::read_to_string(self.dir.join("sa.key")).unwrap();
+        let der = pem::parse(key).unwrap().into_contents();
+        let key = aws_lc_rs::signature::EcdsaKeyPair::from_private_key_der(
+            &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &der,
+        )
+        .unwrap();
+        let signature = key
+            .sign(
+                &aws_lc_rs::rand::SystemRandom::new(),
+                signing_input.as_bytes(),
+            )
+            .unwrap();
+        format!("{signing_input}.{}", B64.encode(signature.as_ref()))
+    }
+
     /// The admin kubeconfig with its credentials replaced by `token`.
     pub fn kubeconfig_with(&self, name: &str, token: &str) -> PathBuf {
         let admin = std::fs::read_to_string(&self.kubeconfig).unwrap();
@@ -217,7 +260,7 @@ impl Cluster {
             "culvert-ca",
             "--duration=2h",
         ]);
-        let kubeconfig = self.kubeconfig_with("ca", token.trim());
+        let kubeconfig = self.kubeconfig_with(&format!("ca-{tag}"), token.trim());
         let free = || {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
@@ -242,6 +285,94 @@ impl Cluster {
         ca.args.extend(extra.iter().map(|s| (*s).to_owned()));
         ca.start();
         ca
+    }
+
+    /// Starts istiod (`pilot-discovery discovery`, built by `scripts/kube-test-env build`)
+    /// against this cluster, as the istiod chart runs it for ambient mode: its CA trusts
+    /// Culvert's node account to impersonate (`CA_TRUSTED_NODE_ACCOUNTS`), tokens for the
+    /// `istio-ca` audience, cluster id `Kubernetes`. It runs with the admin kubeconfig (its own
+    /// RBAC is not under test) and every port on free loopback ports. Returns once it is ready
+    /// and has published its root into `culvert-system`.
+    pub fn start_istiod(&self) -> Istiod {
+        assert!(
+            self.istiod.exists(),
+            "{} is not built (scripts/kube-test-env build)",
+            self.istiod.display()
+        );
+        self.apply("apiVersion: v1\nkind: Namespace\nmetadata: { name: istio-system }\n");
+        let work = self.dir.join("istiod");
+        std::fs::create_dir_all(&work).unwrap();
+        let mesh = work.join("mesh.yaml");
+        std::fs::write(&mesh, "trustDomain: cluster.local\n").unwrap();
+        let free = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let (secure, plain, http, https, monitoring, ctrlz) =
+            (free(), free(), free(), free(), free(), free());
+        let log = self.dir.join("istiod.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(&self.istiod)
+            .current_dir(&work)
+            .arg("discovery")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--meshConfig")
+            .arg(&mesh)
+            .args(["--secureGRPCAddr", &secure.to_string()])
+            .args(["--grpcAddr", &plain.to_string()])
+            .args(["--httpAddr", &http.to_string()])
+            .args(["--httpsAddr", &https.to_string()])
+            .args(["--monitoringAddr", &monitoring.to_string()])
+            .args(["--ctrlz_port", &ctrlz.port().to_string()])
+            .env("POD_NAMESPACE", "istio-system")
+            .env("POD_NAME", "istiod-test")
+            .env("REVISION", "default")
+            .env("CA_TRUSTED_NODE_ACCOUNTS", "culvert-system/culvert-node")
+            .env("VALIDATION_WEBHOOK_CONFIG_NAME", "")
+            .env("INJECTION_WEBHOOK_CONFIG_NAME", "")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let istiod = Istiod {
+            child,
+            addr: secure,
+            log,
+        };
+        crate::eventually("istiod ready", std::time::Duration::from_secs(90), || {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect(http).ok()?;
+            s.write_all(b"GET /ready HTTP/1.0\r\n\r\n").ok()?;
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).ok()?;
+            answer.starts_with("HTTP/1.0 200").then_some(())
+        });
+        crate::eventually(
+            "istiod to publish its root in culvert-system",
+            std::time::Duration::from_secs(60),
+            || self.istio_bundle().ok(),
+        );
+        istiod
+    }
+
+    /// The root istiod published in `culvert-system` (its `istio-ca-root-cert` ConfigMap).
+    pub fn istio_bundle(&self) -> Result<String, String> {
+        let out = self.try_kubectl(&[
+            "-n",
+            "culvert-system",
+            "get",
+            "configmap",
+            "istio-ca-root-cert",
+            "-o",
+            "jsonpath={.data.root-cert\\.pem}",
+        ])?;
+        if out.contains("BEGIN CERTIFICATE") {
+            Ok(out)
+        } else {
+            Err(format!("no root in istio-ca-root-cert: {out}"))
+        }
     }
 
     /// The trust bundle culvert ca published.
@@ -329,22 +460,13 @@ impl Cluster {
 
     /// Creates a Pod object as the scheduler would leave it: bound to `node`, no IP yet.
     pub fn pod(&self, pod: &PodObject<'_>) {
-        let mut labels = String::new();
-        if let Some(mode) = pod.mode {
-            labels = format!("labels: {{ {MODE}: {mode} }}");
-        }
-        self.apply(&format!(
-            "apiVersion: v1
-kind: Pod
-metadata: {{ name: {}, namespace: {}, {labels} }}
-spec:
-  nodeName: {}
-  serviceAccountName: {}
-  hostNetwork: {}
-  containers: [{{ name: app, image: registry.invalid/app }}]
-",
-            pod.name, pod.namespace, pod.node, pod.service_account, pod.host_network
-        ));
+        self.apply(&pod.yaml());
+    }
+
+    /// Creates many Pod objects in one request.
+    pub fn pods(&self, pods: &[PodObject<'_>]) {
+        let all: Vec<String> = pods.iter().map(PodObject::yaml).collect();
+        self.apply(&all.join("---\n"));
     }
 
     /// Sets a pod's IP in its status, as the kubelet does once the sandbox runs.
@@ -423,6 +545,27 @@ pub struct PodObject<'a> {
     /// The pod's own `culvert.io/dataplane-mode` label, if any.
     pub mode: Option<&'a str>,
     pub host_network: bool,
+}
+
+impl PodObject<'_> {
+    fn yaml(&self) -> String {
+        let labels = self
+            .mode
+            .map(|mode| format!("labels: {{ {MODE}: {mode} }}"))
+            .unwrap_or_default();
+        format!(
+            "apiVersion: v1
+kind: Pod
+metadata: {{ name: {}, namespace: {}, {labels} }}
+spec:
+  nodeName: {}
+  serviceAccountName: {}
+  hostNetwork: {}
+  containers: [{{ name: app, image: registry.invalid/app }}]
+",
+            self.name, self.namespace, self.node, self.service_account, self.host_network
+        )
+    }
 }
 
 /// A lab whose daemons discover everything from `cluster`, using the node service account's
@@ -506,6 +649,19 @@ impl CaServer {
         );
     }
 
+    /// Sends SIGTERM (as a rolling update does) and waits for the process to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("culvert ca is not running");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        child.wait().unwrap()
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     /// Kills the process (as a crash would).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -518,12 +674,66 @@ impl CaServer {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    pub fn endpoint(&self) -> CaEndpoint {
+        CaEndpoint {
+            addr: self.addr,
+            server_name: "culvert-ca.culvert-system.svc",
+            roots: "culvert-system/culvert-ca-root-cert",
+        }
+    }
+
+    /// The node file's `ca:` block for a daemon whose token is in `token_file`.
+    pub fn node_block(&self, token_file: &Path) -> String {
+        self.endpoint().node_block(token_file)
+    }
+}
+
+/// A running istiod; killed on drop.
+pub struct Istiod {
+    child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Istiod {
+    pub fn endpoint(&self) -> CaEndpoint {
+        CaEndpoint {
+            addr: self.addr,
+            server_name: "istiod.istio-system.svc",
+            roots: "culvert-system/istio-ca-root-cert",
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Istiod {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where an Istio CA API server listens, the name its certificate carries, and the ConfigMap
+/// (`namespace/name`, key `root-cert.pem`) holding the roots it chains to.
+#[derive(Debug, Clone, Copy)]
+pub struct CaEndpoint {
+    pub addr: std::net::SocketAddr,
+    pub server_name: &'static str,
+    pub roots: &'static str,
+}
+
+impl CaEndpoint {
     /// The node file's `ca:` block for a daemon whose token is in `token_file`.
     pub fn node_block(&self, token_file: &Path) -> String {
         format!(
-            "{{ istio: {{ address: '{}', serverName: culvert-ca.culvert-system.svc, tokenFile: '{}', roots: {{ configMap: culvert-system/culvert-ca-root-cert }} }} }}",
+            "{{ istio: {{ address: '{}', serverName: {}, tokenFile: '{}', roots: {{ configMap: {} }} }} }}",
             self.addr,
-            token_file.display()
+            self.server_name,
+            token_file.display(),
+            self.roots,
         )
     }
 }
@@ -542,10 +752,10 @@ pub struct CaCall<'a> {
     pub ttl_seconds: i64,
 }
 
-/// Calls `CreateCertificate` on `addr`, verifying the CA against `bundle` (PEM); the chain, or
+/// Calls `CreateCertificate` on `to`, verifying the server against `bundle` (PEM); the chain, or
 /// the status code and message.
 pub fn ca_call(
-    addr: std::net::SocketAddr,
+    to: CaEndpoint,
     bundle: &str,
     call: &CaCall<'_>,
 ) -> Result<Vec<String>, (tonic::Code, String)> {
@@ -570,9 +780,8 @@ pub fn ca_call(
         let connector = tower::service_fn(move |_: http::Uri| {
             let tls = tls.clone();
             async move {
-                let tcp = tokio::net::TcpStream::connect(addr).await?;
-                let name = rustls::pki_types::ServerName::try_from("culvert-ca.culvert-system.svc")
-                    .unwrap();
+                let tcp = tokio::net::TcpStream::connect(to.addr).await?;
+                let name = rustls::pki_types::ServerName::try_from(to.server_name).unwrap();
                 let tls = tokio_rustls::TlsConnector::from(tls)
                     .connect(name, tcp)
                     .await?;
@@ -580,7 +789,8 @@ pub fn ca_call(
             }
         });
         let channel =
-            tonic::transport::Endpoint::from_static("https://culvert-ca.culvert-system.svc:15012")
+            tonic::transport::Endpoint::from_shared(format!("https://{}:15012", to.server_name))
+                .unwrap()
                 .connect_with_connector(connector)
                 .await
                 .map_err(|e| (tonic::Code::Unavailable, e.to_string()))?;
@@ -592,6 +802,11 @@ pub fn ca_call(
         request.metadata_mut().insert(
             "authorization",
             format!("Bearer {}", call.token).parse().unwrap(),
+        );
+        // As node daemons send it; istiod picks its node authorizer by it.
+        request.metadata_mut().insert(
+            culvert_ca_proto::CLUSTER_ID_HEADER,
+            culvert_ca_proto::DEFAULT_CLUSTER_ID.parse().unwrap(),
         );
         IstioCertificateServiceClient::new(channel)
             .create_certificate(request)

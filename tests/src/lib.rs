@@ -19,13 +19,15 @@ pub fn culvert_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("CULVERT_BIN") {
         return bin.into();
     }
-    // target/<profile>/deps/<test> -> target/<profile>/culvert
+    // A test: target/<profile>/deps/<test> -> target/<profile>/culvert; a binary such as
+    // culvert-bench: target/<profile>/culvert-bench -> target/<profile>/culvert.
     let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .unwrap()
-        .join("culvert");
+    let dir = exe.parent().unwrap();
+    let bin = if dir.ends_with("deps") {
+        dir.parent().unwrap().join("culvert")
+    } else {
+        dir.join("culvert")
+    };
     assert!(
         bin.exists(),
         "{} is missing: build it first (cargo build --workspace --bins) or set CULVERT_BIN",
