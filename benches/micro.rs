@@ -9,6 +9,7 @@ use std::sync::Arc;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use culvert::hbone::{self, Handler, Incoming};
 use culvert::identity::Id;
+use culvert::policy;
 use culvert::state::{PeerAuthentication, Snapshot, Workload};
 use culvert::test_util::{Ca, LoopbackDialer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,6 +24,7 @@ fn snapshot(n: u32) -> Snapshot {
             service_account: format!("sa{}", i % 50),
             node: format!("n{}", i % 20),
             ips: vec![std::net::Ipv4Addr::from(0x0af4_0000 + i).into()],
+            labels: Default::default(),
             enrolled: false,
             enrollment: Some(true),
             peer_authentication: None,
@@ -39,6 +41,39 @@ fn snapshot(n: u32) -> Snapshot {
     .unwrap()
 }
 
+/// `n` ALLOW policies in namespace `bench`: all but the last name a principal no peer has.
+fn policies(n: usize) -> policy::Policies {
+    use policy::istio::{AuthorizationPolicySpec, From, Object, Rule, Source};
+    let objects = (0..n)
+        .map(|i| {
+            let principal = if i + 1 == n {
+                "cluster.local/ns/front/sa/web".to_owned()
+            } else {
+                format!("cluster.local/ns/other/sa/sa{i}")
+            };
+            Object {
+                namespace: "bench".into(),
+                name: format!("p{i}"),
+                created: 0,
+                order: i,
+                spec: AuthorizationPolicySpec {
+                    rules: vec![Rule {
+                        from: vec![From {
+                            source: Source {
+                                principals: vec![principal],
+                                ..Source::default()
+                            },
+                        }],
+                        ..Rule::default()
+                    }],
+                    ..AuthorizationPolicySpec::default()
+                },
+            }
+        })
+        .collect();
+    policy::Policies::build(&policy::Settings::default(), vec![], objects)
+}
+
 fn state_and_policy(c: &mut Criterion) {
     let snap = snapshot(10_000);
     let ip: std::net::IpAddr = std::net::Ipv4Addr::from(0x0af4_0000 + 4321).into();
@@ -46,8 +81,30 @@ fn state_and_policy(c: &mut Criterion) {
         b.iter(|| black_box(snap.workload_by_ip(black_box(ip))))
     });
     let w = snap.workload_by_ip(ip).unwrap().clone();
-    c.bench_function("policy: plaintext inbound decision", |b| {
-        b.iter(|| black_box(culvert::policy::plaintext_inbound(&snap, black_box(&w))))
+    let conn = policy::Connection {
+        peer: None,
+        src: "10.0.0.9:40000".parse().unwrap(),
+        dst: std::net::SocketAddr::new(ip, 8080),
+    };
+    c.bench_function("policy: plaintext inbound decision, no policies", |b| {
+        b.iter(|| black_box(policy::inbound(&snap, black_box(&w), black_box(&conn))))
+    });
+    // ALLOW policies selecting the workload whose principal never matches, so every one is
+    // evaluated before the verdict (the worst case), and one that allows at the end.
+    let peer: Id = "spiffe://cluster.local/ns/front/sa/web".parse().unwrap();
+    let hbone = policy::Connection {
+        peer: Some(&peer),
+        ..conn
+    };
+    for n in [1, 100, 1000] {
+        let snap = snapshot(10_000).with_policies(Arc::new(policies(n)));
+        c.bench_function(
+            &format!("policy: HBONE decision, {n} ALLOW policies"),
+            |b| b.iter(|| black_box(policy::inbound(&snap, black_box(&w), black_box(&hbone)))),
+        );
+    }
+    c.bench_function("policy: compile 10 000 policies", |b| {
+        b.iter(|| black_box(policies(10_000)))
     });
     c.bench_function("identity: parse a SPIFFE id", |b| {
         b.iter(|| {

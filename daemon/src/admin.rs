@@ -68,6 +68,16 @@ impl Admin {
                 json_response(&services)
             }
             ("/pods", false) => json_response(&self.registry.list()),
+            ("/policies", false) => {
+                // Selections among this node's wired pods.
+                let snapshot = self.state.snapshot();
+                let wired = self.registry.list();
+                let local = wired
+                    .iter()
+                    .filter_map(|p| snapshot.workload(&p.pod.namespace, &p.pod.name))
+                    .map(AsRef::as_ref);
+                json_response(&snapshot.policies.describe(local))
+            }
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }

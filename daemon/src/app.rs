@@ -108,6 +108,7 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
             certs
         }
     };
+    log_policy_notes(&file.snapshot.policies);
     let state = Arc::new(Store::new(std::mem::take(&mut file.snapshot)));
     let ports = args.ports.into();
     let proxy = Arc::new(Proxy::new(
@@ -146,6 +147,7 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
         let (tx, rx) = watch::channel(Settings {
             trust_domain: file.trust_domain.clone(),
             peer_authentication: state.snapshot().peer_authentication,
+            policies: state.snapshot().policies.clone(),
         });
         // Until the first full list, the daemon knows no enrollment: registrations wait (the
         // plugin fails closed from the last recorded state) rather than admit pods unwired.
@@ -229,6 +231,7 @@ impl Node {
         if let Some((field, _)) = fixed.iter().find(|(_, changed)| *changed) {
             bail!("changing {field} needs a restart");
         }
+        log_policy_notes(&new.snapshot.policies);
         match &self.settings {
             None => {
                 self.state.replace(new.snapshot);
@@ -242,6 +245,7 @@ impl Node {
             }
             Some(settings) => settings.send_modify(|s| {
                 s.peer_authentication = new.snapshot.peer_authentication;
+                s.policies = new.snapshot.policies.clone();
             }),
         }
         info!("configuration reloaded");
@@ -376,4 +380,11 @@ fn install_cni(args: &NodeArgs, stop: CancellationToken) -> anyhow::Result<()> {
         stop,
     ));
     Ok(())
+}
+
+/// One warning per policy, or part of one, that is not enforced as written.
+fn log_policy_notes(policies: &crate::policy::Policies) {
+    for (policy, note) in policies.notes() {
+        warn!(policy, note, "policy not enforced as written");
+    }
 }

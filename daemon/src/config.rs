@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::{self, BundleSource, Id};
+use crate::policy;
 use crate::state::{self, PeerAuthentication, ServiceSpec, Snapshot, Workload};
 
 /// Default trust domain, as in Istio.
@@ -237,6 +238,9 @@ pub struct NodeFile {
     pub cert_ttl: Duration,
     /// Post-quantum key exchange on HBONE: preferred (default) or required.
     pub key_exchange: crate::tls::KeyExchange,
+    /// How policy objects are read (root namespace, L7 in DENY).
+    pub policy: policy::Settings,
+    /// Its workloads, services and mesh settings; its policies compiled in.
     pub snapshot: Snapshot,
 }
 
@@ -305,6 +309,20 @@ struct RawFile {
     workloads: Vec<RawWorkload>,
     #[serde(default)]
     services: Vec<RawService>,
+    #[serde(default)]
+    policy: RawPolicy,
+    /// PeerAuthentication and AuthorizationPolicy objects, as Istio's YAML writes them.
+    #[serde(default)]
+    policies: Vec<policy::istio::Resource>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    root_namespace: Option<String>,
+    #[serde(default)]
+    l7_deny: policy::L7Deny,
 }
 
 #[derive(Deserialize)]
@@ -359,6 +377,8 @@ struct RawWorkload {
     enrolled: Option<bool>,
     #[serde(default)]
     peer_authentication: Option<PeerAuthentication>,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -493,6 +513,7 @@ impl NodeFile {
                 service_account,
                 node: w.node,
                 ips: w.ips,
+                labels: w.labels,
                 enrolled: false,
                 enrollment: w.enrolled,
                 peer_authentication: w.peer_authentication,
@@ -517,6 +538,15 @@ impl NodeFile {
                     .collect(),
             })
             .collect();
+        let policy = policy::Settings {
+            root_namespace: raw
+                .policy
+                .root_namespace
+                .unwrap_or_else(|| policy::Settings::default().root_namespace),
+            l7_deny: raw.policy.l7_deny,
+        };
+        let (peer, authz) = policy::istio::split(raw.policies).map_err(ParseError::Invalid)?;
+        let policies = std::sync::Arc::new(policy::Policies::build(&policy, peer, authz));
         let snapshot = Snapshot::build(
             &trust_domain,
             raw.peer_authentication,
@@ -524,7 +554,8 @@ impl NodeFile {
             workloads,
             services,
         )
-        .map_err(ParseError::Invalid)?;
+        .map_err(ParseError::Invalid)?
+        .with_policies(policies);
         Ok(Self {
             node: raw.node,
             discovery: raw.discovery,
@@ -533,6 +564,7 @@ impl NodeFile {
                 .map_err(|(path, value, reason)| invalid(path, &value, reason))?,
             cert_ttl,
             key_exchange: raw.key_exchange,
+            policy,
             snapshot,
         })
     }

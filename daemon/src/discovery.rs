@@ -39,6 +39,8 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub struct Settings {
     pub trust_domain: String,
     pub peer_authentication: PeerAuthentication,
+    /// The node file's policies, compiled.
+    pub policies: Arc<crate::policy::Policies>,
 }
 
 /// The four watched collections; each is kept current by its own task.
@@ -333,7 +335,7 @@ pub fn build(
         services,
     )?;
     snapshot.know_namespaces(namespaces.iter().filter_map(|ns| ns.metadata.name.clone()));
-    Ok(snapshot)
+    Ok(snapshot.with_policies(settings.policies.clone()))
 }
 
 /// Gives a pod the endpoint addresses its EndpointSlices list for it (`targetRef`) before its
@@ -423,6 +425,7 @@ fn workload(trust_domain: &str, pod: &Pod) -> Option<Workload> {
         service_account,
         node,
         ips,
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
         enrolled: false,
         enrollment,
         peer_authentication: None,
@@ -529,6 +532,7 @@ mod tests {
         Settings {
             trust_domain: "cluster.local".into(),
             peer_authentication: PeerAuthentication::Permissive,
+            policies: Arc::default(),
         }
     }
 

@@ -4,13 +4,14 @@
 //! Does no IO: sources (the local file today, Kubernetes later) build snapshots and the data
 //! path reads them without waiting on anything.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 
 use crate::identity::Id;
+use crate::policy::Policies;
 
 /// Whether a workload accepts plaintext from outside the mesh (Istio's PeerAuthentication).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -31,6 +32,9 @@ pub struct Workload {
     pub service_account: String,
     pub node: String,
     pub ips: Vec<IpAddr>,
+    /// The pod's labels, which policy selectors match.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
     /// Whether its traffic is captured and carried over HBONE: its own setting if it has one,
     /// else its namespace's.
     pub enrolled: bool,
@@ -62,6 +66,9 @@ pub struct Snapshot {
     /// Every namespace this node knows of, enrolled or not: the CNI plugin admits pods of
     /// unknown namespaces only through the daemon.
     pub known_namespaces: std::collections::BTreeSet<String>,
+    /// PeerAuthentication and AuthorizationPolicy objects, compiled.
+    #[serde(skip)]
+    pub policies: Arc<Policies>,
     workloads: Vec<Arc<Workload>>,
     #[serde(skip)]
     by_ip: HashMap<IpAddr, Arc<Workload>>,
@@ -164,6 +171,13 @@ impl Snapshot {
         Ok(snapshot)
     }
 
+    /// The same snapshot enforcing `policies`.
+    #[must_use]
+    pub fn with_policies(mut self, policies: Arc<Policies>) -> Self {
+        self.policies = policies;
+        self
+    }
+
     /// Records namespaces that exist without workloads or enrollment (Kubernetes: every
     /// Namespace object), so the CNI plugin knows them as outside the mesh.
     pub fn know_namespaces(&mut self, names: impl IntoIterator<Item = String>) {
@@ -258,6 +272,7 @@ mod tests {
             service_account: name.into(),
             node: "n1".into(),
             ips: vec![ip.parse().unwrap()],
+            labels: BTreeMap::new(),
             enrolled: false,
             enrollment: Some(true),
             peer_authentication: None,

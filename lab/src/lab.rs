@@ -463,7 +463,8 @@ impl Lab {
         let mut slot = node.child.lock().expect("lab lock poisoned");
         *slot = Some(child);
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while !node.socket.exists() {
+        // The socket's file appears at bind, a moment before it listens: wait for a connect.
+        while std::os::unix::net::UnixStream::connect(&node.socket).is_err() {
             if let Some(status) = slot.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 bail!(
                     "{} exited with {status}; log: {}",
@@ -641,7 +642,15 @@ impl Lab {
 
     /// `GET path` on node `i`'s admin API, as JSON.
     pub fn admin(&self, i: usize, path: &str) -> anyhow::Result<serde_json::Value> {
-        admin_get(&self.log(i), path).with_context(|| format!("{}'s admin API", self.nodes[i].name))
+        let get = || admin_get(&self.log(i), path);
+        let answer = if self.spec.kubeconfig.is_some() {
+            get()
+        } else {
+            // The daemon runs in its node's namespace and listens on that loopback.
+            let home = culvert::redirect::netns::home()?;
+            Netns::open(&netns_path(&self.nodes[i].netns), home)?.run(get)?
+        };
+        answer.with_context(|| format!("{}'s admin API", self.nodes[i].name))
     }
 
     /// A certificate cache issuing from the lab's CA (one-hour certificates): lets a test

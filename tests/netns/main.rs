@@ -8,6 +8,7 @@
 
 mod hostile;
 mod lifecycle;
+mod policy;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;

@@ -109,6 +109,8 @@ pub(super) struct Record {
     pub(super) dst: SocketAddr,
     pub(super) src_id: Option<Id>,
     pub(super) dst_id: Option<Id>,
+    /// The policy (`namespace/name`) that denied the connection, if one did.
+    pub(super) policy: Option<Arc<str>>,
     pub(super) pod: Arc<str>,
     start: Instant,
 }
@@ -122,6 +124,7 @@ impl Record {
             dst,
             src_id: None,
             dst_id: None,
+            policy: None,
             pod: pod.label.clone(),
             start: Instant::now(),
         }
@@ -157,6 +160,7 @@ impl Record {
         let (direction, transport) = (self.direction.as_str(), self.transport.as_str());
         let src_id = self.src_id.as_ref().map(Id::as_str);
         let dst_id = self.dst_id.as_ref().map(Id::as_str);
+        let policy = self.policy.as_deref();
         match error {
             None => tracing::info!(target: "access", parent: None,
                 direction, transport, pod = &*self.pod, src.addr = %self.src, dst.addr = %self.dst,
@@ -165,7 +169,7 @@ impl Record {
             Some(error) => tracing::warn!(target: "access", parent: None,
                 direction, transport, pod = &*self.pod, src.addr = %self.src, dst.addr = %self.dst,
                 src.id = src_id, dst.id = dst_id, bytes_sent = sent, bytes_received = received,
-                duration_ms, reason = outcome.label(), error, "connection failed"),
+                duration_ms, reason = outcome.label(), policy, error, "connection failed"),
         }
     }
 }

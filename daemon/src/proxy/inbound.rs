@@ -23,8 +23,8 @@ enum Refused {
     UnknownWorkload,
     #[error("the node or this peer holds its maximum of HBONE streams")]
     Capacity,
-    #[error("denied by policy: {}", .0.as_str())]
-    Policy(policy::Reason),
+    #[error("denied by policy: {0}")]
+    Policy(policy::Denial),
     #[error("connecting to the app at {target}")]
     Upstream {
         target: SocketAddr,
@@ -34,12 +34,20 @@ enum Refused {
 }
 
 impl Refused {
+    /// The policy that refused, for the access log's `policy` field.
+    fn policy(&self) -> Option<Arc<str>> {
+        match self {
+            Self::Policy(denial) => denial.policy.clone(),
+            _ => None,
+        }
+    }
+
     fn outcome(&self) -> Outcome {
         match self {
             Self::NotLocal(_) | Self::ProxyPort(_) => Outcome::BadTarget,
             Self::UnknownWorkload => Outcome::UnknownWorkload,
             Self::Capacity => Outcome::Capacity,
-            Self::Policy(reason) => Outcome::Denied(*reason),
+            Self::Policy(denial) => Outcome::Denied(denial.reason),
             Self::Upstream { .. } => Outcome::UpstreamUnreachable,
         }
     }
@@ -73,7 +81,7 @@ pub(super) async fn plaintext(
             Transport::Plaintext
         };
         record.dst_id = Some(pod.identity.clone());
-        let upstream = match admit_plaintext(&proxy, &pod, dst, probe) {
+        let upstream = match admit_plaintext(&proxy, &pod, src, dst, probe) {
             Ok(()) => pod
                 .sockets
                 .connect_as(src.ip(), dst)
@@ -84,6 +92,9 @@ pub(super) async fn plaintext(
                 }),
             Err(refused) => Err(refused),
         };
+        if let Err(refused) = &upstream {
+            record.policy = refused.policy();
+        }
         let upstream = upstream.map_err(|refused| (refused.outcome(), refused));
         super::carry_plain(record, client, upstream).await;
     }
@@ -97,7 +108,13 @@ fn is_probe(src: SocketAddr) -> bool {
     src.ip() == std::net::IpAddr::V4(rules::PROBE_IP)
 }
 
-fn admit_plaintext(proxy: &Proxy, pod: &Pod, dst: SocketAddr, probe: bool) -> Result<(), Refused> {
+fn admit_plaintext(
+    proxy: &Proxy,
+    pod: &Pod,
+    src: SocketAddr,
+    dst: SocketAddr,
+    probe: bool,
+) -> Result<(), Refused> {
     if !pod.owns(dst.ip()) {
         return Err(Refused::NotLocal(dst));
     }
@@ -112,9 +129,14 @@ fn admit_plaintext(proxy: &Proxy, pod: &Pod, dst: SocketAddr, probe: bool) -> Re
         // Health checks pass STRICT, as in Istio: the kubelet speaks no mTLS.
         return Ok(());
     }
-    match policy::plaintext_inbound(&snapshot, workload) {
+    let conn = policy::Connection {
+        peer: None,
+        src,
+        dst,
+    };
+    match policy::inbound(&snapshot, workload, &conn) {
         Decision::Allow => Ok(()),
-        Decision::Deny(reason) => Err(Refused::Policy(reason)),
+        Decision::Deny(denial) => Err(Refused::Policy(denial)),
     }
 }
 
@@ -138,7 +160,7 @@ impl hbone::Handler for Hbone {
                 refuse(incoming, record, Refused::Capacity);
                 return;
             };
-            if let Err(refused) = self.admit(dst, &incoming.peer_id) {
+            if let Err(refused) = self.admit(src, dst, &incoming.peer_id) {
                 refuse(incoming, record, refused);
                 return;
             }
@@ -172,7 +194,8 @@ impl hbone::Handler for Hbone {
 }
 
 /// Answers a CONNECT that will not be carried and logs why.
-fn refuse(incoming: hbone::Incoming, record: Record, refused: Refused) {
+fn refuse(incoming: hbone::Incoming, mut record: Record, refused: Refused) {
+    record.policy = refused.policy();
     let outcome = refused.outcome();
     let refusal = outcome
         .refusal()
@@ -182,7 +205,12 @@ fn refuse(incoming: hbone::Incoming, record: Record, refused: Refused) {
 }
 
 impl Hbone {
-    fn admit(&self, dst: SocketAddr, src_id: &crate::identity::Id) -> Result<(), Refused> {
+    fn admit(
+        &self,
+        src: SocketAddr,
+        dst: SocketAddr,
+        src_id: &crate::identity::Id,
+    ) -> Result<(), Refused> {
         if !self.pod.owns(dst.ip()) {
             return Err(Refused::NotLocal(dst));
         }
@@ -193,9 +221,14 @@ impl Hbone {
         let workload = snapshot
             .workload(&self.pod.namespace, &self.pod.name)
             .ok_or(Refused::UnknownWorkload)?;
-        match policy::hbone_inbound(&snapshot, workload, src_id) {
+        let conn = policy::Connection {
+            peer: Some(src_id),
+            src,
+            dst,
+        };
+        match policy::inbound(&snapshot, workload, &conn) {
             Decision::Allow => Ok(()),
-            Decision::Deny(reason) => Err(Refused::Policy(reason)),
+            Decision::Deny(denial) => Err(Refused::Policy(denial)),
         }
     }
 }

@@ -150,6 +150,7 @@ mod tests {
             service_account: name.into(),
             node: "n1".into(),
             ips: vec![ip.parse().unwrap()],
+            labels: Default::default(),
             enrolled: false,
             enrollment: Some(enrolled),
             peer_authentication: None,

@@ -164,6 +164,7 @@ fn snapshot(net: u8, workloads: &[Spec<'_>], enrolled_namespaces: &[&str]) -> Sn
             service_account: name.into(),
             node: node.into(),
             ips: vec![Ipv4Addr::new(127, net, 0, host).into()],
+            labels: Default::default(),
             enrolled: false,
             enrollment,
             peer_authentication: None,
