@@ -765,6 +765,35 @@ services:
     }
 
     #[test]
+    fn policies_and_labels_in_the_file_reach_the_snapshot() {
+        // The fuzz seed for node files with policies, so it stays a valid file.
+        let file = parse(include_str!("../../fuzz/seeds/node_file/policies.yaml")).unwrap();
+        assert_eq!(file.policy.root_namespace, "istio-system");
+        let server = file.snapshot.workload("demo", "server").unwrap();
+        assert_eq!(server.labels["app"], "server");
+        let plaintext = |port| policy::Connection {
+            peer: None,
+            src: "10.0.0.9:4000".parse().unwrap(),
+            dst: SocketAddr::new(server.ips[0], port),
+        };
+        // STRICT from the file's PeerAuthentication, but DISABLE (PERMISSIVE) on 9000, where
+        // the mesh-wide DENY's notServiceAccounts matches plaintext (it has no account).
+        let decide = |port| policy::inbound(&file.snapshot, server, &plaintext(port));
+        let denied = |d: policy::Decision| match d {
+            policy::Decision::Deny(denial) => denial,
+            policy::Decision::Allow => panic!("allowed"),
+        };
+        assert_eq!(
+            denied(decide(8080)).reason,
+            policy::Reason::PlaintextToStrict
+        );
+        let by_deny = denied(decide(9000));
+        assert_eq!(by_deny.reason, policy::Reason::PolicyDenied);
+        assert_eq!(by_deny.policy.as_deref(), Some("istio-system/deny"));
+        assert!(file.snapshot.policies.notes().count() >= 2);
+    }
+
+    #[test]
     fn kubernetes_discovery_takes_the_node_name_from_the_flag() {
         let text = "discovery: kubernetes\nca: { cert: ca.crt, key: ca.key }\n";
         let file = NodeFile::parse(text, Path::new("/etc/culvert"), Some("node-7"))
