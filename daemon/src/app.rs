@@ -123,6 +123,7 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
             streams_per_peer: args.hbone_max_streams_per_peer,
         },
     ));
+    tokio::spawn(proxy.clone().follow_policies(stop.clone()));
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating the state directory {}", args.state_dir.display()))?;
     let registry = Arc::new(Registry::new(cni::Deps {
@@ -147,13 +148,14 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
         let (tx, rx) = watch::channel(Settings {
             trust_domain: file.trust_domain.clone(),
             peer_authentication: state.snapshot().peer_authentication,
-            policies: state.snapshot().policies.clone(),
+            policy: file.policy.clone(),
+            file_policies: file.policy_objects.clone(),
         });
         // Until the first full list, the daemon knows no enrollment: registrations wait (the
         // plugin fails closed from the last recorded state) rather than admit pods unwired.
         let watches = Watches::start(&client, &stop);
         info!("waiting for the Kubernetes API's first lists");
-        watches.synced().await;
+        watches.synced(&client).await;
         match watches.snapshot(&rx.borrow()) {
             Ok(snapshot) => state.replace(snapshot),
             Err(e) => warn!(error = %e, "first snapshot from the API refused; starting empty"),
@@ -245,7 +247,8 @@ impl Node {
             }
             Some(settings) => settings.send_modify(|s| {
                 s.peer_authentication = new.snapshot.peer_authentication;
-                s.policies = new.snapshot.policies.clone();
+                s.policy = new.policy.clone();
+                s.file_policies = new.policy_objects.clone();
             }),
         }
         info!("configuration reloaded");

@@ -240,6 +240,8 @@ pub struct NodeFile {
     pub key_exchange: crate::tls::KeyExchange,
     /// How policy objects are read (root namespace, L7 in DENY).
     pub policy: policy::Settings,
+    /// Its `policies:`, as read (with Kubernetes discovery, compiled with the API's).
+    pub policy_objects: std::sync::Arc<policy::istio::Objects>,
     /// Its workloads, services and mesh settings; its policies compiled in.
     pub snapshot: Snapshot,
 }
@@ -545,8 +547,12 @@ impl NodeFile {
                 .unwrap_or_else(|| policy::Settings::default().root_namespace),
             l7_deny: raw.policy.l7_deny,
         };
-        let (peer, authz) = policy::istio::split(raw.policies).map_err(ParseError::Invalid)?;
-        let policies = std::sync::Arc::new(policy::Policies::build(&policy, peer, authz));
+        let objects = policy::istio::split(raw.policies).map_err(ParseError::Invalid)?;
+        let policies = std::sync::Arc::new(policy::Policies::build(
+            &policy,
+            objects.peer.clone(),
+            objects.authz.clone(),
+        ));
         let snapshot = Snapshot::build(
             &trust_domain,
             raw.peer_authentication,
@@ -565,6 +571,7 @@ impl NodeFile {
             cert_ttl,
             key_exchange: raw.key_exchange,
             policy,
+            policy_objects: std::sync::Arc::new(objects),
             snapshot,
         })
     }

@@ -1,5 +1,5 @@
-//! Kubernetes discovery: watches Pods, Namespaces, Services and EndpointSlices and turns them
-//! into state snapshots.
+//! Kubernetes discovery: watches Pods, Namespaces, Services, EndpointSlices and Istio's
+//! PeerAuthentication and AuthorizationPolicy, and turns them into state snapshots.
 //!
 //! Owns the watches (kube-rs watchers feeding reflector stores, objects trimmed to the fields
 //! used here before they are cached) and the translation from API objects to
@@ -24,8 +24,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+mod istio;
+
 use crate::identity::Id;
+use crate::policy::{self, Policies};
 use crate::state::{self, PeerAuthentication, ServiceSpec, Snapshot, Workload};
+use istio::Istio;
 
 /// The label that enrolls a namespace (value [`ENROLLED`]) or opts a pod out ([`NOT_ENROLLED`]).
 pub const MODE_LABEL: &str = "culvert.io/dataplane-mode";
@@ -39,17 +43,32 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub struct Settings {
     pub trust_domain: String,
     pub peer_authentication: PeerAuthentication,
-    /// The node file's policies, compiled.
-    pub policies: Arc<crate::policy::Policies>,
+    pub policy: policy::Settings,
+    /// The node file's own policy objects, compiled with the API's.
+    pub file_policies: Arc<policy::istio::Objects>,
 }
 
-/// The four watched collections; each is kept current by its own task.
+/// The watched collections; each is kept current by its own task.
 pub struct Watches {
     pods: Store<Pod>,
     namespaces: Store<Namespace>,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
+    peer: Store<Istio<policy::istio::PeerAuthenticationSpec>>,
+    authz: Store<Istio<policy::istio::AuthorizationPolicySpec>>,
+    /// The last compiled policies and what they were compiled from, so a rebuild for a pod
+    /// event reuses them (and open connections are decided again only when policy changed).
+    compiled: std::sync::Mutex<Option<(PolicySources, Arc<Policies>)>>,
     changed: Arc<Notify>,
+}
+
+/// What compiled policies depend on: every policy object's version, and the node file's part.
+#[derive(PartialEq)]
+struct PolicySources {
+    versions: Vec<(Option<String>, Option<String>)>,
+    settings: policy::Settings,
+    /// Which node file's objects (a reload replaces the `Arc`).
+    file: usize,
 }
 
 /// A client for the Kubernetes API: from `kubeconfig`, or the in-cluster service account,
@@ -81,12 +100,33 @@ impl Watches {
             namespaces: spawn_watch(client, trim_namespace, &changed, stop),
             services: spawn_watch(client, trim_service, &changed, stop),
             slices: spawn_watch(client, trim_slice, &changed, stop),
+            peer: spawn_watch(client, istio::trim, &changed, stop),
+            authz: spawn_watch(client, istio::trim, &changed, stop),
+            compiled: std::sync::Mutex::default(),
             changed,
         }
     }
 
-    /// Waits until every collection has been listed once.
-    pub async fn synced(&self) {
+    /// Finds out whether the cluster serves the policy kinds. Without their CRDs there can be
+    /// no such objects, so the first sync does not wait for them (their watches keep retrying
+    /// and pick them up once installed).
+    async fn policy_kinds_served(&self, client: &Client) -> bool {
+        let api = Api::<Istio<policy::istio::AuthorizationPolicySpec>>::all(client.clone());
+        let listed = api
+            .list_metadata(&kube::api::ListParams::default().limit(1))
+            .await;
+        let served = !matches!(listed, Err(kube::Error::Api(status)) if status.code == 404);
+        if !served {
+            warn!(
+                "security.istio.io is not served (no CRDs): no policies from the API until it is"
+            );
+        }
+        served
+    }
+
+    /// Waits until every collection has been listed once (the policy kinds only if the
+    /// cluster serves them: a DENY must be known before the first connection is admitted).
+    pub async fn synced(&self, client: &Client) {
         // An error means the writer is gone, i.e. we are stopping: nothing left to wait for.
         let _ = tokio::join!(
             self.pods.wait_until_ready(),
@@ -94,6 +134,9 @@ impl Watches {
             self.services.wait_until_ready(),
             self.slices.wait_until_ready(),
         );
+        if self.policy_kinds_served(client).await {
+            let _ = tokio::join!(self.peer.wait_until_ready(), self.authz.wait_until_ready());
+        }
     }
 
     /// Resolves after the next change to any collection (at once if one happened since the
@@ -104,13 +147,51 @@ impl Watches {
 
     /// Builds a snapshot from the collections' current contents.
     pub fn snapshot(&self, settings: &Settings) -> Result<Snapshot, state::Error> {
-        build(
+        let snapshot = build(
             settings,
             &self.pods.state(),
             &self.namespaces.state(),
             &self.services.state(),
             &self.slices.state(),
-        )
+        )?;
+        Ok(snapshot.with_policies(self.policies(settings)))
+    }
+
+    /// The node file's and the API's policies, compiled once per change of either.
+    fn policies(&self, settings: &Settings) -> Arc<Policies> {
+        let (peer, authz) = (self.peer.state(), self.authz.state());
+        let version = |m: &kube::api::ObjectMeta| (m.uid.clone(), m.resource_version.clone());
+        let sources = PolicySources {
+            versions: peer
+                .iter()
+                .map(|p| version(&p.metadata))
+                .chain(authz.iter().map(|a| version(&a.metadata)))
+                .collect(),
+            settings: settings.policy.clone(),
+            file: Arc::as_ptr(&settings.file_policies) as usize,
+        };
+        let mut compiled = self.compiled.lock().expect("policy cache lock poisoned");
+        if let Some((built, policies)) = compiled.as_ref()
+            && *built == sources
+        {
+            return policies.clone();
+        }
+        let file = &settings.file_policies;
+        let policies = Arc::new(Policies::build(
+            &settings.policy,
+            file.peer
+                .iter()
+                .cloned()
+                .chain(peer.iter().filter_map(|p| p.to_object()))
+                .collect(),
+            file.authz
+                .iter()
+                .cloned()
+                .chain(authz.iter().filter_map(|a| a.to_object()))
+                .collect(),
+        ));
+        *compiled = Some((sources, policies.clone()));
+        policies
     }
 }
 
@@ -335,7 +416,7 @@ pub fn build(
         services,
     )?;
     snapshot.know_namespaces(namespaces.iter().filter_map(|ns| ns.metadata.name.clone()));
-    Ok(snapshot.with_policies(settings.policies.clone()))
+    Ok(snapshot)
 }
 
 /// Gives a pod the endpoint addresses its EndpointSlices list for it (`targetRef`) before its
@@ -532,7 +613,8 @@ mod tests {
         Settings {
             trust_domain: "cluster.local".into(),
             peer_authentication: PeerAuthentication::Permissive,
-            policies: Arc::default(),
+            policy: policy::Settings::default(),
+            file_policies: Arc::default(),
         }
     }
 

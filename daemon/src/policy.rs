@@ -106,8 +106,8 @@ mod tests {
             identity: Id::new("cluster.local", "demo", "server").unwrap(),
         };
         let resources: Vec<istio::Resource> = serde_yaml::from_str(policies).unwrap();
-        let (peer, authz) = istio::split(resources).unwrap();
-        let compiled = Policies::build(&Settings::default(), peer, authz);
+        let objects = istio::split(resources).unwrap();
+        let compiled = Policies::build(&Settings::default(), objects.peer, objects.authz);
         let snapshot = Snapshot::build(
             "cluster.local",
             mesh,

@@ -7,6 +7,7 @@
 
 mod conn;
 mod inbound;
+mod open;
 mod outbound;
 
 pub use conn::Outcome;
@@ -21,7 +22,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::config::Ports;
 use crate::identity::{self, Id};
@@ -90,6 +91,8 @@ pub struct Proxy {
     peers: Arc<Peers>,
     /// Inbound HBONE streams held, against [`Limits`].
     streams: Arc<Peers>,
+    /// Inbound connections carried now, for policy changes to decide again.
+    open: Arc<open::Open>,
 }
 
 /// Why a connection was refused before anything else was done with it.
@@ -228,6 +231,31 @@ impl Proxy {
                 per_peer: limits.streams_per_peer,
                 held: Default::default(),
             }),
+            open: Arc::default(),
+        }
+    }
+
+    /// Until `stop`: whenever the snapshot's policies change, decides every open inbound
+    /// connection again and closes the ones now denied (each HBONE stream on its own).
+    pub async fn follow_policies(self: Arc<Self>, stop: CancellationToken) {
+        let mut changes = self.state.subscribe();
+        let mut policies = changes.borrow_and_update().policies.clone();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                changed = changes.changed() => if changed.is_err() { return },
+            }
+            let snapshot = changes.borrow_and_update().clone();
+            if Arc::ptr_eq(&snapshot.policies, &policies) {
+                continue;
+            }
+            policies = snapshot.policies.clone();
+            let open = self.open.len();
+            let revoked = self.open.recheck(&snapshot);
+            info!(
+                open,
+                revoked, "policies changed: open connections decided again"
+            );
         }
     }
 

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -239,25 +239,36 @@ impl Snapshot {
     }
 }
 
-/// Holds the current snapshot; sources replace it whole.
-#[derive(Debug, Default)]
+/// Holds the current snapshot; sources replace it whole, and readers may follow the changes.
+#[derive(Debug)]
 pub struct Store {
-    current: RwLock<Arc<Snapshot>>,
+    current: tokio::sync::watch::Sender<Arc<Snapshot>>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::new(Snapshot::default())
+    }
 }
 
 impl Store {
     pub fn new(snapshot: Snapshot) -> Self {
         Self {
-            current: RwLock::new(Arc::new(snapshot)),
+            current: tokio::sync::watch::Sender::new(Arc::new(snapshot)),
         }
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.current.read().expect("state lock poisoned").clone()
+        self.current.borrow().clone()
     }
 
     pub fn replace(&self, snapshot: Snapshot) {
-        *self.current.write().expect("state lock poisoned") = Arc::new(snapshot);
+        self.current.send_replace(Arc::new(snapshot));
+    }
+
+    /// Every later replacement, as it happens (intermediate ones may be skipped).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<Snapshot>> {
+        self.current.subscribe()
     }
 }
 

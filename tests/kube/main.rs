@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 mod ca;
+mod policy;
 
 use culvert_tests::kube::{self, Cluster, PodObject};
 use culvert_tests::{
@@ -262,6 +263,8 @@ endpoints: [{ addresses: [10.244.1.2] }]
         "namespaces",
         "services",
         "endpointslices.discovery.k8s.io",
+        "peerauthentications.security.istio.io",
+        "authorizationpolicies.security.istio.io",
     ] {
         for verb in ["list", "watch"] {
             assert_eq!(can_i(verb, resource), "yes", "{verb} {resource}");
@@ -602,7 +605,7 @@ fn traffic_keeps_flowing_while_the_apiserver_is_down_and_expired_watches_relist_
     cluster.start_apiserver();
     for node in 0..2 {
         eventually(
-            &format!("node {node} to relist all four kinds"),
+            &format!("node {node} to relist all six kinds"),
             WAIT,
             || {
                 let relisted: BTreeSet<String> = culvert_tests::log_lines(&lab, node)
@@ -610,7 +613,7 @@ fn traffic_keeps_flowing_while_the_apiserver_is_down_and_expired_watches_relist_
                     .filter(|v| v["message"] == "relisted")
                     .filter_map(|v| v["kind"].as_str().map(str::to_owned))
                     .collect();
-                (relisted.len() == 4).then_some(())
+                (relisted.len() == 6).then_some(())
             },
         );
     }

@@ -658,6 +658,13 @@ fn a_pod_whose_namespace_only_a_non_root_process_holds_is_wired_and_found_again(
     lab.pod("server").serve_echo(ECHO).unwrap();
     let to = addr(&lab, "server", ECHO);
     assert_eq!(round_trip(&lab, "client", to, b"first").unwrap(), b"first");
+    // Its access line is written as the server side closes, a moment after the client has
+    // its echo: a SIGKILL before that would lose it.
+    eventually(
+        "the first connection's access line",
+        Duration::from_secs(5),
+        || (hbone_streams(&lab, 1, "demo/server") == 1).then_some(()),
+    );
 
     // After a restart the daemon finds it again by scanning /proc.
     lab.stop_node(1, nix::sys::signal::Signal::SIGKILL).unwrap();

@@ -1,6 +1,7 @@
 //! Istio's AuthorizationPolicy and PeerAuthentication from the node file's `policies:`,
 //! enforced on the wire between two nodes and applied by a reload.
 
+use std::net::TcpStream;
 use std::time::Duration;
 
 use culvert_tests::*;
@@ -30,17 +31,10 @@ policies:
       rules: [{ to: [{ operation: { methods: [DELETE] } }] }]
 ";
 
-/// A connection that is refused, reset or closed before the echo: `true`.
-fn refused(lab: &Lab, from: &str, to: std::net::SocketAddr) -> bool {
-    match lab.pod(from).connect(to) {
-        Err(_) => true,
-        Ok(stream) => exchange(stream, b"let me in").map_or(true, |b| b.is_empty()),
-    }
-}
-
 #[test]
 #[ignore = "needs root: netns"]
-fn node_file_policies_deny_one_principal_and_plaintext_on_one_port_after_a_reload() {
+fn node_file_policies_deny_one_principal_and_plaintext_on_one_port_and_close_open_connections_they_deny()
+ {
     let lab = lab(
         "cvauthz",
         spec(vec![
@@ -56,6 +50,16 @@ fn node_file_policies_deny_one_principal_and_plaintext_on_one_port_after_a_reloa
     for from in ["client", "intruder", "legacy"] {
         echo_ok(&lab, from, addr(&lab, "server", ECHO), b"before any policy");
     }
+    // Connections open across the change: the reload must close the ones it denies and
+    // leave the others be.
+    let mut open: Vec<(&str, TcpStream)> = ["client", "intruder", "legacy"]
+        .into_iter()
+        .map(|from| {
+            let mut stream = lab.pod(from).connect(addr(&lab, "server", ECHO)).unwrap();
+            assert!(echoes(&mut stream), "{from} before the change");
+            (from, stream)
+        })
+        .collect();
 
     let config = &lab.nodes[1].config;
     let mut file = std::fs::read_to_string(config).unwrap();
@@ -66,6 +70,31 @@ fn node_file_policies_deny_one_principal_and_plaintext_on_one_port_after_a_reloa
     eventually("the reload", Duration::from_secs(5), || {
         lab.log(1).contains("configuration reloaded").then_some(())
     });
+    // Within a second the denied ones are closed; the allowed one still echoes.
+    std::thread::sleep(Duration::from_secs(1));
+    for (from, stream) in &mut open {
+        let alive = echoes(stream);
+        assert_eq!(
+            alive,
+            *from == "client",
+            "{from}'s open connection after the change"
+        );
+    }
+    let closed = |src: &str| {
+        access_line(&lab, 1, |v| {
+            v["src.addr"]
+                .as_str()
+                .is_some_and(|a| a.starts_with(&format!("{src}:")))
+                && v["error"]
+                    .as_str()
+                    .is_some_and(|e| e.starts_with("closed: a policy change"))
+        })
+    };
+    let intruder = closed(&lab.pod("intruder").ip.to_string());
+    assert_eq!(intruder["policy"], "demo/no-intruder");
+    assert_eq!(intruder["transport"], "hbone");
+    let legacy = closed(&lab.pod("legacy").ip.to_string());
+    assert_eq!(legacy["reason"], "plaintext_to_strict");
 
     // What the node loaded, what each policy selects, and what it cannot enforce as written.
     let loaded = lab.admin(1, "/policies").unwrap();

@@ -114,15 +114,26 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("applying\n{yaml}\n: {e}"));
     }
 
-    /// Applies the shipped manifests, unchanged.
+    /// Applies the shipped manifests, unchanged, with the policy CRDs (as in a cluster
+    /// without Istio) created first.
     pub fn install(&self) {
         let manifests = repo().join("manifests");
+        self.kubectl(&["create", "-f", manifests.join("crds").to_str().unwrap()]);
         self.kubectl(&[
             "apply",
             "-f",
             manifests.join("namespace.yaml").to_str().unwrap(),
         ]);
         self.kubectl(&["apply", "-k", manifests.to_str().unwrap()]);
+        // A CRD serves its kinds a moment after it is created.
+        crate::eventually(
+            "the policy kinds to be served",
+            std::time::Duration::from_secs(20),
+            || {
+                self.try_kubectl(&["get", "authorizationpolicies,peerauthentications", "-A"])
+                    .ok()
+            },
+        );
     }
 
     /// A kubeconfig holding a token minted (TokenRequest) for the node daemon's service

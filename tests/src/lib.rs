@@ -258,3 +258,18 @@ pub fn download(mut stream: TcpStream, len: u64) -> ([u8; 32], [u8; 32], u64) {
     }
     (got.finalize().into(), want.finalize().into(), received)
 }
+
+/// Whether one 4-byte echo on an open connection comes back within a second.
+pub fn echoes(stream: &mut TcpStream) -> bool {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut back = [0u8; 4];
+    stream.write_all(b"ping").is_ok() && stream.read_exact(&mut back).is_ok() && &back == b"ping"
+}
+
+/// Whether a new connection from pod `from` to `to` is refused, reset or closed before its echo.
+pub fn refused(lab: &Lab, from: &str, to: std::net::SocketAddr) -> bool {
+    match lab.pod(from).connect(to) {
+        Err(_) => true,
+        Ok(stream) => exchange(stream, b"let me in").map_or(true, |b| b.is_empty()),
+    }
+}

@@ -727,12 +727,12 @@ mod tests {
     fn policies(yaml: &str, l7_deny: L7Deny) -> Policies {
         let yaml = if yaml.trim().is_empty() { "[]" } else { yaml };
         let resources: Vec<Resource> = serde_yaml::from_str(yaml).unwrap();
-        let (peer, authz) = split(resources).unwrap();
+        let objects = split(resources).unwrap();
         let settings = Settings {
             l7_deny,
             ..Settings::default()
         };
-        Policies::build(&settings, peer, authz)
+        Policies::build(&settings, objects.peer, objects.authz)
     }
 
     /// A connection to the cart pod (10.0.0.5) on `port` from `peer` at `src`.
@@ -1360,10 +1360,10 @@ mod tests {
         assert_eq!(set.peer_mode(SHOP, &labels(), 80, Permissive), Strict);
         // From the API, creation time decides, whatever the order.
         let resources: Vec<Resource> = serde_yaml::from_str(older).unwrap();
-        let (mut peer, authz) = split(resources).unwrap();
-        peer[0].created = 2_000;
-        peer[1].created = 1_000;
-        let set = Policies::build(&Settings::default(), peer, authz);
+        let mut objects = split(resources).unwrap();
+        objects.peer[0].created = 2_000;
+        objects.peer[1].created = 1_000;
+        let set = Policies::build(&Settings::default(), objects.peer, objects.authz);
         assert_eq!(set.peer_mode(SHOP, &labels(), 80, Strict), Permissive);
     }
 

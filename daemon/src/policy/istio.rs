@@ -185,19 +185,17 @@ pub struct Metadata {
 /// The API versions both kinds are served at.
 pub const API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
 
+/// Policy objects of both kinds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Objects {
+    pub peer: Vec<Object<PeerAuthenticationSpec>>,
+    pub authz: Vec<Object<AuthorizationPolicySpec>>,
+}
+
 /// Splits a node file's `policies:` list by kind, each keeping its position for oldest-wins;
 /// refuses an API version Istio does not serve these kinds at, naming the entry.
-#[allow(clippy::type_complexity)]
-pub fn split(
-    resources: Vec<Resource>,
-) -> Result<
-    (
-        Vec<Object<PeerAuthenticationSpec>>,
-        Vec<Object<AuthorizationPolicySpec>>,
-    ),
-    crate::state::Error,
-> {
-    let (mut peer, mut authz) = (Vec::new(), Vec::new());
+pub fn split(resources: Vec<Resource>) -> Result<Objects, crate::state::Error> {
+    let mut objects = Objects::default();
     for (order, resource) in resources.into_iter().enumerate() {
         let version = match &resource {
             Resource::PeerAuthentication(m) => &m.api_version,
@@ -211,11 +209,11 @@ pub fn split(
             });
         }
         match resource {
-            Resource::PeerAuthentication(m) => peer.push(m.into_object(order)),
-            Resource::AuthorizationPolicy(m) => authz.push(m.into_object(order)),
+            Resource::PeerAuthentication(m) => objects.peer.push(m.into_object(order)),
+            Resource::AuthorizationPolicy(m) => objects.authz.push(m.into_object(order)),
         }
     }
-    Ok((peer, authz))
+    Ok(objects)
 }
 
 impl<S> Manifest<S> {

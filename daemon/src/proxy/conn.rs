@@ -61,6 +61,11 @@ impl Outcome {
     }
 }
 
+/// A connection closed because a policy change denies it now.
+#[derive(Debug, thiserror::Error)]
+#[error("closed: a policy change denies it: {0}")]
+struct Revoked(policy::Denial);
+
 /// Which way the connection goes, from the pod's point of view.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Direction {
@@ -142,6 +147,14 @@ impl Record {
             .as_ref()
             .map(|e| e as &(dyn std::error::Error + 'static));
         self.finish(outcome, Some(transfer), error);
+    }
+
+    /// Writes the access-log line for a connection a policy change closed, at WARN (the bytes
+    /// it carried are not counted).
+    pub(super) fn revoked(mut self, denial: &policy::Denial) {
+        self.policy = denial.policy.clone();
+        let error = Revoked(denial.clone());
+        self.finish(Outcome::Denied(denial.reason), None, Some(&error));
     }
 
     /// Writes the access-log line for a connection that never carried anything, at WARN.

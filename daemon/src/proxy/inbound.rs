@@ -7,6 +7,7 @@ use tokio::net::TcpStream;
 use tracing::{Instrument, info_span};
 
 use super::conn::{Direction, Outcome, Record, Transport};
+use super::open::Held;
 use super::{Pod, Proxy};
 use crate::hbone::{self, CONNECT_TIMEOUT};
 use crate::policy::{self, Decision};
@@ -81,6 +82,9 @@ pub(super) async fn plaintext(
             Transport::Plaintext
         };
         record.dst_id = Some(pod.identity.clone());
+        // Held before the decision, so a policy change from now on decides it again. Probes
+        // pass whatever the policy, so they are not held.
+        let held = (!probe).then(|| proxy.open.hold(&pod, None, src, dst));
         let upstream = match admit_plaintext(&proxy, &pod, src, dst, probe) {
             Ok(()) => pod
                 .sockets
@@ -95,11 +99,33 @@ pub(super) async fn plaintext(
         if let Err(refused) = &upstream {
             record.policy = refused.policy();
         }
-        let upstream = upstream.map_err(|refused| (refused.outcome(), refused));
-        super::carry_plain(record, client, upstream).await;
+        match (upstream, held) {
+            (Ok(upstream), Some(held)) => carry_revocable(record, client, upstream, &held).await,
+            (upstream, _) => {
+                let upstream = upstream.map_err(|refused| (refused.outcome(), refused));
+                super::carry_plain(record, client, upstream).await;
+            }
+        }
     }
     .instrument(span)
     .await;
+}
+
+/// Carries an admitted plaintext connection until it ends or a policy change revokes it;
+/// then the client gets a reset, as a refusal would.
+async fn carry_revocable(record: Record, client: TcpStream, upstream: TcpStream, held: &Held) {
+    // A second handle on the client's socket: the splice owns the first.
+    let handle = std::os::fd::AsFd::as_fd(&client).try_clone_to_owned();
+    tokio::select! {
+        transfer = hbone::splice_tcp(client, upstream) => record.carried(&transfer),
+        denial = held.revoked() => {
+            if let Ok(fd) = &handle {
+                // Once both handles are closed, the socket goes with a reset.
+                let _ = socket2::SockRef::from(fd).set_linger(Some(std::time::Duration::ZERO));
+            }
+            record.revoked(&denial);
+        }
+    }
 }
 
 /// Whether a plaintext connection comes from the pod's own node's probes: only the node's
@@ -156,6 +182,11 @@ impl hbone::Handler for Hbone {
             record.transport = Transport::Hbone;
             record.src_id = Some(incoming.peer_id.clone());
             record.dst_id = Some(self.pod.identity.clone());
+            // Held before the decision, so a policy change from now on decides it again.
+            let held = self
+                .proxy
+                .open
+                .hold(&self.pod, Some(&incoming.peer_id), src, dst);
             let Some(_slot) = self.proxy.streams.admit(src.ip()) else {
                 refuse(incoming, record, Refused::Capacity);
                 return;
@@ -183,7 +214,11 @@ impl hbone::Handler for Hbone {
             };
             let _ = upstream.set_nodelay(true);
             match incoming.accept() {
-                Ok(stream) => record.carried(&stream.splice(upstream).await),
+                // A revoked stream is dropped: the peer sees it reset, its connection stays.
+                Ok(stream) => tokio::select! {
+                    transfer = stream.splice(upstream) => record.carried(&transfer),
+                    denial = held.revoked() => record.revoked(&denial),
+                },
                 // The peer reset the stream while the app was being dialled.
                 Err(e) => record.failed(Outcome::Broken, &e),
             }
