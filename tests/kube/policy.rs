@@ -123,14 +123,44 @@ fn api_policies_deny_a_principal_across_nodes_close_open_connections_and_outlive
         PodSpec::in_namespace("client", 0, "shop"),
         PodSpec::in_namespace("intruder", 0, "shop"),
         PodSpec::in_namespace("server", 1, "shop"),
+        PodSpec {
+            enrolled: Some(false),
+            ..PodSpec::in_namespace("legacy", 0, "shop")
+        },
     ]);
     pods.pods[2].service_account = "api".into();
     let lab = kube::lab("kbpolicy", &cluster, pods);
     cluster.attach_lab_pods(&lab);
     lab.pod("server").serve_echo(ECHO).unwrap();
+    lab.pod("server").serve_echo(ECHO + 1).unwrap();
     super::wait_known(&lab, 0, "server");
     let to = addr(&lab, "server", ECHO);
     echo_ok(&lab, "intruder", to, b"before any policy");
+
+    // Port-level STRICT from the API: plaintext is refused on that port only.
+    echo_ok(&lab, "legacy", to, b"plaintext before");
+    cluster.apply(
+        "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: { name: strict-echo, namespace: shop }
+spec:
+  selector: { matchLabels: {} }
+  portLevelMtls: { 8080: { mode: STRICT } }
+",
+    );
+    eventually("the port-level STRICT to apply", WAIT, || {
+        refused(&lab, "legacy", to).then_some(())
+    });
+    access_line(&lab, 1, |v| {
+        v["transport"] == "plaintext" && v["reason"] == "plaintext_to_strict"
+    });
+    echo_ok(
+        &lab,
+        "legacy",
+        addr(&lab, "server", ECHO + 1),
+        b"plaintext, other port",
+    );
+    echo_ok(&lab, "intruder", to, b"mTLS on the STRICT port");
     let mut open = lab.pod("intruder").connect(to).unwrap();
     assert!(echoes(&mut open));
 
