@@ -64,7 +64,7 @@ pub struct Connection<'a> {
 }
 
 /// Every policy the node holds, compiled.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default)]
 pub struct Policies {
     root_namespace: String,
     /// Oldest first, so the first match at a level is the one that wins.
@@ -72,7 +72,7 @@ pub struct Policies {
     authz: Vec<Arc<Authz>>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug)]
 struct Peer {
     key: String,
     namespace: String,
@@ -84,22 +84,18 @@ struct Peer {
 }
 
 /// An AuthorizationPolicy as the L4 path enforces it.
-#[derive(Debug, Serialize)]
+#[derive(Debug)]
 pub struct Authz {
     /// `namespace/name`.
-    pub key: String,
-    #[serde(skip)]
+    pub key: Arc<str>,
     namespace: String,
     selector: Option<WorkloadSelector>,
     pub action: Action,
     /// Each rule's clauses, all of which must match; no rules: matches nothing.
-    #[serde(skip)]
     rules: Vec<Vec<Clause>>,
     /// Set when the policy is not enforced here at all (targetRefs, AUDIT, CUSTOM).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub ignored: Option<String>,
     /// What translation narrowed, broadened or dropped.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
 }
 
@@ -172,7 +168,7 @@ pub enum Verdict {
     NotAllowed,
 }
 
-/// A field translation could not enforce, and whether it was HTTP-level or unreadable.
+/// What translation could not enforce, said in words for the note.
 struct Unenforceable(String);
 
 impl Match {
@@ -441,7 +437,7 @@ impl Authz {
     fn compile(object: &Object<AuthorizationPolicySpec>, l7: L7Deny) -> Self {
         let spec = &object.spec;
         let mut policy = Self {
-            key: object.key(),
+            key: object.key().into(),
             namespace: object.namespace.clone(),
             selector: spec.selector.clone(),
             action: spec.action,
@@ -637,7 +633,7 @@ impl Policies {
         for policy in self.selecting(namespace, labels) {
             match policy.action {
                 Action::Deny if policy.matches(conn) => {
-                    return Verdict::Denied(policy.key.as_str().into());
+                    return Verdict::Denied(policy.key.clone());
                 }
                 Action::Allow => {
                     any_allow = true;
@@ -668,13 +664,9 @@ impl Policies {
             a.ignored
                 .iter()
                 .chain(&a.notes)
-                .map(move |n| (a.key.as_str(), n.as_str()))
+                .map(move |n| (&*a.key, n.as_str()))
         });
         peer.chain(authz)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.peer.is_empty() && self.authz.is_empty()
     }
 
     /// The admin API's `/policies`: every policy, the enrolled workloads among `workloads` (a
@@ -1195,13 +1187,13 @@ mod tests {
 ";
         let set = policies(yaml, L7Deny::Broaden);
         let cart = labels();
-        let selected: Vec<&str> = set.selecting(SHOP, &cart).map(|p| p.key.as_str()).collect();
+        let selected: Vec<&str> = set.selecting(SHOP, &cart).map(|p| &*p.key).collect();
         // A root-namespace selector applies mesh-wide; the rest are elsewhere or ignored.
         assert_eq!(selected, ["istio-system/mesh-wide"]);
         let ignored: Vec<(&str, &str)> = set
             .authorization_policies()
             .iter()
-            .filter_map(|p| Some((p.key.as_str(), p.ignored.as_deref()?)))
+            .filter_map(|p| Some((&*p.key, p.ignored.as_deref()?)))
             .collect();
         assert_eq!(ignored.len(), 3, "{ignored:?}");
         assert!(ignored[0].1.contains("targetRefs"));
