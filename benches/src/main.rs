@@ -158,6 +158,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         kubeconfig: None,
         ca: vec![],
         cert_ttl: None,
+        node_file_extra: String::new(),
     };
     eprintln!("culvert-bench: building the lab ({reps} repetition(s))");
     let lab = Lab::start("cvbench", &culvert, spec)?;

@@ -56,6 +56,8 @@ pub struct Spec {
     pub ca: Vec<String>,
     /// `certTtl` of every node file, if not the default.
     pub cert_ttl: Option<String>,
+    /// YAML appended to every node file as written (`policies:`, say).
+    pub node_file_extra: String,
 }
 
 /// One pod of the lab.
@@ -69,6 +71,8 @@ pub struct PodSpec {
     pub enrolled: Option<bool>,
     pub service_account: String,
     pub peer_authentication: Option<&'static str>,
+    /// The pod's labels, for policy selectors.
+    pub labels: Vec<(&'static str, &'static str)>,
     /// What the *other* node believes this pod's service account is. Lets a test make a client
     /// expect an identity the server does not hold.
     pub remote_service_account: Option<String>,
@@ -90,6 +94,7 @@ impl PodSpec {
             enrolled: Some(enrolled),
             service_account: name.to_owned(),
             peer_authentication: None,
+            labels: Vec::new(),
             remote_service_account: None,
             attach: true,
             listed: true,
@@ -153,6 +158,8 @@ pub struct Lab {
     pub pods: Vec<Pod>,
     culvert: PathBuf,
     spec: Spec,
+    /// Processes a test started inside the lab (servers in pods), killed at teardown.
+    helpers: Mutex<Vec<Child>>,
 }
 
 impl Lab {
@@ -186,6 +193,7 @@ impl Lab {
             pods: Vec::new(),
             culvert: culvert.to_owned(),
             spec,
+            helpers: Mutex::default(),
         };
         lab.build_nodes()?;
         lab.build_pods()?;
@@ -371,6 +379,14 @@ impl Lab {
             if let Some(mode) = spec.peer_authentication {
                 let _ = write!(yaml, ", peerAuthentication: {mode}");
             }
+            if !spec.labels.is_empty() {
+                let labels: Vec<String> = spec
+                    .labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {v}"))
+                    .collect();
+                let _ = write!(yaml, ", labels: {{ {} }}", labels.join(", "));
+            }
             yaml.push_str(" }\n");
         }
         if !self.spec.services.is_empty() {
@@ -387,6 +403,7 @@ impl Lab {
                 ips.join(", ")
             );
         }
+        yaml.push_str(&self.spec.node_file_extra);
         std::fs::write(&self.nodes[i].config, yaml)?;
         Ok(())
     }
@@ -673,8 +690,26 @@ impl Lab {
         crate::wire::Capture::start(&self.nodes[0].netns, "wire", &self.dir.join("wire.pcap"))
     }
 
-    /// Kills the daemons and deletes every namespace; safe to call more than once.
+    /// Keeps `child` (a server started in a pod, say) until teardown, which kills it.
+    pub fn own(&self, child: Child) {
+        self.helpers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(child);
+    }
+
+    /// Kills the daemons and the owned processes and deletes every namespace; safe to call
+    /// more than once.
     pub fn teardown(&self) {
+        for mut child in self
+            .helpers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         for i in 0..self.nodes.len() {
             let _ = self.stop_node(i, nix::sys::signal::Signal::SIGKILL);
         }

@@ -52,6 +52,7 @@ pub fn spec(pods: Vec<PodSpec>) -> Spec {
         kubeconfig: None,
         ca: vec![],
         cert_ttl: None,
+        node_file_extra: String::new(),
     }
 }
 

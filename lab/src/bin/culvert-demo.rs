@@ -63,6 +63,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         kubeconfig: None,
         ca: vec![],
         cert_ttl: None,
+        node_file_extra: String::new(),
     };
     println!(
         "culvert-demo: two nodes, three pods wired by a CNI chain (bridge, host-local, culvert-cni)..."
