@@ -19,17 +19,17 @@ use tokio_util::sync::CancellationToken;
 fn snapshot(n: u32) -> Snapshot {
     let workloads = (0..n)
         .map(|i| Workload {
-            name: format!("w{i}"),
+            name: format!("w{i}").into(),
             namespace: "bench".into(),
-            service_account: format!("sa{}", i % 50),
-            node: format!("n{}", i % 20),
+            service_account: format!("sa{}", i % 50).into(),
+            node: format!("n{}", i % 20).into(),
             ips: vec![std::net::Ipv4Addr::from(0x0af4_0000 + i).into()],
             labels: Default::default(),
-            enrolled: false,
             enrollment: Some(true),
             peer_authentication: None,
             identity: Id::new("cluster.local", "bench", &format!("sa{}", i % 50)).unwrap(),
         })
+        .map(Arc::new)
         .collect();
     Snapshot::build(
         "cluster.local",

@@ -10,6 +10,7 @@
 mod ca;
 mod load;
 mod report;
+mod scale;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -39,6 +40,9 @@ enum Cmd {
     /// culvert ca's signing rate and a restarted node's wait for its certificates (root; the
     /// test apiserver from scripts/kube-test-env).
     Ca(ca::CaArgs),
+    /// What the node's view of a large synthetic cluster costs: memory per pod, relist peak,
+    /// event-to-snapshot time (no root).
+    Scale(scale::ScaleArgs),
 }
 
 #[derive(clap::Args)]
@@ -121,6 +125,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Run(args) => run(&args),
         Cmd::Compare { old, new } => report::compare(&old, &new),
         Cmd::Ca(args) => ca::run(&args),
+        Cmd::Scale(args) => scale::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -56,7 +56,14 @@ impl Admin {
             ("/healthz/live", _) => text(StatusCode::OK, "live\n"),
             ("/workloads", false) => {
                 let snapshot = self.state.snapshot();
-                let workloads: Vec<_> = snapshot.workloads().collect();
+                let workloads: Vec<Value> = snapshot
+                    .workloads()
+                    .map(|w| {
+                        let mut workload = serde_json::to_value(&**w).expect("workloads serialize");
+                        workload["enrolled"] = snapshot.enrolled(w).into();
+                        workload
+                    })
+                    .collect();
                 json_response(&workloads)
             }
             ("/services", false) => {
@@ -75,6 +82,7 @@ impl Admin {
                 let local = wired
                     .iter()
                     .filter_map(|p| snapshot.workload(&p.pod.namespace, &p.pod.name))
+                    .filter(|w| snapshot.enrolled(w))
                     .map(AsRef::as_ref);
                 json_response(&snapshot.policies.describe(local))
             }

@@ -153,10 +153,11 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
         });
         // Until the first full list, the daemon knows no enrollment: registrations wait (the
         // plugin fails closed from the last recorded state) rather than admit pods unwired.
-        let watches = Watches::start(&client, &stop);
+        let watches = Watches::start(&client, &file.trust_domain, &stop);
         info!("waiting for the Kubernetes API's first lists");
         watches.synced(&client).await;
-        match watches.snapshot(&rx.borrow()) {
+        let first = rx.borrow().clone();
+        match watches.snapshot(&first).await {
             Ok(snapshot) => state.replace(snapshot),
             Err(e) => warn!(error = %e, "first snapshot from the API refused; starting empty"),
         }
@@ -313,7 +314,7 @@ async fn follow(
         // Events come in bursts (a relist, a rollout): let a burst settle into one rebuild.
         tokio::time::sleep(Duration::from_millis(50)).await;
         let current = settings.borrow_and_update().clone();
-        match watches.snapshot(&current) {
+        match watches.snapshot(&current).await {
             Ok(snapshot) => state.replace(snapshot),
             Err(e) => {
                 warn!(error = %e, "state from the API refused; keeping the previous state");

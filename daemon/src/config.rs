@@ -7,13 +7,14 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::identity::{self, BundleSource, Id};
 use crate::policy;
-use crate::state::{self, PeerAuthentication, ServiceSpec, Snapshot, Workload};
+use crate::state::{self, Interner, PeerAuthentication, ServiceSpec, Snapshot, Workload};
 
 /// Default trust domain, as in Istio.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -241,7 +242,7 @@ pub struct NodeFile {
     /// How policy objects are read (root namespace, L7 in DENY).
     pub policy: policy::Settings,
     /// Its `policies:`, as read (with Kubernetes discovery, compiled with the API's).
-    pub policy_objects: std::sync::Arc<policy::istio::Objects>,
+    pub policy_objects: Arc<policy::istio::Objects>,
     /// Its workloads, services and mesh settings; its policies compiled in.
     pub snapshot: Snapshot,
 }
@@ -490,10 +491,14 @@ impl NodeFile {
             },
         };
 
+        // Node files for large clusters repeat namespaces, service accounts, nodes and labels.
+        let mut interner = Interner::default();
         let mut workloads = Vec::with_capacity(raw.workloads.len());
         for (i, w) in raw.workloads.into_iter().enumerate() {
-            let service_account = w.service_account.unwrap_or_else(|| "default".to_owned());
-            let identity = Id::new(&trust_domain, &w.namespace, &service_account)
+            let namespace = interner.str(&w.namespace);
+            let service_account = interner.str(w.service_account.as_deref().unwrap_or("default"));
+            let identity = interner
+                .id(&trust_domain, &namespace, &service_account)
                 .map_err(|e| invalid(&format!("workloads[{i}]"), &w.name, e.to_string()))?;
             if w.name.is_empty() || w.node.is_empty() {
                 return Err(invalid(
@@ -509,25 +514,24 @@ impl NodeFile {
                 let reason = "an enrolled workload needs an IP".to_owned();
                 return Err(invalid(&format!("workloads[{i}].ips"), &"[]", reason));
             }
-            workloads.push(Workload {
-                name: w.name,
-                namespace: w.namespace,
+            workloads.push(Arc::new(Workload {
+                name: w.name.into(),
+                namespace,
                 service_account,
-                node: w.node,
+                node: interner.str(&w.node),
                 ips: w.ips,
-                labels: w.labels,
-                enrolled: false,
+                labels: interner.labels(w.labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
                 enrollment: w.enrolled,
                 peer_authentication: w.peer_authentication,
                 identity,
-            });
+            }));
         }
         let services = raw
             .services
             .into_iter()
             .map(|s| ServiceSpec {
-                name: s.name,
-                namespace: s.namespace,
+                name: interner.str(&s.name),
+                namespace: interner.str(&s.namespace),
                 vip: s.vip,
                 ports: s
                     .ports
@@ -548,7 +552,7 @@ impl NodeFile {
             l7_deny: raw.policy.l7_deny,
         };
         let objects = policy::istio::split(raw.policies).map_err(ParseError::Invalid)?;
-        let policies = std::sync::Arc::new(policy::Policies::build(
+        let policies = Arc::new(policy::Policies::build(
             &policy,
             objects.peer.clone(),
             objects.authz.clone(),
@@ -571,7 +575,7 @@ impl NodeFile {
             cert_ttl,
             key_exchange: raw.key_exchange,
             policy,
-            policy_objects: std::sync::Arc::new(objects),
+            policy_objects: Arc::new(objects),
             snapshot,
         })
     }
@@ -754,7 +758,7 @@ services:
             legacy.identity.as_str(),
             "spiffe://cluster.local/ns/demo/sa/default"
         );
-        assert!(!legacy.enrolled);
+        assert!(!file.snapshot.enrolled(legacy));
         assert_eq!(
             file.snapshot.peer_authentication_of(legacy),
             PeerAuthentication::Permissive
@@ -777,7 +781,7 @@ services:
         let file = parse(include_str!("../../fuzz/seeds/node_file/policies.yaml")).unwrap();
         assert_eq!(file.policy.root_namespace, "istio-system");
         let server = file.snapshot.workload("demo", "server").unwrap();
-        assert_eq!(server.labels["app"], "server");
+        assert_eq!(server.labels.get("app"), Some("server"));
         let plaintext = |port| policy::Connection {
             peer: None,
             src: "10.0.0.9:4000".parse().unwrap(),

@@ -1,35 +1,34 @@
 //! Kubernetes discovery: watches Pods, Namespaces, Services, EndpointSlices and Istio's
 //! PeerAuthentication and AuthorizationPolicy, and turns them into state snapshots.
 //!
-//! Owns the watches (kube-rs watchers feeding reflector stores, objects trimmed to the fields
-//! used here before they are cached) and the translation from API objects to
-//! [`crate::state`] types. The translation is pure and unit-tested; the watches are
-//! tested against a real kube-apiserver (tests/kube). While the API is unreachable the stores
-//! keep their last contents and the watchers retry with backoff; a watch that expires relists,
-//! and the store swaps in the new list only once it is complete.
+//! Owns the watches and the node's lean view of the cluster ([`Cluster`]): each object is
+//! decoded into a small record ([`objects`]) with its repeated strings interned, and no API
+//! object is kept. Snapshots are built from the records; the translation is pure and
+//! unit-tested, the watches are tested against a real kube-apiserver (tests/kube). While the
+//! API is unreachable the records keep their last contents and the watchers retry with
+//! backoff; a watch that expires relists, and the new list replaces the old only once it is
+//! complete.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
-use std::fmt::Debug;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use futures_util::StreamExt as _;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Api, Client, Resource};
-use serde::de::DeserializeOwned;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 mod istio;
+pub mod objects;
 
-use crate::identity::Id;
 use crate::policy::{self, Policies};
-use crate::state::{self, PeerAuthentication, ServiceSpec, Snapshot, Workload};
+use crate::state::{self, Interner, PeerAuthentication, ServiceSpec, Snapshot, Workload};
 use istio::Istio;
+use objects::{NamespaceRecord, PodRecord, Record, ServiceRecord, SliceRecord};
 
 /// The label that enrolls a namespace (value [`ENROLLED`]) or opts a pod out ([`NOT_ENROLLED`]).
 pub const MODE_LABEL: &str = "culvert.io/dataplane-mode";
@@ -48,12 +47,187 @@ pub struct Settings {
     pub file_policies: Arc<policy::istio::Objects>,
 }
 
-/// The watched collections; each is kept current by its own task.
+/// Records by namespace, then name (cluster-scoped kinds under `""`).
+type ByName<R> = HashMap<Arc<str>, HashMap<Arc<str>, R>>;
+
+/// One kind's records.
+#[derive(Debug)]
+pub struct Collection<R> {
+    items: ByName<R>,
+    len: usize,
+    /// A relist in progress: it replaces `items` once complete.
+    next: Option<(ByName<R>, usize)>,
+}
+
+impl<R> Default for Collection<R> {
+    fn default() -> Self {
+        Self {
+            items: HashMap::new(),
+            len: 0,
+            next: None,
+        }
+    }
+}
+
+impl<R> Collection<R> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn get(&self, namespace: &str, name: &str) -> Option<&R> {
+        self.items.get(namespace)?.get(name)
+    }
+
+    /// `name` as the key of the record it names, if there is one, so that others share it.
+    fn shared_name(&self, namespace: &str, name: &str) -> Arc<str> {
+        let known = self
+            .items
+            .get(namespace)
+            .and_then(|m| m.get_key_value(name));
+        known.map_or_else(|| name.into(), |(key, _)| key.clone())
+    }
+
+    /// Every record with its namespace and name.
+    pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Arc<str>, &R)> {
+        self.items
+            .iter()
+            .flat_map(|(ns, items)| items.iter().map(move |(name, r)| (ns, name, r)))
+    }
+
+    /// Sets or (`None`) removes a record, in the relist when `relisting`.
+    fn put(&mut self, namespace: Arc<str>, name: &str, record: Option<R>, relisting: bool)
+    where
+        R: Record,
+    {
+        let (items, len) = match (&mut self.next, relisting) {
+            (Some((items, len)), true) => (items, len),
+            _ => (&mut self.items, &mut self.len),
+        };
+        match record {
+            Some(record) => {
+                let key = record.key(name);
+                let in_namespace = items.entry(namespace).or_default();
+                if in_namespace.insert(key, record).is_none() {
+                    *len += 1;
+                }
+            }
+            None => {
+                if let Some(in_namespace) = items.get_mut(&namespace)
+                    && in_namespace.remove(name).is_some()
+                {
+                    *len -= 1;
+                    if in_namespace.is_empty() {
+                        items.remove(&namespace);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The collections of the four kinds snapshots are built from.
+#[derive(Debug, Default)]
+pub struct Collections {
+    pub pods: Collection<PodRecord>,
+    pub namespaces: Collection<NamespaceRecord>,
+    pub services: Collection<ServiceRecord>,
+    pub slices: Collection<SliceRecord>,
+}
+
+/// The node's view of the cluster: records of every watched object and the interner they
+/// share. Watch tasks apply events to it; snapshots are built from it.
+#[derive(Debug)]
+pub struct Cluster {
+    trust_domain: String,
+    inner: tokio::sync::Mutex<(Interner, Collections)>,
+}
+
+impl Cluster {
+    pub fn new(trust_domain: &str) -> Self {
+        Self {
+            trust_domain: trust_domain.to_owned(),
+            inner: tokio::sync::Mutex::default(),
+        }
+    }
+
+    /// Applies one watch event.
+    pub async fn apply<R: Record>(&self, event: watcher::Event<R::Object>) {
+        let mut inner = self.inner.lock().await;
+        self.apply_to::<R>(&mut inner, event);
+    }
+
+    /// [`Self::apply`] outside the runtime (tests, benches).
+    pub fn apply_blocking<R: Record>(&self, event: watcher::Event<R::Object>) {
+        let mut inner = self.inner.blocking_lock();
+        self.apply_to::<R>(&mut inner, event);
+    }
+
+    fn apply_to<R: Record>(
+        &self,
+        (interner, collections): &mut (Interner, Collections),
+        event: watcher::Event<R::Object>,
+    ) {
+        let (object, deleted, relisting) = match event {
+            watcher::Event::Apply(object) => (object, false, false),
+            watcher::Event::Delete(object) => (object, true, false),
+            watcher::Event::InitApply(object) => (object, false, true),
+            watcher::Event::Init => {
+                R::collection(collections).next = Some(Default::default());
+                return;
+            }
+            watcher::Event::InitDone => {
+                let collection = R::collection(collections);
+                if let Some((items, len)) = collection.next.take() {
+                    collection.items = items;
+                    collection.len = len;
+                }
+                interner.purge_if_grown();
+                return;
+            }
+        };
+        let meta = object.meta();
+        let Some(name) = meta.name.as_deref() else {
+            return;
+        };
+        let namespace = interner.str(meta.namespace.as_deref().unwrap_or_default());
+        let record = if deleted {
+            None
+        } else {
+            R::decode(&object, interner, &self.trust_domain, collections)
+        };
+        R::collection(collections).put(namespace, name, record, relisting);
+        interner.purge_if_grown();
+    }
+
+    /// How many records of each kind: pods, namespaces, services, slices.
+    pub fn counts(&self) -> [usize; 4] {
+        let inner = self.inner.blocking_lock();
+        let c = &inner.1;
+        [
+            c.pods.len(),
+            c.namespaces.len(),
+            c.services.len(),
+            c.slices.len(),
+        ]
+    }
+
+    /// Builds a snapshot (without the API's policies) from the current records. Blocks:
+    /// call it off the runtime's worker threads.
+    pub fn snapshot(&self, settings: &Settings) -> Result<Snapshot, state::Error> {
+        let inner = self.inner.blocking_lock();
+        build(settings, &inner.1)
+    }
+}
+
+/// The watches; each kind is kept current by its own task.
 pub struct Watches {
-    pods: Store<Pod>,
-    namespaces: Store<Namespace>,
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
+    cluster: Arc<Cluster>,
+    /// Whether each of the four kinds has been listed once.
+    listed: [watch::Receiver<bool>; 4],
     peer: Store<Istio<policy::istio::PeerAuthenticationSpec>>,
     authz: Store<Istio<policy::istio::AuthorizationPolicySpec>>,
     /// The last compiled policies and what they were compiled from, so a rebuild for a pod
@@ -92,19 +266,33 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Clie
 }
 
 impl Watches {
-    /// Starts one watch per kind, cluster-wide, until `stop`.
-    pub fn start(client: &Client, stop: &CancellationToken) -> Self {
+    /// Starts one watch per kind, cluster-wide, until `stop`. Pods' identities are in
+    /// `trust_domain`.
+    pub fn start(client: &Client, trust_domain: &str, stop: &CancellationToken) -> Self {
         let changed = Arc::new(Notify::new());
+        let cluster = Arc::new(Cluster::new(trust_domain));
+        let records = |spawn: fn(&Client, &Arc<Cluster>, &Arc<Notify>, &CancellationToken) -> _| {
+            spawn(client, &cluster, &changed, stop)
+        };
+        let listed = [
+            records(spawn_records::<PodRecord>),
+            records(spawn_records::<NamespaceRecord>),
+            records(spawn_records::<ServiceRecord>),
+            records(spawn_records::<SliceRecord>),
+        ];
         Self {
-            pods: spawn_watch(client, trim_pod, &changed, stop),
-            namespaces: spawn_watch(client, trim_namespace, &changed, stop),
-            services: spawn_watch(client, trim_service, &changed, stop),
-            slices: spawn_watch(client, trim_slice, &changed, stop),
-            peer: spawn_watch(client, istio::trim, &changed, stop),
-            authz: spawn_watch(client, istio::trim, &changed, stop),
+            listed,
+            peer: spawn_store(client, istio::trim, &changed, stop),
+            authz: spawn_store(client, istio::trim, &changed, stop),
+            cluster,
             compiled: std::sync::Mutex::default(),
             changed,
         }
+    }
+
+    /// The node's view of the cluster.
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
     }
 
     /// Finds out whether the cluster serves the policy kinds. Without their CRDs there can be
@@ -128,12 +316,9 @@ impl Watches {
     /// cluster serves them: a DENY must be known before the first connection is admitted).
     pub async fn synced(&self, client: &Client) {
         // An error means the writer is gone, i.e. we are stopping: nothing left to wait for.
-        let _ = tokio::join!(
-            self.pods.wait_until_ready(),
-            self.namespaces.wait_until_ready(),
-            self.services.wait_until_ready(),
-            self.slices.wait_until_ready(),
-        );
+        for listed in &self.listed {
+            let _ = listed.clone().wait_for(|listed| *listed).await;
+        }
         if self.policy_kinds_served(client).await {
             let _ = tokio::join!(self.peer.wait_until_ready(), self.authz.wait_until_ready());
         }
@@ -145,15 +330,12 @@ impl Watches {
         self.changed.notified().await;
     }
 
-    /// Builds a snapshot from the collections' current contents.
-    pub fn snapshot(&self, settings: &Settings) -> Result<Snapshot, state::Error> {
-        let snapshot = build(
-            settings,
-            &self.pods.state(),
-            &self.namespaces.state(),
-            &self.services.state(),
-            &self.slices.state(),
-        )?;
+    /// Builds a snapshot from the collections' current contents, off the runtime's workers.
+    pub async fn snapshot(&self, settings: &Settings) -> Result<Snapshot, state::Error> {
+        let (cluster, build_settings) = (self.cluster.clone(), settings.clone());
+        let snapshot = tokio::task::spawn_blocking(move || cluster.snapshot(&build_settings))
+            .await
+            .expect("building a snapshot panicked")?;
         Ok(snapshot.with_policies(self.policies(settings)))
     }
 
@@ -195,16 +377,83 @@ impl Watches {
     }
 }
 
-/// Watches every `K` in the cluster into a store, trimming each object; notifies `changed`
-/// after every event.
-fn spawn_watch<K>(
+/// Logs a watch error; the backoff wrapper retries, and until it succeeds the records keep
+/// what they had.
+fn watch_failed(kind: &str, error: &watcher::Error) {
+    match error {
+        // etcd compacted past our resource version: the watcher relists.
+        watcher::Error::WatchError(status) if status.code == 410 => {
+            info!(%kind, "watch expired; relisting, serving the last state");
+        }
+        e => warn!(%kind, error = %e, "watch failed; retrying, serving the last state"),
+    }
+}
+
+/// Watches every `R::Object` in the cluster into `cluster`'s records; notifies `changed`
+/// after every change (a relist's objects count once, when it is complete). The receiver
+/// turns true once the first list is in.
+fn spawn_records<R: Record>(
+    client: &Client,
+    cluster: &Arc<Cluster>,
+    changed: &Arc<Notify>,
+    stop: &CancellationToken,
+) -> watch::Receiver<bool> {
+    let kind = R::Object::kind(&()).into_owned();
+    debug!(%kind, "watching");
+    let (listed, listed_rx) = watch::channel(false);
+    let events = watcher(
+        Api::<R::Object>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff();
+    let (cluster, changed, stop) = (cluster.clone(), changed.clone(), stop.clone());
+    tokio::spawn(async move {
+        let mut events = std::pin::pin!(events);
+        loop {
+            let event = tokio::select! {
+                () = stop.cancelled() => return,
+                event = events.next() => event,
+            };
+            match event {
+                Some(Ok(event)) => {
+                    let (done, relist) = match &event {
+                        watcher::Event::InitDone => (true, *listed.borrow()),
+                        watcher::Event::Init | watcher::Event::InitApply(_) => (false, false),
+                        _ => (true, false),
+                    };
+                    cluster.apply::<R>(event).await;
+                    if relist {
+                        info!(%kind, "relisted");
+                    }
+                    if done {
+                        listed.send_if_modified(|l| !std::mem::replace(l, true));
+                        changed.notify_one();
+                    }
+                }
+                Some(Err(e)) => watch_failed(&kind, &e),
+                None => return,
+            }
+        }
+    });
+    listed_rx
+}
+
+/// Watches every `K` in the cluster into a reflector store, trimming each object; notifies
+/// `changed` after every event. For the policy kinds, whose objects are few and kept whole.
+fn spawn_store<K>(
     client: &Client,
     trim: fn(&mut K),
     changed: &Arc<Notify>,
     stop: &CancellationToken,
 ) -> Store<K>
 where
-    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
 {
     let (reader, writer) = reflector::store();
     let kind = K::kind(&()).into_owned();
@@ -214,7 +463,6 @@ where
         .default_backoff()
         .modify(trim)
         .reflect(writer);
-    let store = reader.clone();
     tokio::spawn(async move {
         let mut events = std::pin::pin!(events);
         let mut listed = false;
@@ -226,21 +474,13 @@ where
             match event {
                 // A relist (after 410 Gone) only replaces the store once it is complete.
                 Some(Ok(watcher::Event::InitDone)) => {
-                    if listed {
-                        info!(%kind, objects = store.state().len(), "relisted");
+                    if std::mem::replace(&mut listed, true) {
+                        info!(%kind, "relisted");
                     }
-                    listed = true;
                     changed.notify_one();
                 }
                 Some(Ok(_)) => changed.notify_one(),
-                // etcd compacted past our resource version: the watcher relists.
-                Some(Err(watcher::Error::WatchError(status))) if status.code == 410 => {
-                    info!(%kind, "watch expired; relisting, serving the last state");
-                }
-                // The backoff wrapper retries; until it succeeds the store keeps what it had.
-                Some(Err(e)) => {
-                    warn!(%kind, error = %e, "watch failed; retrying, serving the last state");
-                }
+                Some(Err(e)) => watch_failed(&kind, &e),
                 None => return,
             }
         }
@@ -248,163 +488,79 @@ where
     reader
 }
 
-// Trimming: keep only what `build` reads, so a large cluster costs little memory.
-
-fn trim_meta(meta: &mut kube::api::ObjectMeta, keep_labels: bool) {
-    meta.managed_fields = None;
-    meta.annotations = None;
-    meta.owner_references = None;
-    meta.finalizers = None;
-    if !keep_labels {
-        meta.labels = None;
-    }
-}
-
-fn trim_pod(pod: &mut Pod) {
-    trim_meta(&mut pod.metadata, true);
-    if let Some(spec) = pod.spec.take() {
-        pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
-            node_name: spec.node_name,
-            service_account_name: spec.service_account_name,
-            host_network: spec.host_network,
-            ..Default::default()
-        });
-    }
-    if let Some(status) = pod.status.take() {
-        pod.status = Some(k8s_openapi::api::core::v1::PodStatus {
-            phase: status.phase,
-            pod_ip: status.pod_ip,
-            pod_ips: status.pod_ips,
-            ..Default::default()
-        });
-    }
-}
-
-fn trim_namespace(ns: &mut Namespace) {
-    trim_meta(&mut ns.metadata, true);
-    ns.spec = None;
-    ns.status = None;
-}
-
-fn trim_service(svc: &mut Service) {
-    trim_meta(&mut svc.metadata, false);
-    svc.status = None;
-    if let Some(spec) = svc.spec.take() {
-        svc.spec = Some(k8s_openapi::api::core::v1::ServiceSpec {
-            cluster_ip: spec.cluster_ip,
-            cluster_ips: spec.cluster_ips,
-            // `build` reads each port's name, number and protocol; target ports come from the
-            // EndpointSlices.
-            ports: spec.ports.map(|ports| {
-                ports
-                    .into_iter()
-                    .map(|p| k8s_openapi::api::core::v1::ServicePort {
-                        name: p.name,
-                        port: p.port,
-                        protocol: p.protocol,
-                        ..Default::default()
-                    })
-                    .collect()
-            }),
-            type_: spec.type_,
-            ..Default::default()
-        });
-    }
-}
-
-fn trim_slice(slice: &mut EndpointSlice) {
-    trim_meta(&mut slice.metadata, true);
-    for endpoint in slice.endpoints.iter_mut().flatten() {
-        endpoint.hints = None;
-        endpoint.deprecated_topology = None;
-        if let Some(target) = endpoint.target_ref.take() {
-            endpoint.target_ref = Some(k8s_openapi::api::core::v1::ObjectReference {
-                kind: target.kind,
-                name: target.name,
-                namespace: target.namespace,
-                ..Default::default()
-            });
-        }
-        endpoint.hostname = None;
-        endpoint.zone = None;
-    }
-}
-
-/// Translates the API's objects into a snapshot. Pods that have finished are left out; when
-/// two running pods claim one IP (a stale status), the newer keeps it.
-pub fn build(
-    settings: &Settings,
-    pods: &[Arc<Pod>],
-    namespaces: &[Arc<Namespace>],
-    services: &[Arc<Service>],
-    slices: &[Arc<EndpointSlice>],
-) -> Result<Snapshot, state::Error> {
-    let enrolled_namespaces: BTreeSet<String> = namespaces
+/// Translates the records into a snapshot. When two running pods claim one IP (a stale
+/// status), the newer keeps it.
+pub fn build(settings: &Settings, c: &Collections) -> Result<Snapshot, state::Error> {
+    let enrolled_namespaces: BTreeSet<String> = c
+        .namespaces
         .iter()
-        .filter(|ns| label(&ns.metadata, MODE_LABEL) == Some(ENROLLED))
-        .filter_map(|ns| ns.metadata.name.clone())
+        .filter(|(_, _, ns)| ns.enrolled)
+        .map(|(_, name, _)| name.to_string())
         .collect();
 
-    let mut pods: Vec<&Pod> = pods.iter().map(AsRef::as_ref).collect();
-    // Newest first, so the newest pod claims a contested IP.
-    pods.sort_by(|a, b| {
-        b.metadata
-            .creation_timestamp
-            .cmp(&a.metadata.creation_timestamp)
-    });
-    let mut claimed = std::collections::HashSet::new();
-    let mut workloads = Vec::with_capacity(pods.len());
-    // Pods an EndpointSlice may give an address to: all but host-network ones, whose endpoint
-    // is their node's address.
-    let mut adoptable: HashMap<(&str, &str), usize> = HashMap::new();
-    for &pod in &pods {
-        let Some(mut workload) = workload(&settings.trust_domain, pod) else {
-            continue;
-        };
-        let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
-        if let (false, Some(namespace), Some(name)) = (
-            host_network,
-            pod.metadata.namespace.as_deref(),
-            pod.metadata.name.as_deref(),
-        ) {
-            adoptable.insert((namespace, name), workloads.len());
+    let pods: Vec<&PodRecord> = c.pods.iter().map(|(_, _, p)| p).collect();
+    // Who keeps each IP: the newest pod claiming it (ties by name, so every build agrees).
+    let wins = |a: &PodRecord, b: &PodRecord| match a.created.cmp(&b.created) {
+        std::cmp::Ordering::Equal => {
+            (&a.workload.namespace, &a.workload.name) < (&b.workload.namespace, &b.workload.name)
         }
-        workload.ips.retain(|ip| {
-            let fresh = claimed.insert(*ip);
-            if !fresh {
-                // Debug: every rebuild would repeat it while the stale status lasts.
-                debug!(pod = %format!("{}/{}", workload.namespace, workload.name), %ip,
-                    "IP also claimed by a newer pod; ignoring it for this one");
+        newer => newer.is_gt(),
+    };
+    let mut owners: HashMap<IpAddr, usize> = HashMap::with_capacity(pods.len());
+    let mut contested = false;
+    for (i, pod) in pods.iter().enumerate() {
+        for &ip in &pod.workload.ips {
+            match owners.entry(ip) {
+                Entry::Vacant(e) => {
+                    e.insert(i);
+                }
+                Entry::Occupied(mut e) => {
+                    contested = true;
+                    if wins(pod, pods[*e.get()]) {
+                        e.insert(i);
+                    }
+                }
             }
-            fresh
-        });
-        workloads.push(workload);
+        }
     }
+    let mut workloads: Vec<Arc<Workload>> = pods
+        .iter()
+        .enumerate()
+        .map(|(i, pod)| {
+            let mut workload = pod.workload.clone();
+            // Only a contested IP costs a pod a copy of its workload.
+            if contested && workload.ips.iter().any(|ip| owners[ip] != i) {
+                let w = Arc::make_mut(&mut workload);
+                w.ips.retain(|ip| {
+                    let own = owners[ip] == i;
+                    if !own {
+                        // Debug: every rebuild would repeat it while the stale status lasts.
+                        debug!(pod = %format!("{}/{}", w.namespace, w.name), %ip,
+                            "IP also claimed by a newer pod; ignoring it for this one");
+                    }
+                    own
+                });
+            }
+            workload
+        })
+        .collect();
+    adopt_endpoint_ips(&mut workloads, &mut owners, c);
 
-    adopt_endpoint_ips(&mut workloads, &adoptable, &mut claimed, slices);
-
-    let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
-    for slice in slices {
-        let (Some(namespace), Some(service)) = (
-            slice.metadata.namespace.as_deref(),
-            label(&slice.metadata, SERVICE_NAME_LABEL),
-        ) else {
-            continue;
-        };
+    let mut by_service: HashMap<(&str, &str), Vec<&SliceRecord>> = HashMap::new();
+    for (namespace, _, slice) in c.slices.iter() {
         by_service
-            .entry((namespace, service))
+            .entry((namespace, &slice.service))
             .or_default()
             .push(slice);
     }
-    let services = services
+    let services = c
+        .services
         .iter()
-        .flat_map(|svc| {
-            let key = (
-                svc.metadata.namespace.as_deref().unwrap_or_default(),
-                svc.metadata.name.as_deref().unwrap_or_default(),
-            );
-            let slices = by_service.get(&key).map_or(&[][..], Vec::as_slice);
-            service(svc, slices)
+        .flat_map(|(namespace, name, svc)| {
+            let slices = by_service
+                .get(&(&**namespace, &**name))
+                .map_or(&[][..], Vec::as_slice);
+            service(namespace, name, svc, slices)
         })
         .collect();
 
@@ -415,194 +571,88 @@ pub fn build(
         workloads,
         services,
     )?;
-    snapshot.know_namespaces(namespaces.iter().filter_map(|ns| ns.metadata.name.clone()));
+    snapshot.know_namespaces(c.namespaces.iter().map(|(_, name, _)| name.to_string()));
     Ok(snapshot)
 }
 
 /// Gives a pod the endpoint addresses its EndpointSlices list for it (`targetRef`) before its
 /// own status does: the two objects arrive separately, and until the pod's IP is known a
 /// connection to that endpoint would leave the node unencrypted. Addresses another pod claims
-/// are left alone.
+/// are left alone, and so are host-network pods (their endpoints are their node's addresses).
 fn adopt_endpoint_ips(
-    workloads: &mut [Workload],
-    adoptable: &HashMap<(&str, &str), usize>,
-    claimed: &mut std::collections::HashSet<IpAddr>,
-    slices: &[Arc<EndpointSlice>],
+    workloads: &mut [Arc<Workload>],
+    owners: &mut HashMap<IpAddr, usize>,
+    c: &Collections,
 ) {
-    for slice in slices {
-        for endpoint in slice.endpoints.iter().flatten() {
-            let Some(target) = &endpoint.target_ref else {
+    let mut adopted: HashMap<(&str, &str), Vec<IpAddr>> = HashMap::new();
+    for (_, _, slice) in c.slices.iter() {
+        for endpoint in &slice.endpoints {
+            let Some((namespace, name)) = &endpoint.pod else {
                 continue;
             };
-            let namespace = target
-                .namespace
-                .as_deref()
-                .or(slice.metadata.namespace.as_deref());
-            let (Some("Pod"), Some(name), Some(namespace)) =
-                (target.kind.as_deref(), target.name.as_deref(), namespace)
-            else {
+            if c.pods.get(namespace, name).is_none_or(|p| p.host_network) {
                 continue;
-            };
-            let Some(&i) = adoptable.get(&(namespace, name)) else {
-                continue;
-            };
-            for ip in endpoint.addresses.iter().filter_map(|a| a.parse().ok()) {
-                if claimed.insert(ip) {
-                    workloads[i].ips.push(ip);
-                }
+            }
+            if let Entry::Vacant(e) = owners.entry(endpoint.address) {
+                adopted.entry((namespace, name)).or_default().push(*e.key());
+                e.insert(usize::MAX);
             }
         }
     }
-}
-
-fn label<'a>(meta: &'a kube::api::ObjectMeta, key: &str) -> Option<&'a str> {
-    meta.labels.as_ref()?.get(key).map(String::as_str)
-}
-
-/// A pod as a workload; `None` for pods that are not scheduled, have finished, or have names
-/// that make no SPIFFE id.
-fn workload(trust_domain: &str, pod: &Pod) -> Option<Workload> {
-    let (name, namespace) = (pod.metadata.name.clone()?, pod.metadata.namespace.clone()?);
-    let spec = pod.spec.as_ref()?;
-    let node = spec.node_name.clone()?;
-    let status = pod.status.as_ref();
-    if matches!(
-        status.and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    ) {
-        return None;
+    if adopted.is_empty() {
+        return;
     }
-    let service_account = spec
-        .service_account_name
-        .clone()
-        .unwrap_or_else(|| "default".to_owned());
-    let identity = match Id::new(trust_domain, &namespace, &service_account) {
-        Ok(id) => id,
-        Err(e) => {
-            warn!(pod = %format!("{namespace}/{name}"), error = %e, "pod left out");
-            return None;
+    for workload in workloads {
+        let ips = adopted
+            .get(&(&*workload.namespace, &*workload.name))
+            .cloned();
+        if let Some(ips) = ips {
+            Arc::make_mut(workload).ips.extend(ips);
         }
-    };
-    let host_network = spec.host_network == Some(true);
-    // A host-network pod shares the node's addresses: it can neither be enrolled nor be told
-    // apart by IP.
-    let ips = if host_network {
-        Vec::new()
-    } else {
-        pod_ips(status)
-    };
-    let enrollment = if host_network {
-        Some(false)
-    } else {
-        match label(&pod.metadata, MODE_LABEL) {
-            Some(NOT_ENROLLED) => Some(false),
-            Some(ENROLLED) => Some(true),
-            _ => None,
-        }
-    };
-    Some(Workload {
-        name,
-        namespace,
-        service_account,
-        node,
-        ips,
-        labels: pod.metadata.labels.clone().unwrap_or_default(),
-        enrolled: false,
-        enrollment,
-        peer_authentication: None,
-        identity,
-    })
-}
-
-fn pod_ips(status: Option<&k8s_openapi::api::core::v1::PodStatus>) -> Vec<IpAddr> {
-    let Some(status) = status else {
-        return Vec::new();
-    };
-    let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
-    let mut ips: Vec<IpAddr> = listed
-        .chain(status.pod_ip.as_deref())
-        .filter_map(|ip| ip.parse().ok())
-        .collect();
-    ips.sort_unstable();
-    ips.dedup();
-    ips
+    }
 }
 
 /// A Service's VIPs, one spec per cluster IP. Each EndpointSlice's port of the same name gives
 /// the target port of that slice's endpoints (the endpoint controller groups endpoints by the
 /// number a named port resolves to); a slice without that port adds no endpoint to it, as
-/// with kube-proxy. Endpoints count as ready unless their `ready` condition is false, as the
-/// API advises.
-fn service(svc: &Service, slices: &[&EndpointSlice]) -> Vec<ServiceSpec> {
-    let (Some(name), Some(namespace), Some(spec)) = (
-        svc.metadata.name.as_ref(),
-        svc.metadata.namespace.as_ref(),
-        svc.spec.as_ref(),
-    ) else {
-        return Vec::new();
-    };
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return Vec::new();
-    }
-    let vips: Vec<IpAddr> = spec
-        .cluster_ips
-        .iter()
-        .flatten()
-        .chain(spec.cluster_ip.as_ref())
-        .filter_map(|ip| ip.parse().ok())
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let ports: Vec<(u16, Vec<SocketAddr>)> = spec
+/// with kube-proxy. Only ready endpoints are kept.
+fn service(
+    namespace: &Arc<str>,
+    name: &Arc<str>,
+    svc: &ServiceRecord,
+    slices: &[&SliceRecord],
+) -> Vec<ServiceSpec> {
+    let ports: Vec<(u16, Vec<SocketAddr>)> = svc
         .ports
         .iter()
-        .flatten()
-        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
-        .filter_map(|p| {
-            let port = u16::try_from(p.port).ok().filter(|&port| port != 0)?;
-            let port_name = p.name.as_deref().unwrap_or_default();
+        .map(|(port_name, port)| {
             let endpoints = slices
                 .iter()
                 .filter_map(|s| {
-                    let target = s
-                        .ports
-                        .iter()
-                        .flatten()
-                        .find(|sp| sp.name.as_deref().unwrap_or_default() == port_name)
-                        .and_then(|sp| u16::try_from(sp.port?).ok())
-                        .filter(|&t| t != 0)?;
-                    Some((s, target))
+                    let (_, target) = s.ports.iter().find(|(n, _)| n == port_name)?;
+                    Some((s, *target))
                 })
                 .flat_map(|(s, target)| {
-                    ready_addresses(s).map(move |ip| SocketAddr::new(ip, target))
+                    s.endpoints
+                        .iter()
+                        .filter(|e| e.ready)
+                        .map(move |e| SocketAddr::new(e.address, target))
                 })
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            Some((port, endpoints))
+            (*port, endpoints)
         })
         .collect();
-    if ports.is_empty() {
-        return Vec::new();
-    }
-    vips.into_iter()
-        .map(|vip| ServiceSpec {
+    svc.vips
+        .iter()
+        .map(|&vip| ServiceSpec {
             name: name.clone(),
             namespace: namespace.clone(),
             vip,
             ports: ports.clone(),
         })
         .collect()
-}
-
-/// The addresses of a slice's endpoints that are not known to be unready.
-fn ready_addresses(slice: &EndpointSlice) -> impl Iterator<Item = IpAddr> + '_ {
-    slice
-        .endpoints
-        .iter()
-        .flatten()
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
-        .flat_map(|e| e.addresses.iter().filter_map(|a| a.parse().ok()))
 }
 
 #[cfg(test)]
@@ -618,64 +668,65 @@ mod tests {
         }
     }
 
-    fn from_yaml<K: DeserializeOwned>(yaml: &str) -> Arc<K> {
-        Arc::new(serde_yaml::from_str(yaml).unwrap())
+    fn object<O: serde::de::DeserializeOwned>(yaml: &str) -> O {
+        serde_yaml::from_str(yaml).unwrap()
     }
 
-    fn pod(name: &str, extra: &str) -> Arc<Pod> {
-        from_yaml(&format!(
-            "metadata: {{ name: {name}, namespace: shop, creationTimestamp: '2026-11-22T10:00:00Z' }}
-spec: {{ nodeName: node-a, serviceAccountName: {name}, containers: [] }}
-status: {{ phase: Running }}
-{extra}"
-        ))
+    fn apply<R: Record>(cluster: &Cluster, yaml: &str) {
+        cluster.apply_blocking::<R>(watcher::Event::Apply(object(yaml)));
     }
 
-    fn with_ip(pod: &Arc<Pod>, ip: &str) -> Arc<Pod> {
-        let mut pod = (**pod).clone();
-        pod.status.get_or_insert_default().pod_ip = Some(ip.into());
-        Arc::new(pod)
+    /// A running pod in `shop` on node-a; the last three add fields to its metadata, spec and
+    /// status.
+    fn pod(name: &str, created: &str, meta: &str, spec: &str, status: &str) -> String {
+        format!(
+            "metadata: {{ name: {name}, namespace: shop, creationTimestamp: '{created}'{meta} }}
+spec: {{ nodeName: node-a, serviceAccountName: {name}, containers: [] {spec} }}
+status: {{ phase: Running {status} }}"
+        )
     }
 
-    fn namespace(name: &str, mode: Option<&str>) -> Arc<Namespace> {
+    const T0: &str = "2026-11-22T10:00:00Z";
+
+    fn namespace(name: &str, mode: Option<&str>) -> String {
         let labels = mode.map_or(String::new(), |m| {
             format!(", labels: {{ {MODE_LABEL}: {m} }}")
         });
-        from_yaml(&format!("metadata: {{ name: {name}{labels} }}"))
+        format!("metadata: {{ name: {name}{labels} }}")
+    }
+
+    fn snapshot(cluster: &Cluster) -> Snapshot {
+        cluster.snapshot(&settings()).unwrap()
+    }
+
+    fn name_of(snap: &Snapshot, ip: &str) -> Option<String> {
+        snap.workload_by_ip(ip.parse().unwrap())
+            .map(|w| w.name.to_string())
     }
 
     #[test]
     fn enrollment_comes_from_namespace_and_pod_labels() {
-        let pods = [
-            with_ip(&pod("web", ""), "10.244.1.2"),
-            with_ip(&pod("legacy", ""), "10.244.1.3"),
-            pod("nodeagent", ""),
-            with_ip(&pod("pending", ""), "10.244.1.5"),
-        ];
-        let mut legacy = (*pods[1]).clone();
-        legacy
-            .metadata
-            .labels
-            .get_or_insert_default()
-            .insert(MODE_LABEL.into(), NOT_ENROLLED.into());
-        let mut host = (*pods[2]).clone();
-        host.spec.as_mut().unwrap().host_network = Some(true);
-        host.status.as_mut().unwrap().pod_ip = Some("192.0.2.1".into());
-        let pods = [
-            pods[0].clone(),
-            Arc::new(legacy),
-            Arc::new(host),
-            pods[3].clone(),
-        ];
-        let snap = build(
-            &settings(),
-            &pods,
-            &[namespace("shop", Some(ENROLLED)), namespace("other", None)],
-            &[],
-            &[],
-        )
-        .unwrap();
-        let enrolled = |name| snap.workload("shop", name).unwrap().enrolled;
+        let cluster = Cluster::new("cluster.local");
+        apply::<PodRecord>(&cluster, &pod("web", T0, "", "", ", podIP: 10.244.1.2"));
+        let opt_out = format!(", labels: {{ {MODE_LABEL}: {NOT_ENROLLED} }}");
+        apply::<PodRecord>(
+            &cluster,
+            &pod("legacy", T0, &opt_out, "", ", podIP: 10.244.1.3"),
+        );
+        apply::<PodRecord>(
+            &cluster,
+            &pod(
+                "nodeagent",
+                T0,
+                "",
+                ", hostNetwork: true",
+                ", podIP: 192.0.2.1",
+            ),
+        );
+        apply::<NamespaceRecord>(&cluster, &namespace("shop", Some(ENROLLED)));
+        apply::<NamespaceRecord>(&cluster, &namespace("other", None));
+        let snap = snapshot(&cluster);
+        let enrolled = |name| snap.enrolled(snap.workload("shop", name).unwrap());
         assert!(enrolled("web"));
         assert!(!enrolled("legacy"), "opted out by its label");
         assert!(!enrolled("nodeagent"), "host network");
@@ -691,45 +742,107 @@ status: {{ phase: Running }}
             snap.enrolled_namespaces.iter().collect::<Vec<_>>(),
             ["shop"]
         );
+        assert_eq!(
+            snap.known_namespaces.iter().collect::<Vec<_>>(),
+            ["other", "shop"]
+        );
 
-        let snap = build(
-            &settings(),
-            &pods,
-            &[namespace("shop", Some("other"))],
-            &[],
-            &[],
-        )
-        .unwrap();
-        assert!(!snap.workload("shop", "web").unwrap().enrolled);
+        apply::<NamespaceRecord>(&cluster, &namespace("shop", Some("other")));
+        let snap = snapshot(&cluster);
+        assert!(!snap.enrolled(snap.workload("shop", "web").unwrap()));
     }
 
     #[test]
     fn finished_and_unscheduled_pods_are_left_out_and_the_newest_pod_keeps_a_reused_ip() {
-        let done = with_ip(&pod("job", "status: { phase: Succeeded }"), "10.244.1.9");
-        let unscheduled: Arc<Pod> =
-            from_yaml("metadata: { name: queued, namespace: shop }\nspec: { containers: [] }");
-        let old = with_ip(&pod("old", ""), "10.244.1.7");
-        let mut new = (*with_ip(&pod("new", ""), "10.244.1.7")).clone();
-        new.metadata.creation_timestamp =
-            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                "2026-11-22T11:00:00Z".parse().unwrap(),
-            ));
-        let new = Arc::new(new);
-        let snap = build(&settings(), &[done, unscheduled, old, new], &[], &[], &[]).unwrap();
+        let cluster = Cluster::new("cluster.local");
+        apply::<PodRecord>(&cluster, &pod("job", T0, "", "", ", podIP: 10.244.1.9"));
+        apply::<PodRecord>(
+            &cluster,
+            "metadata: { name: queued, namespace: shop }\nspec: { containers: [] }",
+        );
+        apply::<PodRecord>(&cluster, &pod("old", T0, "", "", ", podIP: 10.244.1.7"));
+        apply::<PodRecord>(
+            &cluster,
+            &pod("new", "2026-11-22T11:00:00Z", "", "", ", podIP: 10.244.1.7"),
+        );
+        assert!(snapshot(&cluster).workload("shop", "job").is_some());
+        // The job finishes: an update to a state the snapshot leaves out removes the pod.
+        apply::<PodRecord>(
+            &cluster,
+            &pod("job", T0, "", "", ", podIP: 10.244.1.9").replace("Running", "Succeeded"),
+        );
+        let snap = snapshot(&cluster);
         assert!(snap.workload("shop", "job").is_none());
         assert!(snap.workload("shop", "queued").is_none());
         assert!(snap.workload("shop", "old").unwrap().ips.is_empty());
+        assert_eq!(name_of(&snap, "10.244.1.7").as_deref(), Some("new"));
+        assert_eq!(cluster.counts(), [2, 0, 0, 0]);
+    }
+
+    #[test]
+    fn a_relist_replaces_the_records_only_once_complete_and_deletes_remove_them() {
+        let cluster = Cluster::new("cluster.local");
+        apply::<PodRecord>(&cluster, &pod("a", T0, "", "", ", podIP: 10.244.1.2"));
+        apply::<PodRecord>(&cluster, &pod("b", T0, "", "", ", podIP: 10.244.1.3"));
+        cluster.apply_blocking::<PodRecord>(watcher::Event::Init);
+        cluster.apply_blocking::<PodRecord>(watcher::Event::InitApply(object(&pod(
+            "c",
+            T0,
+            "",
+            "",
+            ", podIP: 10.244.1.4",
+        ))));
+        let during = snapshot(&cluster);
         assert_eq!(
-            snap.workload_by_ip("10.244.1.7".parse().unwrap())
-                .unwrap()
-                .name,
-            "new"
+            name_of(&during, "10.244.1.2").as_deref(),
+            Some("a"),
+            "still the old list"
+        );
+        assert!(during.workload("shop", "c").is_none());
+        cluster.apply_blocking::<PodRecord>(watcher::Event::InitDone);
+        let after = snapshot(&cluster);
+        assert!(after.workload("shop", "a").is_none(), "not in the new list");
+        assert_eq!(name_of(&after, "10.244.1.4").as_deref(), Some("c"));
+        cluster
+            .apply_blocking::<PodRecord>(watcher::Event::Delete(object(&pod("c", T0, "", "", ""))));
+        assert_eq!(snapshot(&cluster).workloads().count(), 0);
+        assert_eq!(cluster.counts(), [0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn pods_share_their_namespace_identity_and_label_set() {
+        let cluster = Cluster::new("cluster.local");
+        let labels = ", labels: { app: web, pod-template-hash: 5d8f }";
+        apply::<PodRecord>(&cluster, &pod("web", T0, labels, "", ", podIP: 10.244.1.2"));
+        let second = pod("web", T0, labels, "", ", podIP: 10.244.1.3").replacen(
+            "name: web",
+            "name: web-2",
+            1,
+        );
+        apply::<PodRecord>(&cluster, &second);
+        let snap = snapshot(&cluster);
+        let (a, b) = (
+            snap.workload("shop", "web").unwrap(),
+            snap.workload("shop", "web-2").unwrap(),
+        );
+        assert!(Arc::ptr_eq(&a.namespace, &b.namespace));
+        assert!(Arc::ptr_eq(&a.service_account, &b.service_account));
+        assert_eq!(a.identity, b.identity);
+        assert_eq!(a.labels, b.labels);
+        assert_eq!(b.labels.get("app"), Some("web"));
+        assert!(
+            a.labels
+                .iter()
+                .zip(b.labels.iter())
+                .all(|(x, y)| std::ptr::eq(x.1, y.1))
         );
     }
 
     #[test]
     fn services_resolve_target_ports_per_slice_and_keep_ready_endpoints() {
-        let svc: Arc<Service> = from_yaml(
+        let cluster = Cluster::new("cluster.local");
+        apply::<ServiceRecord>(
+            &cluster,
             "metadata: { name: echo, namespace: shop }
 spec:
   clusterIP: 10.96.0.10
@@ -740,32 +853,41 @@ spec:
     - { name: dns, port: 53, protocol: UDP }
     - { name: named-without-slice-port, port: 82, targetPort: nope }",
         );
-        let slice: Arc<EndpointSlice> = from_yaml(&format!(
-            "metadata: {{ name: echo-x, namespace: shop, labels: {{ {SERVICE_NAME_LABEL}: echo }} }}
+        apply::<SliceRecord>(
+            &cluster,
+            &format!(
+                "metadata: {{ name: echo-x, namespace: shop, labels: {{ {SERVICE_NAME_LABEL}: echo }} }}
 addressType: IPv4
 ports: [{{ name: http, port: 8080 }}, {{ name: raw, port: 9001 }}]
 endpoints:
   - {{ addresses: [10.244.1.2], conditions: {{ ready: true }} }}
   - {{ addresses: [10.244.2.2], conditions: {{ ready: false }} }}
   - {{ addresses: [10.244.2.3] }}"
-        ));
+            ),
+        );
         // Mid-rollout, the new pods number the named port differently: their own slice.
-        let rolled: Arc<EndpointSlice> = from_yaml(&format!(
-            "metadata: {{ name: echo-y, namespace: shop, labels: {{ {SERVICE_NAME_LABEL}: echo }} }}
+        apply::<SliceRecord>(
+            &cluster,
+            &format!(
+                "metadata: {{ name: echo-y, namespace: shop, labels: {{ {SERVICE_NAME_LABEL}: echo }} }}
 addressType: IPv4
 ports: [{{ name: http, port: 8443 }}]
 endpoints: [{{ addresses: [10.244.1.9] }}]"
-        ));
-        let other: Arc<EndpointSlice> = from_yaml(&format!(
-            "metadata: {{ name: x, namespace: elsewhere, labels: {{ {SERVICE_NAME_LABEL}: echo }} }}
+            ),
+        );
+        apply::<SliceRecord>(
+            &cluster,
+            &format!(
+                "metadata: {{ name: x, namespace: elsewhere, labels: {{ {SERVICE_NAME_LABEL}: echo }} }}
 addressType: IPv4
 endpoints: [{{ addresses: [10.244.3.3] }}]"
-        ));
-        let headless: Arc<Service> = from_yaml(
+            ),
+        );
+        apply::<ServiceRecord>(
+            &cluster,
             "metadata: { name: db, namespace: shop }\nspec: { clusterIP: None, ports: [{ port: 5432 }] }",
         );
-        let slices = [slice, rolled, other];
-        let snap = build(&settings(), &[], &[], &[svc, headless], &slices).unwrap();
+        let snap = snapshot(&cluster);
         let endpoints = |p: u16| -> Option<Vec<String>> {
             let port = snap.service(format!("10.96.0.10:{p}").parse().unwrap())?;
             Some(port.endpoints.iter().map(ToString::to_string).collect())
@@ -787,39 +909,41 @@ endpoints: [{{ addresses: [10.244.3.3] }}]"
             "a named target port that no slice resolves has no endpoint"
         );
         assert_eq!(snap.services().count(), 3);
+        assert_eq!(
+            cluster.counts(),
+            [0, 0, 1, 3],
+            "the headless Service is left out"
+        );
     }
 
     #[test]
     fn an_endpoint_names_its_pod_before_the_pod_status_does() {
-        let fresh = pod("api", "");
-        let agent = pod("agent", "");
-        let mut agent = (*agent).clone();
-        agent.spec.as_mut().unwrap().host_network = Some(true);
-        let old = with_ip(&pod("old", ""), "10.244.1.8");
-        let slice: Arc<EndpointSlice> = from_yaml(&format!(
-            "metadata: {{ name: api-x, namespace: shop, labels: {{ {SERVICE_NAME_LABEL}: api }} }}
+        let cluster = Cluster::new("cluster.local");
+        apply::<PodRecord>(&cluster, &pod("api", T0, "", "", ""));
+        apply::<PodRecord>(&cluster, &pod("agent", T0, "", ", hostNetwork: true", ""));
+        apply::<PodRecord>(&cluster, &pod("old", T0, "", "", ", podIP: 10.244.1.8"));
+        apply::<NamespaceRecord>(&cluster, &namespace("shop", Some(ENROLLED)));
+        apply::<SliceRecord>(
+            &cluster,
+            &format!(
+                "metadata: {{ name: api-x, namespace: shop, labels: {{ {SERVICE_NAME_LABEL}: api }} }}
 addressType: IPv4
 endpoints:
   - {{ addresses: [10.244.1.7], targetRef: {{ kind: Pod, name: api }} }}
   - {{ addresses: [192.0.2.1], targetRef: {{ kind: Pod, name: agent, namespace: shop }} }}
   - {{ addresses: [10.244.1.8], targetRef: {{ kind: Pod, name: api }} }}
   - {{ addresses: [10.244.1.9], targetRef: {{ kind: Pod, name: gone }} }}"
-        ));
-        let snap = build(
-            &settings(),
-            &[fresh, Arc::new(agent), old],
-            &[namespace("shop", Some(ENROLLED))],
-            &[],
-            &[slice],
-        )
-        .unwrap();
-        let by_ip = |ip: &str| {
-            snap.workload_by_ip(ip.parse().unwrap())
-                .map(|w| w.name.as_str())
-        };
-        assert_eq!(by_ip("10.244.1.7"), Some("api"), "adopted from the slice");
+            ),
+        );
+        let snap = snapshot(&cluster);
+        let by_ip = |ip| name_of(&snap, ip);
         assert_eq!(
-            by_ip("10.244.1.8"),
+            by_ip("10.244.1.7").as_deref(),
+            Some("api"),
+            "adopted from the slice"
+        );
+        assert_eq!(
+            by_ip("10.244.1.8").as_deref(),
             Some("old"),
             "claimed by a pod's own status"
         );

@@ -27,21 +27,26 @@ pub use istio::IstioCa;
 
 /// A SPIFFE identity of the form `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 ///
-/// Cheap to clone: the text is shared.
+/// Cheap to clone: the text is shared. Small (24 bytes): every pod's workload holds one.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Id {
     uri: Arc<str>,
-    /// Byte offsets of the three parts within `uri`.
-    td_end: usize,
-    ns: (usize, usize),
-    sa_start: usize,
+    /// Byte offsets of the three parts within `uri` (at most [`MAX_ID_LEN`]).
+    td_end: u16,
+    ns: (u16, u16),
+    sa_start: u16,
 }
+
+/// The longest SPIFFE id there is, in bytes (the SPIFFE ID specification's limit).
+pub const MAX_ID_LEN: usize = 2048;
 
 /// Why a string is not a SPIFFE identity we accept.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
     #[error("{0:?} does not start with spiffe://")]
     Scheme(String),
+    #[error("a SPIFFE id is at most {MAX_ID_LEN} bytes; this one has {0}")]
+    TooLong(usize),
     #[error("{0:?} is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
     Shape(String),
     #[error("{part} {value:?} in {uri:?} has characters outside [a-z0-9.-_]")]
@@ -53,6 +58,11 @@ pub enum ParseError {
 }
 
 impl Id {
+    /// Whether another copy of this identity is alive (an [`crate::state::Interner`] asks).
+    pub fn is_shared(&self) -> bool {
+        Arc::strong_count(&self.uri) > 1
+    }
+
     pub fn new(
         trust_domain: &str,
         namespace: &str,
@@ -62,15 +72,15 @@ impl Id {
     }
 
     pub fn trust_domain(&self) -> &str {
-        &self.uri["spiffe://".len()..self.td_end]
+        &self.uri["spiffe://".len()..usize::from(self.td_end)]
     }
 
     pub fn namespace(&self) -> &str {
-        &self.uri[self.ns.0..self.ns.1]
+        &self.uri[usize::from(self.ns.0)..usize::from(self.ns.1)]
     }
 
     pub fn service_account(&self) -> &str {
-        &self.uri[self.sa_start..]
+        &self.uri[usize::from(self.sa_start)..]
     }
 
     pub fn as_str(&self) -> &str {
@@ -82,6 +92,9 @@ impl FromStr for Id {
     type Err = ParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() > MAX_ID_LEN {
+            return Err(ParseError::TooLong(s.len()));
+        }
         let rest = s
             .strip_prefix("spiffe://")
             .ok_or_else(|| ParseError::Scheme(s.to_owned()))?;
@@ -117,14 +130,15 @@ impl FromStr for Id {
                 });
             }
         }
+        let offset = |n: usize| u16::try_from(n).map_err(|_| ParseError::TooLong(s.len()));
         let td_end = "spiffe://".len() + td.len();
         let ns_start = td_end + "/ns/".len();
         let ns_end = ns_start + ns.len();
         Ok(Self {
             uri: s.into(),
-            td_end,
-            ns: (ns_start, ns_end),
-            sa_start: ns_end + "/sa/".len(),
+            td_end: offset(td_end)?,
+            ns: (offset(ns_start)?, offset(ns_end)?),
+            sa_start: offset(ns_end + "/sa/".len())?,
         })
     }
 }
@@ -261,6 +275,11 @@ mod tests {
         ] {
             assert!(bad.parse::<Id>().is_err(), "{bad} was accepted");
         }
+        let longest = format!("spiffe://{}/ns/a/sa/b", "t".repeat(MAX_ID_LEN - 19));
+        assert_eq!(longest.len(), MAX_ID_LEN);
+        assert_eq!(longest.parse::<Id>().unwrap().service_account(), "b");
+        let over = format!("spiffe://{}/ns/a/sa/b", "t".repeat(MAX_ID_LEN - 18));
+        assert_eq!(over.parse::<Id>(), Err(ParseError::TooLong(MAX_ID_LEN + 1)));
     }
 
     #[test]

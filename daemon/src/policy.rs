@@ -99,8 +99,7 @@ mod tests {
             service_account: "server".into(),
             node: "n1".into(),
             ips: vec!["10.0.0.1".parse().unwrap()],
-            labels: [("app".to_owned(), "server".to_owned())].into(),
-            enrolled: true,
+            labels: [("app", "server")].into_iter().collect(),
             enrollment: Some(true),
             peer_authentication: own,
             identity: Id::new("cluster.local", "demo", "server").unwrap(),
@@ -112,7 +111,7 @@ mod tests {
             "cluster.local",
             mesh,
             Default::default(),
-            vec![w.clone()],
+            vec![Arc::new(w.clone())],
             vec![],
         )
         .unwrap()

@@ -4,7 +4,7 @@
 //! Does no IO: sources (the local file today, Kubernetes later) build snapshots and the data
 //! path reads them without waiting on anything.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -24,32 +24,149 @@ pub enum PeerAuthentication {
     Strict,
 }
 
-/// A pod, as the node knows it.
+/// A pod, as the node knows it. A large cluster holds one per pod, so the strings its pods
+/// repeat (namespace, service account, node, labels) are shared, through an [`Interner`].
 #[derive(Debug, Clone, Serialize)]
 pub struct Workload {
-    pub name: String,
-    pub namespace: String,
-    pub service_account: String,
-    pub node: String,
+    pub name: Arc<str>,
+    pub namespace: Arc<str>,
+    pub service_account: Arc<str>,
+    pub node: Arc<str>,
     pub ips: Vec<IpAddr>,
     /// The pod's labels, which policy selectors match.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
-    /// Whether its traffic is captured and carried over HBONE: its own setting if it has one,
-    /// else its namespace's.
-    pub enrolled: bool,
-    /// The workload's own setting (Kubernetes: the pod label), if any.
+    #[serde(skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
+    /// The workload's own enrollment setting (Kubernetes: the pod label), if any; without one
+    /// it follows its namespace ([`Snapshot::enrolled`]).
     pub enrollment: Option<bool>,
     /// Overrides the mesh-wide mode for this workload.
     pub peer_authentication: Option<PeerAuthentication>,
     pub identity: Id,
 }
 
+/// A set of labels, sorted by key. Pods of one ReplicaSet carry the same set, and share it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Labels(Arc<[(Arc<str>, Arc<str>)]>);
+
+impl Labels {
+    /// The pairs as given; of repeated keys the last wins.
+    pub fn new(pairs: impl IntoIterator<Item = (Arc<str>, Arc<str>)>) -> Self {
+        let mut pairs: Vec<_> = pairs.into_iter().collect();
+        // Stable, so repeated keys stay in the order given and the last one is kept.
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        pairs.reverse();
+        pairs.dedup_by(|a, b| a.0 == b.0);
+        pairs.reverse();
+        Self(pairs.into())
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        let i = self.0.binary_search_by(|(k, _)| (**k).cmp(key)).ok()?;
+        Some(&self.0[i].1)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (&**k, &**v))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<K: AsRef<str>, V: AsRef<str>> FromIterator<(K, V)> for Labels {
+    /// Labels that share nothing with others' (tests, small sources).
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(pairs: I) -> Self {
+        Self::new(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.as_ref().into(), v.as_ref().into())),
+        )
+    }
+}
+
+impl Serialize for Labels {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.iter())
+    }
+}
+
+/// Hands out one shared copy of each repeated string, label set and identity. Entries nobody
+/// else holds any more are dropped once the interner has doubled since the last purge, so
+/// churn (rollouts' new pod-template hashes) does not grow it without bound.
+#[derive(Debug, Default)]
+pub struct Interner {
+    strings: HashSet<Arc<str>>,
+    labels: HashSet<Labels>,
+    ids: HashMap<(Arc<str>, Arc<str>), Id>,
+    purged_at: usize,
+}
+
+impl Interner {
+    pub fn str(&mut self, s: &str) -> Arc<str> {
+        if let Some(shared) = self.strings.get(s) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = s.into();
+        self.strings.insert(shared.clone());
+        shared
+    }
+
+    pub fn labels<'a>(&mut self, pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Labels {
+        let pairs: Vec<_> = pairs
+            .into_iter()
+            .map(|(k, v)| (self.str(k), self.str(v)))
+            .collect();
+        if pairs.is_empty() {
+            return Labels::default();
+        }
+        let labels = Labels::new(pairs);
+        if let Some(shared) = self.labels.get(&labels) {
+            return shared.clone();
+        }
+        self.labels.insert(labels.clone());
+        labels
+    }
+
+    /// The identity of `service_account` in `namespace` (both interned).
+    pub fn id(
+        &mut self,
+        trust_domain: &str,
+        namespace: &Arc<str>,
+        service_account: &Arc<str>,
+    ) -> Result<Id, crate::identity::ParseError> {
+        let key = (namespace.clone(), service_account.clone());
+        if let Some(id) = self.ids.get(&key) {
+            return Ok(id.clone());
+        }
+        let id = Id::new(trust_domain, namespace, service_account)?;
+        self.ids.insert(key, id.clone());
+        Ok(id)
+    }
+
+    /// Drops what only the interner still holds, if it has doubled since it last did.
+    pub fn purge_if_grown(&mut self) {
+        let len = self.len();
+        if len < 2 * self.purged_at.max(1024) {
+            return;
+        }
+        // Identities and label sets first: they hold strings.
+        self.ids.retain(|_, id| id.is_shared());
+        self.labels.retain(|l| Arc::strong_count(&l.0) > 1);
+        self.strings.retain(|s| Arc::strong_count(s) > 1);
+        self.purged_at = self.len();
+    }
+
+    fn len(&self) -> usize {
+        self.strings.len() + self.labels.len() + self.ids.len()
+    }
+}
+
 /// One port of a Service VIP and the endpoints behind it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServicePort {
-    pub service: String,
-    pub namespace: String,
+    pub service: Arc<str>,
+    pub namespace: Arc<str>,
     /// Ready endpoints only, each with its own target port: the pods behind one named port
     /// may number it differently (a rollout that changes the container port).
     pub endpoints: Vec<SocketAddr>,
@@ -72,8 +189,9 @@ pub struct Snapshot {
     workloads: Vec<Arc<Workload>>,
     #[serde(skip)]
     by_ip: HashMap<IpAddr, Arc<Workload>>,
+    /// Namespace, then name: looked up by `&str` without building a key.
     #[serde(skip)]
-    by_name: HashMap<(String, String), Arc<Workload>>,
+    by_name: HashMap<Arc<str>, HashMap<Arc<str>, Arc<Workload>>>,
     #[serde(skip)]
     services: HashMap<SocketAddr, Arc<ServicePort>>,
 }
@@ -90,8 +208,8 @@ pub struct Error {
 /// A service as a source describes it, before validation.
 #[derive(Debug, Clone)]
 pub struct ServiceSpec {
-    pub name: String,
-    pub namespace: String,
+    pub name: Arc<str>,
+    pub namespace: Arc<str>,
     pub vip: IpAddr,
     /// Each port with the ready endpoints (address and target port) behind it.
     pub ports: Vec<(u16, Vec<SocketAddr>)>,
@@ -100,12 +218,11 @@ pub struct ServiceSpec {
 impl Snapshot {
     /// Indexes workloads and services, refusing duplicates that would make lookups ambiguous.
     /// Errors name the offending entry by its position, as sources number them.
-    /// Workloads' `enrolled` is computed here from their own setting and the namespace's.
     pub fn build(
         trust_domain: &str,
         peer_authentication: PeerAuthentication,
         enrolled_namespaces: std::collections::BTreeSet<String>,
-        workloads: Vec<Workload>,
+        workloads: Vec<Arc<Workload>>,
         services: Vec<ServiceSpec>,
     ) -> Result<Self, Error> {
         let err = |path: String, value: &dyn std::fmt::Display, reason: String| Error {
@@ -120,14 +237,14 @@ impl Snapshot {
             enrolled_namespaces,
             ..Self::default()
         };
-        for (i, mut w) in workloads.into_iter().enumerate() {
-            snapshot.known_namespaces.insert(w.namespace.clone());
-            w.enrolled = w
-                .enrollment
-                .unwrap_or_else(|| snapshot.enrolled_namespaces.contains(&w.namespace));
-            let w = Arc::new(w);
-            let key = (w.namespace.clone(), w.name.clone());
-            if snapshot.by_name.insert(key, w.clone()).is_some() {
+        snapshot.workloads.reserve_exact(workloads.len());
+        snapshot.by_ip.reserve(workloads.len());
+        for (i, w) in workloads.into_iter().enumerate() {
+            if !snapshot.known_namespaces.contains(&*w.namespace) {
+                snapshot.known_namespaces.insert(w.namespace.to_string());
+            }
+            let in_namespace = snapshot.by_name.entry(w.namespace.clone()).or_default();
+            if in_namespace.insert(w.name.clone(), w.clone()).is_some() {
                 let name = format!("{}/{}", w.namespace, w.name);
                 return Err(err(
                     format!("workloads[{i}].name"),
@@ -189,7 +306,15 @@ impl Snapshot {
     }
 
     pub fn workload(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
-        self.by_name.get(&(namespace.to_owned(), name.to_owned()))
+        self.by_name.get(namespace)?.get(name)
+    }
+
+    /// Whether `workload`'s traffic is captured and carried over HBONE: its own setting if it
+    /// has one, else its namespace's.
+    pub fn enrolled(&self, workload: &Workload) -> bool {
+        workload
+            .enrollment
+            .unwrap_or_else(|| self.enrolled_namespaces.contains(&*workload.namespace))
     }
 
     pub fn service(&self, vip: SocketAddr) -> Option<&Arc<ServicePort>> {
@@ -206,9 +331,14 @@ impl Snapshot {
     }
 
     /// What the CNI plugin needs to fail closed while the daemon is away.
+    /// Sorted, so that two snapshots of one cluster give equal records.
     pub fn enrollment(&self) -> culvert_cni_proto::Enrollment {
         let name = |w: &Workload| format!("{}/{}", w.namespace, w.name);
-        let in_ns = |w: &Workload| self.enrolled_namespaces.contains(&w.namespace);
+        let in_ns = |w: &Workload| self.enrolled_namespaces.contains(&*w.namespace);
+        let sorted = |mut names: Vec<String>| {
+            names.sort_unstable();
+            names
+        };
         culvert_cni_proto::Enrollment {
             namespaces: self.enrolled_namespaces.iter().cloned().collect(),
             outside: self
@@ -216,18 +346,20 @@ impl Snapshot {
                 .difference(&self.enrolled_namespaces)
                 .cloned()
                 .collect(),
-            pods_in: self
-                .workloads
-                .iter()
-                .filter(|w| w.enrolled && !in_ns(w))
-                .map(|w| name(w))
-                .collect(),
-            pods_out: self
-                .workloads
-                .iter()
-                .filter(|w| !w.enrolled && in_ns(w))
-                .map(|w| name(w))
-                .collect(),
+            pods_in: sorted(
+                self.workloads
+                    .iter()
+                    .filter(|w| self.enrolled(w) && !in_ns(w))
+                    .map(|w| name(w))
+                    .collect(),
+            ),
+            pods_out: sorted(
+                self.workloads
+                    .iter()
+                    .filter(|w| !self.enrolled(w) && in_ns(w))
+                    .map(|w| name(w))
+                    .collect(),
+            ),
         }
     }
 
@@ -276,6 +408,28 @@ impl Store {
 mod tests {
     use super::*;
 
+    #[test]
+    fn labels_look_up_by_key_and_interned_sets_are_shared() {
+        let labels: Labels = [("b", "2"), ("a", "1"), ("b", "3")].into_iter().collect();
+        assert_eq!(labels.get("a"), Some("1"));
+        assert_eq!(labels.get("b"), Some("3"), "the last of a repeated key");
+        assert_eq!(labels.get("c"), None);
+        assert_eq!(
+            serde_json::to_string(&labels).unwrap(),
+            r#"{"a":"1","b":"3"}"#
+        );
+
+        let mut interner = Interner::default();
+        let one = interner.labels([("app", "web"), ("tier", "front")]);
+        let two = interner.labels([("tier", "front"), ("app", "web")]);
+        assert!(Arc::ptr_eq(&one.0, &two.0), "same set, one copy");
+        let ns = interner.str("shop");
+        assert!(Arc::ptr_eq(&ns, &interner.str("shop")));
+        let sa = interner.str("cart");
+        let id = interner.id("cluster.local", &ns, &sa).unwrap();
+        assert_eq!(id.as_str(), "spiffe://cluster.local/ns/shop/sa/cart");
+    }
+
     fn workload(name: &str, ip: &str) -> Workload {
         Workload {
             name: name.into(),
@@ -283,8 +437,7 @@ mod tests {
             service_account: name.into(),
             node: "n1".into(),
             ips: vec![ip.parse().unwrap()],
-            labels: BTreeMap::new(),
-            enrolled: false,
+            labels: Labels::default(),
             enrollment: Some(true),
             peer_authentication: None,
             identity: Id::new("cluster.local", "demo", name).unwrap(),
@@ -303,7 +456,10 @@ mod tests {
             "cluster.local",
             PeerAuthentication::Strict,
             Default::default(),
-            vec![workload("a", "10.0.0.1"), workload("b", "10.0.0.2")],
+            vec![
+                workload("a", "10.0.0.1").into(),
+                workload("b", "10.0.0.2").into(),
+            ],
             vec![svc],
         )
         .unwrap();
@@ -311,7 +467,7 @@ mod tests {
             snap.workload_by_ip("10.0.0.2".parse().unwrap())
                 .unwrap()
                 .name,
-            "b"
+            "b".into()
         );
         assert_eq!(
             snap.workload("demo", "a").unwrap().ips[0].to_string(),
@@ -338,13 +494,14 @@ mod tests {
             "cluster.local",
             PeerAuthentication::Permissive,
             ["demo".to_owned()].into(),
-            vec![opted_out, follows, elsewhere],
+            vec![opted_out.into(), follows.into(), elsewhere.into()],
             vec![],
         )
         .unwrap();
-        assert!(!snap.workload("demo", "legacy").unwrap().enrolled);
-        assert!(snap.workload("demo", "web").unwrap().enrolled);
-        assert!(snap.workload("tools", "probe").unwrap().enrolled);
+        let enrolled = |ns, name| snap.enrolled(snap.workload(ns, name).unwrap());
+        assert!(!enrolled("demo", "legacy"));
+        assert!(enrolled("demo", "web"));
+        assert!(enrolled("tools", "probe"));
         let e = snap.enrollment();
         assert_eq!(
             (e.namespaces, e.pods_in, e.pods_out),
@@ -362,7 +519,10 @@ mod tests {
             "cluster.local",
             PeerAuthentication::Permissive,
             Default::default(),
-            vec![workload("a", "10.0.0.1"), workload("b", "10.0.0.1")],
+            vec![
+                workload("a", "10.0.0.1").into(),
+                workload("b", "10.0.0.1").into(),
+            ],
             vec![],
         )
         .unwrap_err();

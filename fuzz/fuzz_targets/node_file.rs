@@ -9,7 +9,11 @@ fuzz_target!(|text: &str| {
     if let Ok(file) = culvert::config::NodeFile::from_yaml(text, dir, None) {
         // A valid file names its node, and every enrolled workload has an address.
         assert!(!file.node.is_empty());
-        assert!(file.snapshot.workloads().all(|w| !w.enrolled || !w.ips.is_empty()));
+        assert!(
+            file.snapshot
+                .workloads()
+                .all(|w| !file.snapshot.enrolled(w) || !w.ips.is_empty())
+        );
         // Whatever the policies say, a decision is made without a panic.
         let peer: culvert::identity::Id = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
         for w in file.snapshot.workloads() {

@@ -152,7 +152,7 @@ impl Registry {
                 .filter(|(_, w)| {
                     !snapshot
                         .workload(&w.pod.namespace, &w.pod.name)
-                        .is_some_and(|wl| wl.enrolled)
+                        .is_some_and(|wl| snapshot.enrolled(wl))
                 })
                 .map(|(id, _)| id.clone())
                 .collect();
@@ -186,7 +186,9 @@ impl Registry {
         let wanted: Vec<_> = snapshot
             .workloads()
             .filter(|w| {
-                w.enrolled && w.node == self.deps.node && !self.is_wired(&w.namespace, &w.name)
+                snapshot.enrolled(w)
+                    && *w.node == *self.deps.node
+                    && !self.is_wired(&w.namespace, &w.name)
             })
             .cloned()
             .collect();
@@ -206,8 +208,8 @@ impl Registry {
                 };
                 let netns = path.display().to_string();
                 let pod = PodRef {
-                    namespace: w.namespace.clone(),
-                    name: w.name.clone(),
+                    namespace: w.namespace.to_string(),
+                    name: w.name.to_string(),
                     uid: None,
                 };
                 // Keep the runtime's container id when this sandbox was wired before.
@@ -385,8 +387,8 @@ impl Registry {
         let snapshot = self.deps.state.snapshot();
         let mut local: Vec<_> = snapshot
             .workloads()
-            .filter(|w| w.enrolled && w.node == self.deps.node)
-            .map(|w| (w.namespace.clone(), w.name.clone(), w.ips.clone()))
+            .filter(|w| snapshot.enrolled(w) && *w.node == *self.deps.node)
+            .map(|w| (w.namespace.to_string(), w.name.to_string(), w.ips.clone()))
             .collect();
         local.sort();
         local
@@ -406,7 +408,7 @@ impl Registry {
         // By name only: an identity is never taken from whoever holds the request's IPs.
         let workload = snapshot.workload(&req.pod.namespace, &req.pod.name);
         let workload = match workload {
-            Some(w) if w.enrolled => w.clone(),
+            Some(w) if snapshot.enrolled(w) => w.clone(),
             None if snapshot.enrolled_namespaces.contains(&req.pod.namespace) => {
                 // Enrolled namespace, but no identity known for the pod: refusing keeps it from
                 // starting unredirected; the runtime retries once the node knows it.
@@ -419,10 +421,10 @@ impl Registry {
                 return Ok(false);
             }
         };
-        if workload.node != self.deps.node {
+        if *workload.node != *self.deps.node {
             return Err(Error::OtherNode {
                 pod: label(&req.pod),
-                on: workload.node.clone(),
+                on: workload.node.to_string(),
                 this: self.deps.node.clone(),
             });
         }
@@ -452,7 +454,7 @@ impl Registry {
         // pod is let go: a refused request leaves the running pod wired as it was.
         if let Some(ip) = req.ips.iter().find_map(|ip| {
             let owner = snapshot.workload_by_ip(*ip)?;
-            let other = owner.namespace != req.pod.namespace || owner.name != req.pod.name;
+            let other = *owner.namespace != *req.pod.namespace || *owner.name != *req.pod.name;
             other.then(|| (*ip, format!("{}/{}", owner.namespace, owner.name)))
         }) {
             return Err(Error::Claimed {
@@ -558,7 +560,7 @@ impl Registry {
         let snapshot = self.deps.state.snapshot();
         let enrolled = snapshot
             .workload(&req.pod.namespace, &req.pod.name)
-            .is_some_and(|w| w.enrolled);
+            .is_some_and(|w| snapshot.enrolled(w));
         let not_wired = || Error::NotWired {
             pod: label(&req.pod),
         };
@@ -622,7 +624,7 @@ impl Registry {
                 .filter(|(id, w)| {
                     let enrolled = snapshot
                         .workload(&w.pod.namespace, &w.pod.name)
-                        .is_some_and(|wl| wl.enrolled);
+                        .is_some_and(|wl| snapshot.enrolled(wl));
                     let alive = self
                         .deps
                         .capture

@@ -22,7 +22,7 @@ use super::istio::{
     WorkloadSelector,
 };
 use crate::identity::Id;
-use crate::state::PeerAuthentication;
+use crate::state::{Labels, PeerAuthentication};
 
 /// What a DENY rule holding something unenforceable at L4 does.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -484,7 +484,7 @@ impl Authz {
         policy
     }
 
-    fn selects(&self, root: &str, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
+    fn selects(&self, root: &str, namespace: &str, labels: &Labels) -> bool {
         self.ignored.is_none()
             && (self.namespace == root || self.namespace == namespace)
             && self.selector.as_ref().is_none_or(|s| s.matches(labels))
@@ -571,7 +571,7 @@ impl Policies {
         }
     }
 
-    fn peer_levels(&self, namespace: &str, labels: &BTreeMap<String, String>) -> PeerLevels<'_> {
+    fn peer_levels(&self, namespace: &str, labels: &Labels) -> PeerLevels<'_> {
         let root = self.root_namespace.as_str();
         let mut levels = PeerLevels::default();
         for p in &self.peer {
@@ -594,7 +594,7 @@ impl Policies {
     pub fn peer_mode(
         &self,
         namespace: &str,
-        labels: &BTreeMap<String, String>,
+        labels: &Labels,
         port: u16,
         default: PeerAuthentication,
     ) -> PeerAuthentication {
@@ -612,7 +612,7 @@ impl Policies {
     pub fn selecting<'a>(
         &'a self,
         namespace: &'a str,
-        labels: &'a BTreeMap<String, String>,
+        labels: &'a Labels,
     ) -> impl Iterator<Item = &'a Arc<Authz>> + 'a {
         self.authz
             .iter()
@@ -622,12 +622,7 @@ impl Policies {
     /// AuthorizationPolicy's verdict on `conn` to a workload in `namespace` with `labels`:
     /// any matching DENY refuses; with no ALLOW selecting the workload, allow; otherwise an
     /// ALLOW must match.
-    pub fn authorize(
-        &self,
-        namespace: &str,
-        labels: &BTreeMap<String, String>,
-        conn: &Connection<'_>,
-    ) -> Verdict {
+    pub fn authorize(&self, namespace: &str, labels: &Labels, conn: &Connection<'_>) -> Verdict {
         let mut any_allow = false;
         let mut allowed = false;
         for policy in self.selecting(namespace, labels) {
@@ -669,13 +664,13 @@ impl Policies {
         peer.chain(authz)
     }
 
-    /// The admin API's `/policies`: every policy, the enrolled workloads among `workloads` (a
-    /// node's wired pods) it selects, and what it does not enforce as written.
+    /// The admin API's `/policies`: every policy, the workloads among `workloads` (a node's
+    /// wired pods) it selects, and what it does not enforce as written.
     pub fn describe<'a>(
         &self,
         workloads: impl Iterator<Item = &'a crate::state::Workload>,
     ) -> serde_json::Value {
-        let enrolled: Vec<&crate::state::Workload> = workloads.filter(|w| w.enrolled).collect();
+        let enrolled: Vec<&crate::state::Workload> = workloads.collect();
         let name = |w: &crate::state::Workload| format!("{}/{}", w.namespace, w.name);
         let authz: Vec<serde_json::Value> = self
             .authz
@@ -712,8 +707,8 @@ mod tests {
 
     const SHOP: &str = "shop";
 
-    fn labels() -> BTreeMap<String, String> {
-        BTreeMap::from([("app".into(), "cart".into())])
+    fn labels() -> Labels {
+        [("app", "cart")].into_iter().collect()
     }
 
     fn policies(yaml: &str, l7_deny: L7Deny) -> Policies {

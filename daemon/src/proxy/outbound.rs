@@ -37,7 +37,7 @@ fn route(snapshot: &Snapshot, dst: SocketAddr, turn: &AtomicUsize) -> Route {
         _ => dst,
     };
     match snapshot.workload_by_ip(target.ip()) {
-        Some(w) if w.enrolled => Route::Mesh {
+        Some(w) if snapshot.enrolled(w) => Route::Mesh {
             target,
             workload: w.clone(),
         },
@@ -151,7 +151,6 @@ mod tests {
             node: "n1".into(),
             ips: vec![ip.parse().unwrap()],
             labels: Default::default(),
-            enrolled: false,
             enrollment: Some(enrolled),
             peer_authentication: None,
             identity: Id::new("cluster.local", "shop", name).unwrap(),
@@ -170,9 +169,9 @@ mod tests {
             PeerAuthentication::Permissive,
             Default::default(),
             vec![
-                workload("api", "10.244.2.2", true),
-                workload("api2", "10.244.2.3", true),
-                workload("legacy", "10.244.2.9", false),
+                workload("api", "10.244.2.2", true).into(),
+                workload("api2", "10.244.2.3", true).into(),
+                workload("legacy", "10.244.2.9", false).into(),
             ],
             vec![
                 service("10.96.0.10", &["10.244.2.2:8080", "10.244.2.3:8080"]),

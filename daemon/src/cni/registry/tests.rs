@@ -165,11 +165,11 @@ fn snapshot(net: u8, workloads: &[Spec<'_>], enrolled_namespaces: &[&str]) -> Sn
             node: node.into(),
             ips: vec![Ipv4Addr::new(127, net, 0, host).into()],
             labels: Default::default(),
-            enrolled: false,
             enrollment,
             peer_authentication: None,
             identity: Id::new("cluster.local", "shop", name).unwrap(),
         })
+        .map(Arc::new)
         .collect();
     let namespaces: BTreeSet<String> = enrolled_namespaces.iter().map(|n| (*n).into()).collect();
     Snapshot::build(
@@ -525,7 +525,7 @@ async fn a_pod_whose_service_account_changes_is_served_under_the_new_identity_wi
         "cluster.local",
         PeerAuthentication::Permissive,
         BTreeSet::new(),
-        vec![cart],
+        vec![Arc::new(cart)],
         vec![],
     )
     .unwrap();

@@ -1,0 +1,481 @@
+//! The API objects discovery watches, decoded lean, and the records kept of them.
+//!
+//! Each watched kind has an object type that deserializes only the fields the daemon reads
+//! (serde skips the rest without allocating: managed fields, annotations, container specs,
+//! conditions) and a record that keeps only what building a snapshot needs, with repeated
+//! strings interned. A million-pod cluster is held as records, never as API objects.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::Resource;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+use tracing::warn;
+
+use super::{Collection, Collections, ENROLLED, MODE_LABEL, NOT_ENROLLED, SERVICE_NAME_LABEL};
+use crate::state::{Interner, Workload};
+
+/// A watched kind: its lean object and how it becomes a record.
+pub trait Record: Sized + Send + 'static {
+    type Object: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + 'static;
+
+    /// The record to keep of `object`, or `None` for an object the snapshot leaves out (a
+    /// finished pod, an ExternalName Service): an update to such a state removes the record.
+    /// `known` is what is held already, for sharing with it.
+    fn decode(
+        object: &Self::Object,
+        interner: &mut Interner,
+        trust_domain: &str,
+        known: &Collections,
+    ) -> Option<Self>;
+
+    /// The collection of this kind.
+    fn collection(collections: &mut Collections) -> &mut Collection<Self>;
+
+    /// The name to key the record by (a pod's is shared with its workload).
+    fn key(&self, name: &str) -> Arc<str> {
+        name.into()
+    }
+}
+
+/// Implements [`Resource`] for a lean object type of a core or discovery kind.
+macro_rules! resource {
+    ($ty:ty, $kind:literal, $group:literal, $version:literal, $plural:literal, $scope:ty) => {
+        impl Resource for $ty {
+            type DynamicType = ();
+            type Scope = $scope;
+
+            fn kind(_: &()) -> Cow<'_, str> {
+                $kind.into()
+            }
+
+            fn group(_: &()) -> Cow<'_, str> {
+                $group.into()
+            }
+
+            fn version(_: &()) -> Cow<'_, str> {
+                $version.into()
+            }
+
+            fn plural(_: &()) -> Cow<'_, str> {
+                $plural.into()
+            }
+
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
+resource!(
+    PodObject,
+    "Pod",
+    "",
+    "v1",
+    "pods",
+    kube::core::NamespaceResourceScope
+);
+resource!(
+    NamespaceObject,
+    "Namespace",
+    "",
+    "v1",
+    "namespaces",
+    kube::core::ClusterResourceScope
+);
+resource!(
+    ServiceObject,
+    "Service",
+    "",
+    "v1",
+    "services",
+    kube::core::NamespaceResourceScope
+);
+resource!(
+    SliceObject,
+    "EndpointSlice",
+    "discovery.k8s.io",
+    "v1",
+    "endpointslices",
+    kube::core::NamespaceResourceScope
+);
+
+/// Object metadata with only what discovery and the watcher read: name, namespace, resource
+/// version (the watcher resumes from it), creation time and labels.
+fn lean_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Lean {
+        name: Option<String>,
+        namespace: Option<String>,
+        resource_version: Option<String>,
+        creation_timestamp: Option<Time>,
+        labels: Option<BTreeMap<String, String>>,
+    }
+    let lean = Lean::deserialize(deserializer)?;
+    Ok(ObjectMeta {
+        name: lean.name,
+        namespace: lean.namespace,
+        resource_version: lean.resource_version,
+        creation_timestamp: lean.creation_timestamp,
+        labels: lean.labels,
+        ..ObjectMeta::default()
+    })
+}
+
+fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.labels.as_ref()?.get(key).map(String::as_str)
+}
+
+fn parse_ips<'a>(ips: impl Iterator<Item = &'a str>) -> Box<[IpAddr]> {
+    let mut ips: Vec<IpAddr> = ips.filter_map(|ip| ip.parse().ok()).collect();
+    ips.sort_unstable();
+    ips.dedup();
+    ips.into()
+}
+
+// Pods.
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PodObject {
+    #[serde(default, deserialize_with = "lean_meta")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: Option<PodSpec>,
+    #[serde(default)]
+    pub status: Option<PodStatus>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpec {
+    pub node_name: Option<String>,
+    pub service_account_name: Option<String>,
+    pub host_network: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    pub phase: Option<String>,
+    #[serde(rename = "podIP")]
+    pub pod_ip: Option<String>,
+    #[serde(rename = "podIPs")]
+    pub pod_ips: Option<Vec<PodIp>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PodIp {
+    pub ip: String,
+}
+
+/// A pod that is scheduled and not finished, as its workload.
+#[derive(Debug)]
+pub struct PodRecord {
+    pub workload: Arc<Workload>,
+    /// Creation time (seconds): the newest pod keeps a contested IP.
+    pub created: i64,
+    /// A host-network pod's endpoints are its node's addresses: it adopts none.
+    pub host_network: bool,
+}
+
+impl Record for PodRecord {
+    type Object = PodObject;
+
+    /// `None` for pods that are not scheduled, have finished, or have names that make no
+    /// SPIFFE id.
+    fn decode(
+        pod: &PodObject,
+        interner: &mut Interner,
+        trust_domain: &str,
+        _: &Collections,
+    ) -> Option<Self> {
+        let meta = &pod.metadata;
+        let (name, namespace) = (meta.name.as_deref()?, meta.namespace.as_deref()?);
+        let spec = pod.spec.as_ref()?;
+        let node = spec.node_name.as_deref()?;
+        let status = pod.status.as_ref();
+        if matches!(
+            status.and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        ) {
+            return None;
+        }
+        let namespace = interner.str(namespace);
+        let service_account =
+            interner.str(spec.service_account_name.as_deref().unwrap_or("default"));
+        let identity = match interner.id(trust_domain, &namespace, &service_account) {
+            Ok(id) => id,
+            Err(e) => {
+                warn!(pod = %format!("{namespace}/{name}"), error = %e, "pod left out");
+                return None;
+            }
+        };
+        let host_network = spec.host_network == Some(true);
+        // A host-network pod shares the node's addresses: it can neither be enrolled nor be
+        // told apart by IP.
+        let ips = match status {
+            Some(status) if !host_network => {
+                let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
+                parse_ips(listed.chain(status.pod_ip.as_deref())).into_vec()
+            }
+            _ => Vec::new(),
+        };
+        let enrollment = if host_network {
+            Some(false)
+        } else {
+            match label(meta, MODE_LABEL) {
+                Some(NOT_ENROLLED) => Some(false),
+                Some(ENROLLED) => Some(true),
+                _ => None,
+            }
+        };
+        let labels = meta.labels.iter().flatten();
+        Some(Self {
+            workload: Arc::new(Workload {
+                name: name.into(),
+                node: interner.str(node),
+                labels: interner.labels(labels.map(|(k, v)| (k.as_str(), v.as_str()))),
+                namespace,
+                service_account,
+                ips,
+                enrollment,
+                peer_authentication: None,
+                identity,
+            }),
+            created: meta
+                .creation_timestamp
+                .as_ref()
+                .map_or(0, |t| t.0.as_second()),
+            host_network,
+        })
+    }
+
+    fn collection(collections: &mut Collections) -> &mut Collection<Self> {
+        &mut collections.pods
+    }
+
+    fn key(&self, _: &str) -> Arc<str> {
+        self.workload.name.clone()
+    }
+}
+
+// Namespaces.
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct NamespaceObject {
+    #[serde(default, deserialize_with = "lean_meta")]
+    pub metadata: ObjectMeta,
+}
+
+/// A namespace: whether it is enrolled.
+#[derive(Debug)]
+pub struct NamespaceRecord {
+    pub enrolled: bool,
+}
+
+impl Record for NamespaceRecord {
+    type Object = NamespaceObject;
+
+    fn decode(ns: &NamespaceObject, _: &mut Interner, _: &str, _: &Collections) -> Option<Self> {
+        Some(Self {
+            enrolled: label(&ns.metadata, MODE_LABEL) == Some(ENROLLED),
+        })
+    }
+
+    fn collection(collections: &mut Collections) -> &mut Collection<Self> {
+        &mut collections.namespaces
+    }
+}
+
+// Services.
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServiceObject {
+    #[serde(default, deserialize_with = "lean_meta")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: Option<ServiceObjectSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceObjectSpec {
+    #[serde(rename = "type")]
+    pub type_: Option<String>,
+    #[serde(rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    #[serde(rename = "clusterIPs")]
+    pub cluster_ips: Option<Vec<String>>,
+    pub ports: Option<Vec<NamedPort>>,
+}
+
+/// A Service's or an EndpointSlice's port.
+#[derive(Debug, Clone, Deserialize)]
+pub struct NamedPort {
+    pub name: Option<String>,
+    pub port: Option<i32>,
+    pub protocol: Option<String>,
+}
+
+impl NamedPort {
+    /// A TCP port's name (empty if it has none) and number; `None` for other protocols and
+    /// numbers outside 1..=65535.
+    fn tcp(&self, interner: &mut Interner) -> Option<(Arc<str>, u16)> {
+        if self.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+            return None;
+        }
+        let port = u16::try_from(self.port?).ok().filter(|&p| p != 0)?;
+        Some((interner.str(self.name.as_deref().unwrap_or_default()), port))
+    }
+}
+
+/// A Service with a cluster IP and TCP ports.
+#[derive(Debug)]
+pub struct ServiceRecord {
+    pub vips: Box<[IpAddr]>,
+    /// Each TCP port's name and number.
+    pub ports: Box<[(Arc<str>, u16)]>,
+}
+
+impl Record for ServiceRecord {
+    type Object = ServiceObject;
+
+    /// `None` for ExternalName and headless Services and those without TCP ports.
+    fn decode(
+        svc: &ServiceObject,
+        interner: &mut Interner,
+        _: &str,
+        _: &Collections,
+    ) -> Option<Self> {
+        let spec = svc.spec.as_ref()?;
+        if spec.type_.as_deref() == Some("ExternalName") {
+            return None;
+        }
+        let listed = spec.cluster_ips.iter().flatten().map(String::as_str);
+        let vips = parse_ips(listed.chain(spec.cluster_ip.as_deref()));
+        let ports: Box<[_]> = spec
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| p.tcp(interner))
+            .collect();
+        (!vips.is_empty() && !ports.is_empty()).then_some(Self { vips, ports })
+    }
+
+    fn collection(collections: &mut Collections) -> &mut Collection<Self> {
+        &mut collections.services
+    }
+}
+
+// EndpointSlices.
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SliceObject {
+    #[serde(default, deserialize_with = "lean_meta")]
+    pub metadata: ObjectMeta,
+    pub ports: Option<Vec<NamedPort>>,
+    pub endpoints: Option<Vec<SliceEndpoint>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SliceEndpoint {
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    pub conditions: Option<Conditions>,
+    pub target_ref: Option<TargetRef>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Conditions {
+    pub ready: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TargetRef {
+    pub kind: Option<String>,
+    pub name: Option<String>,
+    pub namespace: Option<String>,
+}
+
+/// An EndpointSlice of a Service.
+#[derive(Debug)]
+pub struct SliceRecord {
+    pub service: Arc<str>,
+    /// Each TCP port's name and the target port it resolves to for this slice's endpoints.
+    pub ports: Box<[(Arc<str>, u16)]>,
+    pub endpoints: Box<[EndpointRecord]>,
+}
+
+#[derive(Debug)]
+pub struct EndpointRecord {
+    /// The first address: the only one the EndpointSlice controller writes and the only one
+    /// kube-proxy reads (the API gives the others no meaning).
+    pub address: IpAddr,
+    /// Endpoints count as ready unless their `ready` condition is false, as the API advises.
+    pub ready: bool,
+    /// The pod it names (`targetRef`): namespace and name (shared with the pod's record when
+    /// the pod is known first).
+    pub pod: Option<(Arc<str>, Arc<str>)>,
+}
+
+impl Record for SliceRecord {
+    type Object = SliceObject;
+
+    /// `None` for slices that name no Service.
+    fn decode(
+        slice: &SliceObject,
+        interner: &mut Interner,
+        _: &str,
+        known: &Collections,
+    ) -> Option<Self> {
+        let service = interner.str(label(&slice.metadata, SERVICE_NAME_LABEL)?);
+        let own_namespace = slice.metadata.namespace.as_deref()?;
+        let ports = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| p.tcp(interner))
+            .collect();
+        let endpoints = slice
+            .endpoints
+            .iter()
+            .flatten()
+            .filter_map(|e| {
+                Some(EndpointRecord {
+                    address: e.addresses.first()?.parse().ok()?,
+                    ready: e.conditions.as_ref().and_then(|c| c.ready) != Some(false),
+                    pod: e.target_ref.as_ref().and_then(|t| {
+                        let name = t
+                            .name
+                            .as_deref()
+                            .filter(|_| t.kind.as_deref() == Some("Pod"))?;
+                        let namespace = t.namespace.as_deref().unwrap_or(own_namespace);
+                        let name = known.pods.shared_name(namespace, name);
+                        Some((interner.str(namespace), name))
+                    }),
+                })
+            })
+            .collect();
+        Some(Self {
+            service,
+            ports,
+            endpoints,
+        })
+    }
+
+    fn collection(collections: &mut Collections) -> &mut Collection<Self> {
+        &mut collections.slices
+    }
+}

@@ -1,0 +1,33 @@
+//! Watch events from the Kubernetes API: Namespaces, Pods, Services and EndpointSlices as JSON,
+//! decoded lean into the node's view of the cluster, which is then built into a snapshot.
+//! Input: events, one per line, each a kind byte, a change byte (list start, listed, list
+//! done, applied, deleted) and the object.
+#![no_main]
+
+use culvert::discovery::{Cluster, Settings};
+use culvert::test_util::cluster::Step;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let cluster = Cluster::new("cluster.local");
+    for line in data.split(|&b| b == b'\n').take(64) {
+        let [kind, change, json @ ..] = line else { continue };
+        Step::from_parts(*kind, *change, json).try_apply(&cluster);
+    }
+    let settings = Settings {
+        trust_domain: "cluster.local".into(),
+        peer_authentication: culvert::state::PeerAuthentication::Permissive,
+        policy: culvert::policy::Settings::default(),
+        file_policies: std::sync::Arc::default(),
+    };
+    // Whatever the API sent, a snapshot is built without a panic, and no address names two
+    // workloads (it refuses such a set rather than guess).
+    if let Ok(snapshot) = cluster.snapshot(&settings) {
+        for w in snapshot.workloads() {
+            for ip in &w.ips {
+                let owner = snapshot.workload_by_ip(*ip).expect("every address is indexed");
+                assert!(std::sync::Arc::ptr_eq(owner, w), "{ip} names two workloads");
+            }
+        }
+    }
+});

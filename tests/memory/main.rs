@@ -1,0 +1,92 @@
+//! The node's view of the cluster stays lean: live heap bytes per pod, counted by dhat's
+//! allocator (deterministic: bytes, not time), after a list, with a snapshot held, after churn
+//! and after a relist.
+//!
+//! A test binary of its own, with one test, so that nothing else allocates while it counts.
+//! `CULVERT_HEAP_PROFILE=FILE` writes a dhat heap profile of the run (open it in dhat's
+//! viewer) to see where the bytes go.
+
+#![allow(clippy::unwrap_used, clippy::print_stderr)]
+
+use culvert::discovery::{Cluster, Settings};
+use culvert::state::PeerAuthentication;
+use culvert::test_util::cluster::{Shape, Step};
+
+#[global_allocator]
+static ALLOC: dhat::Alloc = dhat::Alloc;
+
+/// Live heap bytes per pod the view may hold: records, interned strings and one snapshot, in
+/// a cluster of Deployments of 15 pods with a Service each. 575 when set (400 of them the
+/// records); a change that makes pods heavier has to say why here.
+const BYTES_PER_POD: usize = 640;
+
+fn live() -> usize {
+    dhat::HeapStats::get().curr_bytes
+}
+
+#[test]
+fn the_cluster_view_holds_a_pod_in_a_few_hundred_bytes_and_churn_does_not_grow_it() {
+    let settings = Settings {
+        trust_domain: "cluster.local".into(),
+        peer_authentication: PeerAuthentication::Permissive,
+        policy: culvert::policy::Settings::default(),
+        file_policies: std::sync::Arc::default(),
+    };
+    let shape = Shape {
+        nodes: 100,
+        ..Shape::new(15_000)
+    };
+    // The API's JSON is made before counting starts: only decoding and keeping it counts.
+    let list = shape.list_steps(0);
+    let (first, second) = (shape.roll_out_steps(0, 1), shape.roll_out_steps(1, 2));
+    let relist = shape.list_steps(2);
+    let apply = |steps: &[Step], cluster: &Cluster| steps.iter().for_each(|s| s.apply(cluster));
+
+    let _profiler = match std::env::var_os("CULVERT_HEAP_PROFILE") {
+        Some(file) => dhat::Profiler::builder().file_name(file).build(),
+        None => dhat::Profiler::builder().testing().build(),
+    };
+    let before = live();
+    let cluster = Cluster::new("cluster.local");
+    apply(&list, &cluster);
+    let records = live() - before;
+    let snapshot = cluster.snapshot(&settings).unwrap();
+    assert_eq!(snapshot.workloads().count(), shape.pods);
+    assert_eq!(snapshot.services().count(), shape.services());
+    let fresh = live() - before;
+    let per_pod = fresh / shape.pods;
+    eprintln!(
+        "records: {} bytes per pod; with a snapshot: {per_pod}",
+        records / shape.pods
+    );
+    assert!(
+        per_pod < BYTES_PER_POD,
+        "{per_pod} bytes per pod, over the {BYTES_PER_POD} allowed"
+    );
+    drop(snapshot);
+
+    // Every Deployment rolls out twice: all pods renamed, new template hashes.
+    apply(&first, &cluster);
+    apply(&second, &cluster);
+    let snapshot = cluster.snapshot(&settings).unwrap();
+    assert_eq!(snapshot.workloads().count(), shape.pods);
+    let churned = live() - before;
+    eprintln!("after two rollouts of everything: {churned} bytes (fresh: {fresh})");
+    assert!(
+        churned <= fresh + fresh / 20,
+        "churn grew the view from {fresh} to {churned} bytes"
+    );
+    drop(snapshot);
+
+    apply(&relist, &cluster);
+    let snapshot = cluster.snapshot(&settings).unwrap();
+    let relisted = live() - before;
+    eprintln!("after a relist: {relisted} bytes");
+    assert!(
+        relisted <= fresh + fresh / 20,
+        "a relist grew the view from {fresh} to {relisted} bytes"
+    );
+    drop(snapshot);
+    drop(cluster);
+    assert!(live() - before < 64 * 1024, "dropping the view frees it");
+}
