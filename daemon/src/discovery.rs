@@ -553,6 +553,7 @@ pub fn build(settings: &Settings, c: &Collections) -> Result<Snapshot, state::Er
             .or_default()
             .push(slice);
     }
+    let mut vips = std::collections::HashSet::new();
     let services = c
         .services
         .iter()
@@ -561,6 +562,16 @@ pub fn build(settings: &Settings, c: &Collections) -> Result<Snapshot, state::Er
                 .get(&(&**namespace, &**name))
                 .map_or(&[][..], Vec::as_slice);
             service(namespace, name, svc, slices)
+        })
+        // The apiserver's allocators keep VIPs apart from pod IPs and from each other; should
+        // two objects still collide, one is left out rather than the whole update refused.
+        .filter(|spec| {
+            let clash = owners.contains_key(&spec.vip) || !vips.insert(spec.vip);
+            if clash {
+                debug!(service = %format!("{}/{}", spec.namespace, spec.name), vip = %spec.vip,
+                    "VIP also used by a pod or another Service; left out");
+            }
+            !clash
         })
         .collect();
 
@@ -914,6 +925,33 @@ endpoints: [{{ addresses: [10.244.3.3] }}]"
             [0, 0, 1, 3],
             "the headless Service is left out"
         );
+    }
+
+    #[test]
+    fn a_vip_that_collides_with_a_pod_or_another_service_is_left_out_not_the_whole_update() {
+        let cluster = Cluster::new("cluster.local");
+        apply::<PodRecord>(&cluster, &pod("web", T0, "", "", ", podIP: 10.244.1.2"));
+        let svc = |name: &str, vip: &str| {
+            format!(
+                "metadata: {{ name: {name}, namespace: shop }}\nspec: {{ clusterIP: {vip}, ports: [{{ port: 80 }}] }}"
+            )
+        };
+        apply::<ServiceRecord>(&cluster, &svc("squatter", "10.244.1.2"));
+        apply::<ServiceRecord>(&cluster, &svc("a", "10.96.0.1"));
+        apply::<ServiceRecord>(&cluster, &svc("b", "10.96.0.1"));
+        apply::<ServiceRecord>(&cluster, &svc("c", "10.96.0.2"));
+        let snap = snapshot(&cluster);
+        assert_eq!(name_of(&snap, "10.244.1.2").as_deref(), Some("web"));
+        let names: BTreeSet<String> = snap
+            .services()
+            .map(|(_, p)| p.service.to_string())
+            .collect();
+        assert_eq!(
+            snap.services().count(),
+            2,
+            "one of a and b, and c: {names:?}"
+        );
+        assert!(names.contains("c") && !names.contains("squatter"));
     }
 
     #[test]
