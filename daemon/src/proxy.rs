@@ -355,7 +355,12 @@ impl Proxy {
                 let accepted = tokio::select! {
                     accepted = listener.accept() => accepted,
                     () = stop.cancelled() => return,
-                    () = drain.cancelled() => return,
+                    () = drain.cancelled() => {
+                        for (stream, peer) in backlog(listener) {
+                            tasks.spawn(handle(stream, crate::redirect::canonical(peer)));
+                        }
+                        return;
+                    }
                 };
                 match accepted {
                     Ok((stream, peer)) => {
@@ -370,6 +375,28 @@ impl Proxy {
             }
         });
     }
+}
+
+/// The connections the kernel has queued on a listener about to close. Closing would reset
+/// them: during a rolling update the new daemon listens on the same ports (`SO_REUSEPORT`),
+/// but the kernel does not move a closing listener's queue to it (`tcp_migrate_req` cannot be
+/// set inside pods). Taking them first leaves only the instant between the last accept and
+/// the close.
+fn backlog(listener: TcpListener) -> Vec<(TcpStream, SocketAddr)> {
+    // Non-blocking, as tokio left it.
+    let Ok(listener) = listener.into_std() else {
+        return Vec::new();
+    };
+    let mut queued = Vec::new();
+    while let Ok((stream, peer)) = listener.accept() {
+        let stream = stream
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(stream));
+        if let Ok(stream) = stream {
+            queued.push((stream, peer));
+        }
+    }
+    queued
 }
 
 /// Copies between `client` and a dialled `upstream` and logs the outcome; when there is no
