@@ -290,11 +290,6 @@ impl Watches {
         }
     }
 
-    /// The node's view of the cluster.
-    pub fn cluster(&self) -> &Arc<Cluster> {
-        &self.cluster
-    }
-
     /// Finds out whether the cluster serves the policy kinds. Without their CRDs there can be
     /// no such objects, so the first sync does not wait for them (their watches keep retrying
     /// and pick them up once installed).

@@ -24,6 +24,15 @@ fn live() -> usize {
     dhat::HeapStats::get().curr_bytes
 }
 
+/// The view after `what` holds at most 5 % more than after the first list.
+fn within_fresh(what: &str, bytes: usize, fresh: usize) {
+    eprintln!("after {what}: {bytes} bytes (fresh: {fresh})");
+    assert!(
+        bytes <= fresh + fresh / 20,
+        "{what} grew the view from {fresh} to {bytes} bytes"
+    );
+}
+
 #[test]
 fn the_cluster_view_holds_a_pod_in_a_few_hundred_bytes_and_churn_does_not_grow_it() {
     let settings = Settings {
@@ -70,22 +79,12 @@ fn the_cluster_view_holds_a_pod_in_a_few_hundred_bytes_and_churn_does_not_grow_i
     apply(&second, &cluster);
     let snapshot = cluster.snapshot(&settings).unwrap();
     assert_eq!(snapshot.workloads().count(), shape.pods);
-    let churned = live() - before;
-    eprintln!("after two rollouts of everything: {churned} bytes (fresh: {fresh})");
-    assert!(
-        churned <= fresh + fresh / 20,
-        "churn grew the view from {fresh} to {churned} bytes"
-    );
+    within_fresh("two rollouts of everything", live() - before, fresh);
     drop(snapshot);
 
     apply(&relist, &cluster);
     let snapshot = cluster.snapshot(&settings).unwrap();
-    let relisted = live() - before;
-    eprintln!("after a relist: {relisted} bytes");
-    assert!(
-        relisted <= fresh + fresh / 20,
-        "a relist grew the view from {fresh} to {relisted} bytes"
-    );
+    within_fresh("a relist", live() - before, fresh);
     drop(snapshot);
     drop(cluster);
     assert!(live() - before < 64 * 1024, "dropping the view frees it");
