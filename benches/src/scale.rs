@@ -22,8 +22,8 @@ pub(crate) struct ScaleArgs {
     /// Pods in the cluster (15 per Deployment, one Service each, 66 Deployments a namespace).
     #[arg(long, default_value_t = 1_000_000)]
     pods: usize,
-    /// Single-pod events, each followed by a snapshot build, for the per-event figure.
-    #[arg(long, default_value_t = 20)]
+    /// Single-pod events, each followed by a new snapshot, for the per-event figure.
+    #[arg(long, default_value_t = 200)]
     events: usize,
     /// Share of Deployments rolled out (pods renamed, new template hash) for the churn figure.
     #[arg(long, default_value_t = 0.5)]
@@ -84,7 +84,7 @@ fn reset_peak() -> anyhow::Result<()> {
     std::fs::write("/proc/self/clear_refs", "5").context("resetting the peak RSS")
 }
 
-fn settings() -> Settings {
+pub(crate) fn settings() -> Settings {
     Settings {
         trust_domain: "cluster.local".into(),
         peer_authentication: PeerAuthentication::Permissive,
@@ -110,25 +110,30 @@ pub(crate) fn run(args: &ScaleArgs) -> anyhow::Result<()> {
     );
 
     let started = Instant::now();
-    let mut snapshot = cluster.snapshot(&settings)?;
+    let mut snapshot = cluster.snapshot(&settings);
     let first_snapshot_ms = started.elapsed().as_secs_f64() * 1e3;
     let (steady, _) = memory()?;
     anyhow::ensure!(
-        snapshot.workloads().count() == args.pods,
+        snapshot.workload_count() == args.pods,
         "the snapshot lost pods"
     );
     eprintln!("snapshot in {first_snapshot_ms:.0} ms: {steady:.0} MiB");
 
+    // Each event a change to the index: a newer pod takes over an IP (two workloads
+    // rewritten), then is deleted and the older one gets it back.
     let mut per_event = Vec::with_capacity(args.events);
     for e in 0..args.events {
+        let i = e / 2 * 7919 % args.pods;
         let started = Instant::now();
-        shape.touch(&cluster, e * 7919 % args.pods, 0);
-        snapshot = cluster.snapshot(&settings)?;
+        if e % 2 == 0 {
+            shape.apply_pod(&cluster, i, 9);
+        } else {
+            shape.delete_pod(&cluster, i, 9);
+        }
+        snapshot = cluster.snapshot(&settings);
         per_event.push(started.elapsed().as_secs_f64() * 1e3);
-        anyhow::ensure!(
-            snapshot.workloads().count() == args.pods,
-            "the snapshot lost pods"
-        );
+        let pods = args.pods + (e % 2 == 0) as usize;
+        anyhow::ensure!(snapshot.workload_count() == pods, "the snapshot lost pods");
     }
     per_event.sort_by(f64::total_cmp);
 
@@ -137,23 +142,20 @@ pub(crate) fn run(args: &ScaleArgs) -> anyhow::Result<()> {
     for s in 0..churned {
         shape.roll_out(&cluster, s, 0, 1);
     }
-    snapshot = cluster.snapshot(&settings)?;
+    snapshot = cluster.snapshot(&settings);
     let (churned_mib, _) = memory()?;
-    anyhow::ensure!(
-        snapshot.workloads().count() == args.pods,
-        "rollouts lost pods"
-    );
+    anyhow::ensure!(snapshot.workload_count() == args.pods, "rollouts lost pods");
     eprintln!("{churned} Deployments rolled out: {churned_mib:.0} MiB");
 
     // A relist after a 410 Gone, while the daemon serves the last snapshot.
     reset_peak()?;
     shape.list(&cluster, 1);
-    let relisted = cluster.snapshot(&settings)?;
+    let relisted = cluster.snapshot(&settings);
     let (_, relist_peak) = memory()?;
     drop(std::mem::replace(&mut snapshot, relisted));
     let (relisted_mib, _) = memory()?;
     anyhow::ensure!(
-        snapshot.workloads().count() == args.pods,
+        snapshot.workload_count() == args.pods,
         "the snapshot lost pods"
     );
 

@@ -157,10 +157,7 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
         info!("waiting for the Kubernetes API's first lists");
         watches.synced(&client).await;
         let first = rx.borrow().clone();
-        match watches.snapshot(&first).await {
-            Ok(snapshot) => state.replace(snapshot),
-            Err(e) => warn!(error = %e, "first snapshot from the API refused; starting empty"),
-        }
+        state.replace(watches.snapshot(&first).await);
         info!(
             workloads = state.snapshot().workloads().count(),
             "discovery synced"
@@ -314,13 +311,7 @@ async fn follow(
         // Events come in bursts (a relist, a rollout): let a burst settle into one rebuild.
         tokio::time::sleep(Duration::from_millis(50)).await;
         let current = settings.borrow_and_update().clone();
-        match watches.snapshot(&current).await {
-            Ok(snapshot) => state.replace(snapshot),
-            Err(e) => {
-                warn!(error = %e, "state from the API refused; keeping the previous state");
-                continue;
-            }
-        }
+        state.replace(watches.snapshot(&current).await);
         // Most events (IPs, endpoints) leave enrollment as it was: rewrite the file only when
         // it changed.
         let enrollment = state.snapshot().enrollment();

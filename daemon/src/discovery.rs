@@ -3,15 +3,14 @@
 //!
 //! Owns the watches and the node's lean view of the cluster ([`Cluster`]): each object is
 //! decoded into a small record ([`objects`]) with its repeated strings interned, and no API
-//! object is kept. Snapshots are built from the records; the translation is pure and
+//! object is kept. Each event updates the records and the index snapshots share (`view`),
+//! so its cost follows what it changes, not the cluster's size; the translation is pure and
 //! unit-tested, the watches are tested against a real kube-apiserver (tests/kube). While the
 //! API is unreachable the records keep their last contents and the watchers retry with
 //! backoff; a watch that expires relists, and the new list replaces the old only once it is
 //! complete.
 
-use std::collections::hash_map::Entry;
-use std::collections::{BTreeSet, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures_util::StreamExt as _;
@@ -24,11 +23,13 @@ use tracing::{debug, info, warn};
 
 mod istio;
 pub mod objects;
+mod view;
 
 use crate::policy::{self, Policies};
-use crate::state::{self, Interner, PeerAuthentication, ServiceSpec, Snapshot, Workload};
+use crate::state::{Interner, PeerAuthentication, Snapshot};
 use istio::Istio;
 use objects::{NamespaceRecord, PodRecord, Record, ServiceRecord, SliceRecord};
+use view::View;
 
 /// The label that enrolls a namespace (value [`ENROLLED`]) or opts a pod out ([`NOT_ENROLLED`]).
 pub const MODE_LABEL: &str = "culvert.io/dataplane-mode";
@@ -98,34 +99,102 @@ impl<R> Collection<R> {
             .flat_map(|(ns, items)| items.iter().map(move |(name, r)| (ns, name, r)))
     }
 
-    /// Sets or (`None`) removes a record, in the relist when `relisting`.
-    fn put(&mut self, namespace: Arc<str>, name: &str, record: Option<R>, relisting: bool)
+    /// Namespaces with records.
+    fn namespaces(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.items.keys()
+    }
+
+    /// Sets or (`None`) removes a record. `Some` with the record it replaced if that changed
+    /// anything; `None` if not (the old record is kept then: what shares it keeps sharing it).
+    fn put(&mut self, namespace: Arc<str>, name: &str, record: Option<R>) -> Option<Option<R>>
     where
         R: Record,
     {
-        let (items, len) = match (&mut self.next, relisting) {
-            (Some((items, len)), true) => (items, len),
-            _ => (&mut self.items, &mut self.len),
-        };
         match record {
             Some(record) => {
                 let key = record.key(name);
-                let in_namespace = items.entry(namespace).or_default();
-                if in_namespace.insert(key, record).is_none() {
-                    *len += 1;
-                }
-            }
-            None => {
-                if let Some(in_namespace) = items.get_mut(&namespace)
-                    && in_namespace.remove(name).is_some()
-                {
-                    *len -= 1;
-                    if in_namespace.is_empty() {
-                        items.remove(&namespace);
+                let in_namespace = self.items.entry(namespace).or_default();
+                match in_namespace.get_mut(&key) {
+                    Some(old) if *old == record => None,
+                    Some(old) => Some(Some(std::mem::replace(old, record))),
+                    None => {
+                        in_namespace.insert(key, record);
+                        self.len += 1;
+                        Some(None)
                     }
                 }
             }
+            None => {
+                let in_namespace = self.items.get_mut(&namespace)?;
+                let old = in_namespace.remove(name)?;
+                self.len -= 1;
+                if in_namespace.is_empty() {
+                    self.items.remove(&namespace);
+                }
+                Some(Some(old))
+            }
         }
+    }
+
+    /// Adds a record to the relist in progress.
+    fn put_next(&mut self, namespace: Arc<str>, name: &str, record: Option<R>)
+    where
+        R: Record,
+    {
+        let Some((items, len)) = &mut self.next else {
+            return;
+        };
+        if let Some(record) = record {
+            let key = record.key(name);
+            if items
+                .entry(namespace)
+                .or_default()
+                .insert(key, record)
+                .is_none()
+            {
+                *len += 1;
+            }
+        }
+    }
+
+    /// Ends the relist in progress: its records replace the old ones, except where the two
+    /// are equal (the old is kept). Returns every key whose record changed, with the old one.
+    fn finish_relist(&mut self) -> Vec<(view::Key, Option<R>)>
+    where
+        R: Record,
+    {
+        let Some((items, len)) = self.next.take() else {
+            return Vec::new();
+        };
+        let mut old = std::mem::take(&mut self.items);
+        self.len = len;
+        let mut changes = Vec::new();
+        for (namespace, listed) in items {
+            let mut before = old.remove(&namespace);
+            let mut kept = HashMap::with_capacity(listed.len());
+            for (name, record) in listed {
+                match before.as_mut().and_then(|b| b.remove_entry(&name)) {
+                    // The old name too: the workload and the endpoints naming it share it.
+                    Some((old_name, old_record)) if old_record == record => {
+                        kept.insert(old_name, old_record);
+                    }
+                    previous => {
+                        changes.push(((namespace.clone(), name.clone()), previous.map(|p| p.1)));
+                        kept.insert(name, record);
+                    }
+                }
+            }
+            let gone = before.into_iter().flatten();
+            changes.extend(gone.map(|(name, r)| ((namespace.clone(), name), Some(r))));
+            self.items.insert(namespace, kept);
+        }
+        for (namespace, gone) in old {
+            changes.extend(
+                gone.into_iter()
+                    .map(|(name, r)| ((namespace.clone(), name), Some(r))),
+            );
+        }
+        changes
     }
 }
 
@@ -138,12 +207,19 @@ pub struct Collections {
     pub slices: Collection<SliceRecord>,
 }
 
-/// The node's view of the cluster: records of every watched object and the interner they
-/// share. Watch tasks apply events to it; snapshots are built from it.
+/// The node's view of the cluster: records of every watched object, the interner they share
+/// and the index snapshots are cut from. Watch tasks apply events to it.
 #[derive(Debug)]
 pub struct Cluster {
     trust_domain: String,
-    inner: tokio::sync::Mutex<(Interner, Collections)>,
+    inner: tokio::sync::Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    interner: Interner,
+    collections: Collections,
+    view: View,
 }
 
 impl Cluster {
@@ -166,11 +242,12 @@ impl Cluster {
         self.apply_to::<R>(&mut inner, event);
     }
 
-    fn apply_to<R: Record>(
-        &self,
-        (interner, collections): &mut (Interner, Collections),
-        event: watcher::Event<R::Object>,
-    ) {
+    fn apply_to<R: Record>(&self, inner: &mut Inner, event: watcher::Event<R::Object>) {
+        let Inner {
+            interner,
+            collections,
+            view,
+        } = inner;
         let (object, deleted, relisting) = match event {
             watcher::Event::Apply(object) => (object, false, false),
             watcher::Event::Delete(object) => (object, true, false),
@@ -180,10 +257,9 @@ impl Cluster {
                 return;
             }
             watcher::Event::InitDone => {
-                let collection = R::collection(collections);
-                if let Some((items, len)) = collection.next.take() {
-                    collection.items = items;
-                    collection.len = len;
+                let changes = R::collection(collections).finish_relist();
+                for (key, old) in changes {
+                    R::changed(view, collections, key, old.as_ref());
                 }
                 interner.purge_if_grown();
                 return;
@@ -199,14 +275,20 @@ impl Cluster {
         } else {
             R::decode(&object, interner, &self.trust_domain, collections)
         };
-        R::collection(collections).put(namespace, name, record, relisting);
+        let collection = R::collection(collections);
+        if relisting {
+            collection.put_next(namespace, name, record);
+        } else if let Some(old) = collection.put(namespace.clone(), name, record) {
+            let key = (namespace.clone(), collection.shared_name(&namespace, name));
+            R::changed(view, collections, key, old.as_ref());
+        }
         interner.purge_if_grown();
     }
 
     /// How many records of each kind: pods, namespaces, services, slices.
     pub fn counts(&self) -> [usize; 4] {
         let inner = self.inner.blocking_lock();
-        let c = &inner.1;
+        let c = &inner.collections;
         [
             c.pods.len(),
             c.namespaces.len(),
@@ -215,11 +297,26 @@ impl Cluster {
         ]
     }
 
-    /// Builds a snapshot (without the API's policies) from the current records. Blocks:
-    /// call it off the runtime's worker threads.
-    pub fn snapshot(&self, settings: &Settings) -> Result<Snapshot, state::Error> {
-        let inner = self.inner.blocking_lock();
-        build(settings, &inner.1)
+    /// A snapshot (without the API's policies) of the current view. Blocks on the lock: for
+    /// tests and benches; the daemon takes [`Self::snapshot_async`].
+    pub fn snapshot(&self, settings: &Settings) -> Snapshot {
+        Self::cut(settings, &mut self.inner.blocking_lock())
+    }
+
+    pub async fn snapshot_async(&self, settings: &Settings) -> Snapshot {
+        Self::cut(settings, &mut *self.inner.lock().await)
+    }
+
+    /// A snapshot shares the view's index and namespace sets: it copies nothing per pod.
+    fn cut(settings: &Settings, inner: &mut Inner) -> Snapshot {
+        let (enrolled, known) = inner.view.namespaces(&inner.collections);
+        Snapshot::from_index(
+            &settings.trust_domain,
+            settings.peer_authentication,
+            enrolled,
+            known,
+            inner.view.index.clone(),
+        )
     }
 }
 
@@ -325,13 +422,10 @@ impl Watches {
         self.changed.notified().await;
     }
 
-    /// Builds a snapshot from the collections' current contents, off the runtime's workers.
-    pub async fn snapshot(&self, settings: &Settings) -> Result<Snapshot, state::Error> {
-        let (cluster, build_settings) = (self.cluster.clone(), settings.clone());
-        let snapshot = tokio::task::spawn_blocking(move || cluster.snapshot(&build_settings))
-            .await
-            .expect("building a snapshot panicked")?;
-        Ok(snapshot.with_policies(self.policies(settings)))
+    /// A snapshot of the collections' current contents.
+    pub async fn snapshot(&self, settings: &Settings) -> Snapshot {
+        let snapshot = self.cluster.snapshot_async(settings).await;
+        snapshot.with_policies(self.policies(settings))
     }
 
     /// The node file's and the API's policies, compiled once per change of either.
@@ -483,184 +577,6 @@ where
     reader
 }
 
-/// Translates the records into a snapshot. When two running pods claim one IP (a stale
-/// status), the newer keeps it.
-pub fn build(settings: &Settings, c: &Collections) -> Result<Snapshot, state::Error> {
-    let enrolled_namespaces: BTreeSet<String> = c
-        .namespaces
-        .iter()
-        .filter(|(_, _, ns)| ns.enrolled)
-        .map(|(_, name, _)| name.to_string())
-        .collect();
-
-    let pods: Vec<&PodRecord> = c.pods.iter().map(|(_, _, p)| p).collect();
-    // Who keeps each IP: the newest pod claiming it (ties by name, so every build agrees).
-    let wins = |a: &PodRecord, b: &PodRecord| match a.created.cmp(&b.created) {
-        std::cmp::Ordering::Equal => {
-            (&a.workload.namespace, &a.workload.name) < (&b.workload.namespace, &b.workload.name)
-        }
-        newer => newer.is_gt(),
-    };
-    let mut owners: HashMap<IpAddr, usize> = HashMap::with_capacity(pods.len());
-    let mut contested = false;
-    for (i, pod) in pods.iter().enumerate() {
-        for &ip in &pod.workload.ips {
-            match owners.entry(ip) {
-                Entry::Vacant(e) => {
-                    e.insert(i);
-                }
-                Entry::Occupied(mut e) => {
-                    contested = true;
-                    if wins(pod, pods[*e.get()]) {
-                        e.insert(i);
-                    }
-                }
-            }
-        }
-    }
-    let mut workloads: Vec<Arc<Workload>> = pods
-        .iter()
-        .enumerate()
-        .map(|(i, pod)| {
-            let mut workload = pod.workload.clone();
-            // Only a contested IP costs a pod a copy of its workload.
-            if contested && workload.ips.iter().any(|ip| owners[ip] != i) {
-                let w = Arc::make_mut(&mut workload);
-                w.ips.retain(|ip| {
-                    let own = owners[ip] == i;
-                    if !own {
-                        // Debug: every rebuild would repeat it while the stale status lasts.
-                        debug!(pod = %format!("{}/{}", w.namespace, w.name), %ip,
-                            "IP also claimed by a newer pod; ignoring it for this one");
-                    }
-                    own
-                });
-            }
-            workload
-        })
-        .collect();
-    adopt_endpoint_ips(&mut workloads, &mut owners, c);
-
-    let mut by_service: HashMap<(&str, &str), Vec<&SliceRecord>> = HashMap::new();
-    for (namespace, _, slice) in c.slices.iter() {
-        by_service
-            .entry((namespace, &slice.service))
-            .or_default()
-            .push(slice);
-    }
-    let mut vips = std::collections::HashSet::new();
-    let services = c
-        .services
-        .iter()
-        .flat_map(|(namespace, name, svc)| {
-            let slices = by_service
-                .get(&(&**namespace, &**name))
-                .map_or(&[][..], Vec::as_slice);
-            service(namespace, name, svc, slices)
-        })
-        // The apiserver's allocators keep VIPs apart from pod IPs and from each other; should
-        // two objects still collide, one is left out rather than the whole update refused.
-        .filter(|spec| {
-            let clash = owners.contains_key(&spec.vip) || !vips.insert(spec.vip);
-            if clash {
-                debug!(service = %format!("{}/{}", spec.namespace, spec.name), vip = %spec.vip,
-                    "VIP also used by a pod or another Service; left out");
-            }
-            !clash
-        })
-        .collect();
-
-    let mut snapshot = Snapshot::build(
-        &settings.trust_domain,
-        settings.peer_authentication,
-        enrolled_namespaces,
-        workloads,
-        services,
-    )?;
-    snapshot.know_namespaces(c.namespaces.iter().map(|(_, name, _)| name.to_string()));
-    Ok(snapshot)
-}
-
-/// Gives a pod the endpoint addresses its EndpointSlices list for it (`targetRef`) before its
-/// own status does: the two objects arrive separately, and until the pod's IP is known a
-/// connection to that endpoint would leave the node unencrypted. Addresses another pod claims
-/// are left alone, and so are host-network pods (their endpoints are their node's addresses).
-fn adopt_endpoint_ips(
-    workloads: &mut [Arc<Workload>],
-    owners: &mut HashMap<IpAddr, usize>,
-    c: &Collections,
-) {
-    let mut adopted: HashMap<(&str, &str), Vec<IpAddr>> = HashMap::new();
-    for (_, _, slice) in c.slices.iter() {
-        for endpoint in &slice.endpoints {
-            let Some((namespace, name)) = &endpoint.pod else {
-                continue;
-            };
-            if c.pods.get(namespace, name).is_none_or(|p| p.host_network) {
-                continue;
-            }
-            if let Entry::Vacant(e) = owners.entry(endpoint.address) {
-                adopted.entry((namespace, name)).or_default().push(*e.key());
-                e.insert(usize::MAX);
-            }
-        }
-    }
-    if adopted.is_empty() {
-        return;
-    }
-    for workload in workloads {
-        let ips = adopted
-            .get(&(&*workload.namespace, &*workload.name))
-            .cloned();
-        if let Some(ips) = ips {
-            Arc::make_mut(workload).ips.extend(ips);
-        }
-    }
-}
-
-/// A Service's VIPs, one spec per cluster IP. Each EndpointSlice's port of the same name gives
-/// the target port of that slice's endpoints (the endpoint controller groups endpoints by the
-/// number a named port resolves to); a slice without that port adds no endpoint to it, as
-/// with kube-proxy. Only ready endpoints are kept.
-fn service(
-    namespace: &Arc<str>,
-    name: &Arc<str>,
-    svc: &ServiceRecord,
-    slices: &[&SliceRecord],
-) -> Vec<ServiceSpec> {
-    let ports: Vec<(u16, Vec<SocketAddr>)> = svc
-        .ports
-        .iter()
-        .map(|(port_name, port)| {
-            let endpoints = slices
-                .iter()
-                .filter_map(|s| {
-                    let (_, target) = s.ports.iter().find(|(n, _)| n == port_name)?;
-                    Some((s, *target))
-                })
-                .flat_map(|(s, target)| {
-                    s.endpoints
-                        .iter()
-                        .filter(|e| e.ready)
-                        .map(move |e| SocketAddr::new(e.address, target))
-                })
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect();
-            (*port, endpoints)
-        })
-        .collect();
-    svc.vips
-        .iter()
-        .map(|&vip| ServiceSpec {
-            name: name.clone(),
-            namespace: namespace.clone(),
-            vip,
-            ports: ports.clone(),
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -702,7 +618,7 @@ status: {{ phase: Running {status} }}"
     }
 
     fn snapshot(cluster: &Cluster) -> Snapshot {
-        cluster.snapshot(&settings()).unwrap()
+        cluster.snapshot(&settings())
     }
 
     fn name_of(snap: &Snapshot, ip: &str) -> Option<String> {
@@ -745,11 +661,17 @@ status: {{ phase: Running {status} }}"
             "spiffe://cluster.local/ns/shop/sa/web"
         );
         assert_eq!(
-            snap.enrolled_namespaces.iter().collect::<Vec<_>>(),
+            snap.enrolled_namespaces
+                .iter()
+                .map(|n| &**n)
+                .collect::<Vec<_>>(),
             ["shop"]
         );
         assert_eq!(
-            snap.known_namespaces.iter().collect::<Vec<_>>(),
+            snap.known_namespaces
+                .iter()
+                .map(|n| &**n)
+                .collect::<Vec<_>>(),
             ["other", "shop"]
         );
 
@@ -937,7 +859,7 @@ endpoints: [{{ addresses: [10.244.3.3] }}]"
         apply::<ServiceRecord>(&cluster, &svc("c", "10.96.0.2"));
         let snap = snapshot(&cluster);
         assert_eq!(name_of(&snap, "10.244.1.2").as_deref(), Some("web"));
-        let names: BTreeSet<String> = snap
+        let names: std::collections::BTreeSet<String> = snap
             .services()
             .map(|(_, p)| p.service.to_string())
             .collect();
@@ -986,5 +908,151 @@ endpoints:
             "a host-network pod's node address"
         );
         assert_eq!(by_ip("10.244.1.9"), None, "no such pod");
+    }
+
+    /// A cluster's view, comparable across clusters: each workload's addresses (sorted), who
+    /// holds each address, each Service port's endpoints.
+    fn summary(snap: &Snapshot) -> String {
+        let mut lines: Vec<String> = snap
+            .workloads()
+            .map(|w| {
+                let mut ips = w.ips.clone();
+                ips.sort();
+                for ip in &ips {
+                    let holder = snap.workload_by_ip(*ip).unwrap();
+                    assert!(Arc::ptr_eq(holder, w), "{ip}: by-IP and by-name disagree");
+                }
+                format!("pod {} {ips:?}", w.name)
+            })
+            .chain(
+                snap.services()
+                    .map(|(vip, port)| format!("vip {vip} {} {:?}", port.service, port.endpoints)),
+            )
+            .collect();
+        lines.sort();
+        lines.join("\n")
+    }
+
+    /// The view is updated per event, so every order of the same events must end where a
+    /// fresh list of the final objects starts: contested addresses, adoption by endpoints,
+    /// finished and host-network pods, deletes, slices moving between Services, and a relist.
+    #[test]
+    fn events_in_any_order_end_where_a_fresh_list_of_the_same_objects_starts() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u64| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) % n
+        };
+        for round in 0..300 {
+            let cluster = Cluster::new("cluster.local");
+            // The last object of each name, or none once deleted.
+            let mut pods: Vec<Option<String>> = vec![None; 6];
+            let mut slices: Vec<Option<String>> = vec![None; 3];
+            for (i, name) in ["a", "b"].iter().enumerate() {
+                apply::<ServiceRecord>(
+                    &cluster,
+                    &format!(
+                        "metadata: {{ name: {name}, namespace: shop }}\nspec: {{ clusterIP: 10.96.0.{i}, ports: [{{ name: http, port: 80 }}] }}"
+                    ),
+                );
+            }
+            for _ in 0..40 {
+                if next(3) > 0 {
+                    let i = next(6) as usize;
+                    if next(6) == 0 {
+                        if let Some(yaml) = pods[i].take() {
+                            cluster
+                                .apply_blocking::<PodRecord>(watcher::Event::Delete(object(&yaml)));
+                        }
+                        continue;
+                    }
+                    // Statuses contest four addresses; endpoints name their pods by others.
+                    let ips: Vec<String> = (1..=4)
+                        .filter(|_| next(3) == 0)
+                        .map(|k| format!("{{ ip: 10.244.0.{k} }}"))
+                        .collect();
+                    let created = format!("2026-11-22T1{}:00:00Z", next(3));
+                    let host = if next(8) == 0 {
+                        ", hostNetwork: true"
+                    } else {
+                        ""
+                    };
+                    let phase = if next(10) == 0 {
+                        "Succeeded"
+                    } else {
+                        "Running"
+                    };
+                    let yaml = pod(
+                        &format!("p{i}"),
+                        &created,
+                        "",
+                        host,
+                        &format!(", podIPs: [{}]", ips.join(", ")),
+                    )
+                    .replace("Running", phase);
+                    apply::<PodRecord>(&cluster, &yaml);
+                    pods[i] = Some(yaml);
+                } else {
+                    let j = next(3) as usize;
+                    if next(5) == 0 {
+                        if let Some(yaml) = slices[j].take() {
+                            cluster.apply_blocking::<SliceRecord>(watcher::Event::Delete(object(
+                                &yaml,
+                            )));
+                        }
+                        continue;
+                    }
+                    let mut endpoints = Vec::new();
+                    for k in 0..6 {
+                        if next(2) == 0 {
+                            let ready = next(4) > 0;
+                            endpoints.push(format!("{{ addresses: [10.244.1.{k}], conditions: {{ ready: {ready} }}, targetRef: {{ kind: Pod, name: p{k} }} }}"));
+                        }
+                    }
+                    let service = ["a", "b"][next(2) as usize];
+                    let yaml = format!(
+                        "metadata: {{ name: s{j}, namespace: shop, labels: {{ {SERVICE_NAME_LABEL}: {service} }} }}
+addressType: IPv4
+ports: [{{ name: http, port: 8080 }}]
+endpoints: [{}]",
+                        endpoints.join(", ")
+                    );
+                    apply::<SliceRecord>(&cluster, &yaml);
+                    slices[j] = Some(yaml);
+                }
+            }
+            let fresh = Cluster::new("cluster.local");
+            let relisted_pods: Vec<&String> = pods.iter().flatten().collect();
+            for yaml in slices.iter().flatten() {
+                apply::<SliceRecord>(&fresh, yaml);
+            }
+            for yaml in &relisted_pods {
+                apply::<PodRecord>(&fresh, yaml);
+            }
+            for (i, name) in ["a", "b"].iter().enumerate() {
+                apply::<ServiceRecord>(
+                    &fresh,
+                    &format!(
+                        "metadata: {{ name: {name}, namespace: shop }}\nspec: {{ clusterIP: 10.96.0.{i}, ports: [{{ name: http, port: 80 }}] }}"
+                    ),
+                );
+            }
+            let want = summary(&snapshot(&fresh));
+            assert_eq!(summary(&snapshot(&cluster)), want, "round {round}");
+
+            // A relist of the same pods changes nothing.
+            cluster.apply_blocking::<PodRecord>(watcher::Event::Init);
+            for yaml in &relisted_pods {
+                cluster.apply_blocking::<PodRecord>(watcher::Event::InitApply(object(yaml)));
+            }
+            cluster.apply_blocking::<PodRecord>(watcher::Event::InitDone);
+            assert_eq!(
+                summary(&snapshot(&cluster)),
+                want,
+                "round {round}, relisted"
+            );
+        }
     }
 }

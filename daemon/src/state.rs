@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 use crate::identity::Id;
 use crate::policy::Policies;
 
+mod table;
+use table::{Keyed, Table};
+
 /// Whether a workload accepts plaintext from outside the mesh (Istio's PeerAuthentication).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -26,7 +29,7 @@ pub enum PeerAuthentication {
 
 /// A pod, as the node knows it. A large cluster holds one per pod, so the strings its pods
 /// repeat (namespace, service account, node, labels) are shared, through an [`Interner`].
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Workload {
     pub name: Arc<str>,
     pub namespace: Arc<str>,
@@ -92,8 +95,9 @@ impl Serialize for Labels {
 }
 
 /// Hands out one shared copy of each repeated string, label set and identity. Entries nobody
-/// else holds any more are dropped once the interner has doubled since the last purge, so
-/// churn (rollouts' new pod-template hashes) does not grow it without bound.
+/// else holds any more are dropped once the interner has grown by a quarter since the last
+/// purge, so churn (rollouts' new pod-template hashes) leaves it near its size after a fresh
+/// list; a purge costs one pass, at most once per quarter grown.
 #[derive(Debug, Default)]
 pub struct Interner {
     strings: HashSet<Arc<str>>,
@@ -144,10 +148,10 @@ impl Interner {
         Ok(id)
     }
 
-    /// Drops what only the interner still holds, if it has doubled since it last did.
+    /// Drops what only the interner still holds, if it has grown by a quarter since it last did.
     pub fn purge_if_grown(&mut self) {
         let len = self.len();
-        if len < 2 * self.purged_at.max(1024) {
+        if len < self.purged_at.max(1024) * 5 / 4 {
             return;
         }
         // Identities and label sets first: they hold strings.
@@ -172,6 +176,9 @@ pub struct ServicePort {
     pub endpoints: Vec<SocketAddr>,
 }
 
+/// A set of namespace names, shared by the snapshots that have the same one.
+pub type Namespaces = Arc<std::collections::BTreeSet<Arc<str>>>;
+
 /// An immutable picture of the cluster; the data path reads one per connection.
 #[derive(Debug, Default, Serialize)]
 pub struct Snapshot {
@@ -179,21 +186,129 @@ pub struct Snapshot {
     /// Mesh-wide PeerAuthentication, for workloads that set none.
     pub peer_authentication: PeerAuthentication,
     /// Namespaces whose workloads are enrolled unless they opt out.
-    pub enrolled_namespaces: std::collections::BTreeSet<String>,
+    pub enrolled_namespaces: Namespaces,
     /// Every namespace this node knows of, enrolled or not: the CNI plugin admits pods of
     /// unknown namespaces only through the daemon.
-    pub known_namespaces: std::collections::BTreeSet<String>,
+    pub known_namespaces: Namespaces,
     /// PeerAuthentication and AuthorizationPolicy objects, compiled.
     #[serde(skip)]
     pub policies: Arc<Policies>,
-    workloads: Vec<Arc<Workload>>,
-    #[serde(skip)]
-    by_ip: HashMap<IpAddr, Arc<Workload>>,
-    /// Namespace, then name: looked up by `&str` without building a key.
-    #[serde(skip)]
-    by_name: HashMap<Arc<str>, HashMap<Arc<str>, Arc<Workload>>>,
-    #[serde(skip)]
-    services: HashMap<SocketAddr, Arc<ServicePort>>,
+    #[serde(flatten)]
+    index: Index,
+}
+
+/// A snapshot's workloads by name and by IP, and its Service ports by VIP. Cloning one shares
+/// its tables (sharded, copy-on-write: `state::table::Table`), so a source can keep an index,
+/// change it per event and hand each snapshot a clone, at a cost that grows with the change,
+/// not with the cluster.
+#[derive(Debug, Clone, Default)]
+pub struct Index {
+    workloads: Table<Arc<Workload>>,
+    by_ip: Table<(IpAddr, Arc<Workload>)>,
+    services: Table<(SocketAddr, Arc<ServicePort>)>,
+}
+
+impl Keyed for Arc<Workload> {
+    type Key<'a> = (&'a str, &'a str);
+
+    fn key(&self) -> (&str, &str) {
+        (&self.namespace, &self.name)
+    }
+}
+
+impl<V: Clone> Keyed for (IpAddr, V) {
+    type Key<'a>
+        = IpAddr
+    where
+        V: 'a;
+
+    fn key(&self) -> IpAddr {
+        self.0
+    }
+}
+
+impl<V: Clone> Keyed for (SocketAddr, V) {
+    type Key<'a>
+        = SocketAddr
+    where
+        V: 'a;
+
+    fn key(&self) -> SocketAddr {
+        self.0
+    }
+}
+
+impl Index {
+    pub fn workload(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
+        let hash = self.workloads.hash(&(namespace, name));
+        self.workloads
+            .find(hash, |w| *w.namespace == *namespace && *w.name == *name)
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        let hash = self.by_ip.hash(&ip);
+        Some(&self.by_ip.find(hash, |e| e.0 == ip)?.1)
+    }
+
+    pub fn service(&self, vip: SocketAddr) -> Option<&Arc<ServicePort>> {
+        let hash = self.services.hash(&vip);
+        Some(&self.services.find(hash, |e| e.0 == vip)?.1)
+    }
+
+    /// Adds or replaces a workload by name; its addresses are indexed apart ([`Self::put_ip`]).
+    pub fn put_workload(&mut self, workload: Arc<Workload>) -> Option<Arc<Workload>> {
+        let (namespace, name) = (workload.namespace.clone(), workload.name.clone());
+        self.workloads
+            .insert(workload, |w| w.namespace == namespace && w.name == name)
+    }
+
+    pub fn remove_workload(&mut self, namespace: &str, name: &str) -> Option<Arc<Workload>> {
+        let hash = self.workloads.hash(&(namespace, name));
+        self.workloads
+            .remove(hash, |w| *w.namespace == *namespace && *w.name == *name)
+    }
+
+    pub fn put_ip(&mut self, ip: IpAddr, workload: Arc<Workload>) -> Option<Arc<Workload>> {
+        Some(self.by_ip.insert((ip, workload), |e| e.0 == ip)?.1)
+    }
+
+    pub fn remove_ip(&mut self, ip: IpAddr) -> Option<Arc<Workload>> {
+        let hash = self.by_ip.hash(&ip);
+        Some(self.by_ip.remove(hash, |e| e.0 == ip)?.1)
+    }
+
+    pub fn put_service(
+        &mut self,
+        vip: SocketAddr,
+        port: Arc<ServicePort>,
+    ) -> Option<Arc<ServicePort>> {
+        Some(self.services.insert((vip, port), |e| e.0 == vip)?.1)
+    }
+
+    pub fn remove_service(&mut self, vip: SocketAddr) -> Option<Arc<ServicePort>> {
+        let hash = self.services.hash(&vip);
+        Some(self.services.remove(hash, |e| e.0 == vip)?.1)
+    }
+
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.iter()
+    }
+
+    pub fn workload_count(&self) -> usize {
+        self.workloads.len()
+    }
+}
+
+impl Serialize for Index {
+    /// Workloads sorted by namespace and name, services by VIP: equal indexes, equal output.
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut workloads: Vec<_> = self.workloads.iter().collect();
+        workloads.sort_unstable_by(|a, b| a.key().cmp(&b.key()));
+        let mut s = serializer.serialize_struct("Index", 1)?;
+        s.serialize_field("workloads", &workloads)?;
+        s.end()
+    }
 }
 
 /// Why a set of workloads and services does not make a consistent snapshot.
@@ -233,18 +348,17 @@ impl Snapshot {
         let mut snapshot = Self {
             trust_domain: trust_domain.to_owned(),
             peer_authentication,
-            known_namespaces: enrolled_namespaces.clone(),
-            enrolled_namespaces,
             ..Self::default()
         };
-        snapshot.workloads.reserve_exact(workloads.len());
-        snapshot.by_ip.reserve(workloads.len());
+        let mut known: std::collections::BTreeSet<Arc<str>> =
+            enrolled_namespaces.into_iter().map(Into::into).collect();
+        snapshot.enrolled_namespaces = Arc::new(known.clone());
+        let index = &mut snapshot.index;
         for (i, w) in workloads.into_iter().enumerate() {
-            if !snapshot.known_namespaces.contains(&*w.namespace) {
-                snapshot.known_namespaces.insert(w.namespace.to_string());
+            if !known.contains(&*w.namespace) {
+                known.insert(w.namespace.clone());
             }
-            let in_namespace = snapshot.by_name.entry(w.namespace.clone()).or_default();
-            if in_namespace.insert(w.name.clone(), w.clone()).is_some() {
+            if index.put_workload(w.clone()).is_some() {
                 let name = format!("{}/{}", w.namespace, w.name);
                 return Err(err(
                     format!("workloads[{i}].name"),
@@ -253,15 +367,14 @@ impl Snapshot {
                 ));
             }
             for (j, ip) in w.ips.iter().enumerate() {
-                if let Some(other) = snapshot.by_ip.insert(*ip, w.clone()) {
+                if let Some(other) = index.put_ip(*ip, w.clone()) {
                     let reason = format!("already used by {}/{}", other.namespace, other.name);
                     return Err(err(format!("workloads[{i}].ips[{j}]"), ip, reason));
                 }
             }
-            snapshot.workloads.push(w);
         }
         for (i, s) in services.into_iter().enumerate() {
-            if snapshot.by_ip.contains_key(&s.vip) {
+            if index.workload_by_ip(s.vip).is_some() {
                 let reason = "is also a workload address".to_owned();
                 return Err(err(format!("services[{i}].vip"), &s.vip, reason));
             }
@@ -279,13 +392,32 @@ impl Snapshot {
                     endpoints,
                 });
                 let vip = SocketAddr::new(s.vip, port);
-                if snapshot.services.insert(vip, entry).is_some() {
+                if index.put_service(vip, entry).is_some() {
                     let reason = "VIP and port used by another service".to_owned();
                     return Err(err(format!("services[{i}].ports[{j}]"), &vip, reason));
                 }
             }
         }
+        snapshot.known_namespaces = Arc::new(known);
         Ok(snapshot)
+    }
+
+    /// A snapshot of a source that keeps its own [`Index`] (a clone of it: cheap).
+    pub fn from_index(
+        trust_domain: &str,
+        peer_authentication: PeerAuthentication,
+        enrolled_namespaces: Namespaces,
+        known_namespaces: Namespaces,
+        index: Index,
+    ) -> Self {
+        Self {
+            trust_domain: trust_domain.to_owned(),
+            peer_authentication,
+            enrolled_namespaces,
+            known_namespaces,
+            policies: Arc::default(),
+            index,
+        }
     }
 
     /// The same snapshot enforcing `policies`.
@@ -295,18 +427,12 @@ impl Snapshot {
         self
     }
 
-    /// Records namespaces that exist without workloads or enrollment (Kubernetes: every
-    /// Namespace object), so the CNI plugin knows them as outside the mesh.
-    pub fn know_namespaces(&mut self, names: impl IntoIterator<Item = String>) {
-        self.known_namespaces.extend(names);
-    }
-
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.by_ip.get(&ip)
+        self.index.workload_by_ip(ip)
     }
 
     pub fn workload(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
-        self.by_name.get(namespace)?.get(name)
+        self.index.workload(namespace, name)
     }
 
     /// Whether `workload`'s traffic is captured and carried over HBONE: its own setting if it
@@ -318,16 +444,21 @@ impl Snapshot {
     }
 
     pub fn service(&self, vip: SocketAddr) -> Option<&Arc<ServicePort>> {
-        self.services.get(&vip)
+        self.index.service(vip)
     }
 
+    pub fn workload_count(&self) -> usize {
+        self.index.workload_count()
+    }
+
+    /// Every workload, in no particular order.
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
-        self.workloads.iter()
+        self.index.workloads()
     }
 
-    /// Every Service VIP and port with what is behind it.
+    /// Every Service VIP and port with what is behind it, in no particular order.
     pub fn services(&self) -> impl Iterator<Item = (&SocketAddr, &Arc<ServicePort>)> {
-        self.services.iter()
+        self.index.services.iter().map(|(vip, port)| (vip, port))
     }
 
     /// What the CNI plugin needs to fail closed while the daemon is away.
@@ -340,22 +471,24 @@ impl Snapshot {
             names
         };
         culvert_cni_proto::Enrollment {
-            namespaces: self.enrolled_namespaces.iter().cloned().collect(),
+            namespaces: self
+                .enrolled_namespaces
+                .iter()
+                .map(|n| n.to_string())
+                .collect(),
             outside: self
                 .known_namespaces
                 .difference(&self.enrolled_namespaces)
-                .cloned()
+                .map(|n| n.to_string())
                 .collect(),
             pods_in: sorted(
-                self.workloads
-                    .iter()
+                self.workloads()
                     .filter(|w| self.enrolled(w) && !in_ns(w))
                     .map(|w| name(w))
                     .collect(),
             ),
             pods_out: sorted(
-                self.workloads
-                    .iter()
+                self.workloads()
                     .filter(|w| !self.enrolled(w) && in_ns(w))
                     .map(|w| name(w))
                     .collect(),

@@ -409,7 +409,10 @@ impl Registry {
         let workload = snapshot.workload(&req.pod.namespace, &req.pod.name);
         let workload = match workload {
             Some(w) if snapshot.enrolled(w) => w.clone(),
-            None if snapshot.enrolled_namespaces.contains(&req.pod.namespace) => {
+            None if snapshot
+                .enrolled_namespaces
+                .contains(req.pod.namespace.as_str()) =>
+            {
                 // Enrolled namespace, but no identity known for the pod: refusing keeps it from
                 // starting unredirected; the runtime retries once the node knows it.
                 return Err(Error::Unknown {

@@ -17,11 +17,12 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use tracing::warn;
 
+use super::view::{Key, View};
 use super::{Collection, Collections, ENROLLED, MODE_LABEL, NOT_ENROLLED, SERVICE_NAME_LABEL};
 use crate::state::{Interner, Workload};
 
 /// A watched kind: its lean object and how it becomes a record.
-pub trait Record: Sized + Send + 'static {
+pub trait Record: Sized + PartialEq + Send + 'static {
     type Object: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + 'static;
 
     /// The record to keep of `object`, or `None` for an object the snapshot leaves out (a
@@ -41,6 +42,10 @@ pub trait Record: Sized + Send + 'static {
     fn key(&self, name: &str) -> Arc<str> {
         name.into()
     }
+
+    /// Brings `view` up to date after the record `key` names changed from `old` to what `c`
+    /// holds now.
+    fn changed(_view: &mut View, _c: &Collections, _key: Key, _old: Option<&Self>) {}
 }
 
 /// Implements [`Resource`] for a lean object type of a core or discovery kind.
@@ -180,7 +185,7 @@ pub struct PodIp {
 }
 
 /// A pod that is scheduled and not finished, as its workload.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct PodRecord {
     pub workload: Arc<Workload>,
     /// Creation time (seconds): the newest pod keeps a contested IP.
@@ -268,6 +273,10 @@ impl Record for PodRecord {
     fn key(&self, _: &str) -> Arc<str> {
         self.workload.name.clone()
     }
+
+    fn changed(view: &mut View, c: &Collections, key: Key, old: Option<&Self>) {
+        view.pod_changed(c, key, old);
+    }
 }
 
 // Namespaces.
@@ -279,7 +288,7 @@ pub struct NamespaceObject {
 }
 
 /// A namespace: whether it is enrolled.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct NamespaceRecord {
     pub enrolled: bool,
 }
@@ -295,6 +304,10 @@ impl Record for NamespaceRecord {
 
     fn collection(collections: &mut Collections) -> &mut Collection<Self> {
         &mut collections.namespaces
+    }
+
+    fn changed(view: &mut View, _: &Collections, _: Key, _: Option<&Self>) {
+        view.namespace_changed();
     }
 }
 
@@ -341,7 +354,7 @@ impl NamedPort {
 }
 
 /// A Service with a cluster IP and TCP ports.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct ServiceRecord {
     pub vips: Box<[IpAddr]>,
     /// Each TCP port's name and number.
@@ -375,6 +388,10 @@ impl Record for ServiceRecord {
 
     fn collection(collections: &mut Collections) -> &mut Collection<Self> {
         &mut collections.services
+    }
+
+    fn changed(view: &mut View, c: &Collections, key: Key, _: Option<&Self>) {
+        view.service_changed(c, &key);
     }
 }
 
@@ -410,7 +427,7 @@ pub struct TargetRef {
 }
 
 /// An EndpointSlice of a Service.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct SliceRecord {
     pub service: Arc<str>,
     /// Each TCP port's name and the target port it resolves to for this slice's endpoints.
@@ -418,7 +435,7 @@ pub struct SliceRecord {
     pub endpoints: Box<[EndpointRecord]>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct EndpointRecord {
     /// The first address: the only one the EndpointSlice controller writes and the only one
     /// kube-proxy reads (the API gives the others no meaning).
@@ -477,5 +494,9 @@ impl Record for SliceRecord {
 
     fn collection(collections: &mut Collections) -> &mut Collection<Self> {
         &mut collections.slices
+    }
+
+    fn changed(view: &mut View, c: &Collections, key: Key, old: Option<&Self>) {
+        view.slice_changed(c, key, old);
     }
 }

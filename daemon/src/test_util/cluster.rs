@@ -184,9 +184,14 @@ impl Shape {
         self.roll_out_into(&mut |step| step.apply(cluster), s, from, to);
     }
 
-    /// A pod's status changes (a new resource version; the same IP).
-    pub fn touch(&self, cluster: &Cluster, i: usize, generation: u32) {
+    /// Pod `i` of `generation` is added or updated (a generation other than the listed one
+    /// is a newer pod claiming the same IP, as in a rollout).
+    pub fn apply_pod(&self, cluster: &Cluster, i: usize, generation: u32) {
         Step::new(Kind::Pod, Change::Apply, &self.pod(i, generation)).apply(cluster);
+    }
+
+    pub fn delete_pod(&self, cluster: &Cluster, i: usize, generation: u32) {
+        Step::new(Kind::Pod, Change::Delete, &self.pod(i, generation)).apply(cluster);
     }
 
     /// [`Self::list`]'s events, encoded, to apply later (so that making them is not counted).
