@@ -48,6 +48,23 @@ pub struct Settings {
     pub file_policies: Arc<policy::istio::Objects>,
 }
 
+/// What a record being decoded may share strings with.
+pub struct Known<'a> {
+    collections: &'a Collections,
+    view: &'a View,
+}
+
+impl Known<'_> {
+    /// Pod `namespace/name`'s name as held already, by its record or by an endpoint that
+    /// names it (a slice may come before its pods), else a new copy.
+    pub fn pod_name(&self, namespace: &Arc<str>, name: &str) -> Arc<str> {
+        match self.collections.pods.held_name(namespace, name) {
+            Some(held) => held,
+            None => self.view.adopted_name(namespace, name.into()),
+        }
+    }
+}
+
 /// Records by namespace, then name (cluster-scoped kinds under `""`).
 type ByName<R> = HashMap<Arc<str>, HashMap<Arc<str>, R>>;
 
@@ -85,11 +102,14 @@ impl<R> Collection<R> {
 
     /// `name` as the key of the record it names, if there is one, so that others share it.
     fn shared_name(&self, namespace: &str, name: &str) -> Arc<str> {
-        let known = self
-            .items
-            .get(namespace)
-            .and_then(|m| m.get_key_value(name));
-        known.map_or_else(|| name.into(), |(key, _)| key.clone())
+        self.held_name(namespace, name)
+            .unwrap_or_else(|| name.into())
+    }
+
+    /// The key of the record `name` names, held or being relisted.
+    fn held_name(&self, namespace: &str, name: &str) -> Option<Arc<str>> {
+        let held = |items: &ByName<R>| Some(items.get(namespace)?.get_key_value(name)?.0.clone());
+        held(&self.items).or_else(|| held(&self.next.as_ref()?.0))
     }
 
     /// Every record with its namespace and name.
@@ -273,7 +293,8 @@ impl Cluster {
         let record = if deleted {
             None
         } else {
-            R::decode(&object, interner, &self.trust_domain, collections)
+            let known = Known { collections, view };
+            R::decode(&object, interner, &self.trust_domain, &known)
         };
         let collection = R::collection(collections);
         if relisting {

@@ -1,6 +1,6 @@
 //! The node's view of the cluster stays lean: live heap bytes per pod, counted by dhat's
-//! allocator (deterministic: bytes, not time), after a list, with a snapshot held, after churn
-//! and after a relist.
+//! allocator (deterministic: bytes, not time), after a list, with a snapshot held, after churn,
+//! after a relist, and after a list that brings the EndpointSlices before the pods.
 //!
 //! A test binary of its own, with one test, so that nothing else allocates while it counts.
 //! `CULVERT_HEAP_PROFILE=FILE` writes a dhat heap profile of the steady state, the view after
@@ -50,6 +50,7 @@ fn the_cluster_view_holds_a_pod_in_a_few_hundred_bytes_and_churn_does_not_grow_i
     let list = shape.list_steps(0);
     let (first, second) = (shape.roll_out_steps(0, 1), shape.roll_out_steps(1, 2));
     let relist = shape.list_steps(2);
+    let slices_first = shape.list_steps_slices_first(0);
     let apply = |steps: &[Step], cluster: &Cluster| steps.iter().for_each(|s| s.apply(cluster));
 
     let profile = std::env::var_os("CULVERT_HEAP_PROFILE");
@@ -96,4 +97,13 @@ fn the_cluster_view_holds_a_pod_in_a_few_hundred_bytes_and_churn_does_not_grow_i
     drop(snapshot);
     drop(cluster);
     assert!(live() - before < 64 * 1024, "dropping the view frees it");
+
+    // Slices listed before pods: every endpoint's address is adopted until its pod arrives,
+    // and that room is given back once the statuses are in.
+    let before = live();
+    let cluster = Cluster::new("cluster.local");
+    apply(&slices_first, &cluster);
+    let snapshot = cluster.snapshot(&settings);
+    assert_eq!(snapshot.workloads().count(), shape.pods);
+    within_fresh("a list of slices before pods", live() - before, fresh);
 }

@@ -18,7 +18,9 @@ use serde::{Deserialize, Deserializer};
 use tracing::warn;
 
 use super::view::{Key, View};
-use super::{Collection, Collections, ENROLLED, MODE_LABEL, NOT_ENROLLED, SERVICE_NAME_LABEL};
+use super::{
+    Collection, Collections, ENROLLED, Known, MODE_LABEL, NOT_ENROLLED, SERVICE_NAME_LABEL,
+};
 use crate::state::{Interner, Workload};
 
 /// A watched kind: its lean object and how it becomes a record.
@@ -32,7 +34,7 @@ pub trait Record: Sized + PartialEq + Send + 'static {
         object: &Self::Object,
         interner: &mut Interner,
         trust_domain: &str,
-        known: &Collections,
+        known: &Known<'_>,
     ) -> Option<Self>;
 
     /// The collection of this kind.
@@ -203,7 +205,7 @@ impl Record for PodRecord {
         pod: &PodObject,
         interner: &mut Interner,
         trust_domain: &str,
-        _: &Collections,
+        known: &Known<'_>,
     ) -> Option<Self> {
         let meta = &pod.metadata;
         let (name, namespace) = (meta.name.as_deref()?, meta.namespace.as_deref()?);
@@ -248,7 +250,7 @@ impl Record for PodRecord {
         let labels = meta.labels.iter().flatten();
         Some(Self {
             workload: Arc::new(Workload {
-                name: name.into(),
+                name: known.pod_name(&namespace, name),
                 node: interner.str(node),
                 labels: interner.labels(labels.map(|(k, v)| (k.as_str(), v.as_str()))),
                 namespace,
@@ -296,7 +298,7 @@ pub struct NamespaceRecord {
 impl Record for NamespaceRecord {
     type Object = NamespaceObject;
 
-    fn decode(ns: &NamespaceObject, _: &mut Interner, _: &str, _: &Collections) -> Option<Self> {
+    fn decode(ns: &NamespaceObject, _: &mut Interner, _: &str, _: &Known<'_>) -> Option<Self> {
         Some(Self {
             enrolled: label(&ns.metadata, MODE_LABEL) == Some(ENROLLED),
         })
@@ -369,7 +371,7 @@ impl Record for ServiceRecord {
         svc: &ServiceObject,
         interner: &mut Interner,
         _: &str,
-        _: &Collections,
+        _: &Known<'_>,
     ) -> Option<Self> {
         let spec = svc.spec.as_ref()?;
         if spec.type_.as_deref() == Some("ExternalName") {
@@ -455,7 +457,7 @@ impl Record for SliceRecord {
         slice: &SliceObject,
         interner: &mut Interner,
         _: &str,
-        known: &Collections,
+        known: &Known<'_>,
     ) -> Option<Self> {
         let service = interner.str(label(&slice.metadata, SERVICE_NAME_LABEL)?);
         let own_namespace = slice.metadata.namespace.as_deref()?;
@@ -478,9 +480,10 @@ impl Record for SliceRecord {
                             .name
                             .as_deref()
                             .filter(|_| t.kind.as_deref() == Some("Pod"))?;
-                        let namespace = t.namespace.as_deref().unwrap_or(own_namespace);
-                        let name = known.pods.shared_name(namespace, name);
-                        Some((interner.str(namespace), name))
+                        let namespace =
+                            interner.str(t.namespace.as_deref().unwrap_or(own_namespace));
+                        let name = known.pod_name(&namespace, name);
+                        Some((namespace, name))
                     }),
                 })
             })

@@ -89,6 +89,15 @@ impl View {
         sets
     }
 
+    /// `name` as an endpoint that names pod `namespace/name` holds it, if one does.
+    pub fn adopted_name(&self, namespace: &Arc<str>, name: Arc<str>) -> Arc<str> {
+        let key = (namespace.clone(), name);
+        match self.adopted.get_key_value(&key) {
+            Some((held, _)) => held.1.clone(),
+            None => key.1,
+        }
+    }
+
     pub fn namespace_changed(&mut self) {
         self.namespaces = None;
     }
@@ -237,6 +246,11 @@ impl View {
         if freed {
             self.retry_left_out(c);
         }
+        // A list that brings slices before pods adopts every address for a moment: the
+        // maps give the room back once the statuses are in.
+        shrink(&mut self.adoptions);
+        shrink(&mut self.adopted);
+        shrink(&mut self.rivals);
     }
 
     /// Who holds `ip`: the winner of the pods whose status lists it, else the pod an
@@ -373,6 +387,14 @@ impl View {
             self.withdraw(&key);
             self.publish(c, &key);
         }
+    }
+}
+
+/// Gives back a map's room once it holds under a quarter of what it has room for (amortized:
+/// a shrink halves the room at least, after at least as many removals).
+fn shrink<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len() * 2);
     }
 }
 

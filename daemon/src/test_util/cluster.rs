@@ -105,6 +105,9 @@ impl Shape {
                     "resources": { "requests": { "cpu": "100m", "memory": "128Mi" } },
                     "volumeMounts": [{ "name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true }],
                 }],
+                "volumes": [{ "name": "kube-api-access", "projected": { "sources": [
+                    { "serviceAccountToken": { "path": "token", "expirationSeconds": 3607 } },
+                ] } }],
                 "restartPolicy": "Always", "dnsPolicy": "ClusterFirst", "schedulerName": "default-scheduler",
                 "tolerations": [{ "key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300 }],
             },
@@ -198,6 +201,19 @@ impl Shape {
     pub fn list_steps(&self, generation: u32) -> Vec<Step> {
         let mut steps = Vec::new();
         self.list_into(&mut |step| steps.push(step), generation);
+        steps
+    }
+
+    /// [`Self::list_steps`] with the EndpointSlices listed before the pods, as watchers that
+    /// list concurrently may deliver them: every endpoint names a pod not seen yet.
+    pub fn list_steps_slices_first(&self, generation: u32) -> Vec<Step> {
+        let mut steps = self.list_steps(generation);
+        let first_pod = steps.iter().position(|s| matches!(s.kind, Kind::Pod));
+        let first_slice = steps.iter().position(|s| matches!(s.kind, Kind::Slice));
+        if let (Some(pods), Some(slices)) = (first_pod, first_slice) {
+            let tail = steps.split_off(slices);
+            steps.splice(pods..pods, tail);
+        }
         steps
     }
 
