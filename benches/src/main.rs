@@ -9,8 +9,10 @@
 
 mod ca;
 mod load;
+mod node;
 mod report;
 mod scale;
+mod scale_api;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -43,6 +45,16 @@ enum Cmd {
     /// What the node's view of a large synthetic cluster costs: memory per pod, relist peak,
     /// event-to-snapshot time (no root).
     Scale(scale::ScaleArgs),
+    /// The same view of a cluster held by the real test apiserver: memory per pod against the
+    /// synthetic figure, time to ready, list and watch bytes (the test apiserver from
+    /// scripts/kube-test-env).
+    ScaleApi(scale_api::ScaleApiArgs),
+    /// One node with many enrolled pods: time to wire each, memory, fds, rules, listeners,
+    /// restart to all rewired (root).
+    Node(node::NodeArgs),
+    /// One measured view, for `scale-api` (internal).
+    #[command(hide = true)]
+    ScaleView { source: String, arg: String },
 }
 
 #[derive(clap::Args)]
@@ -126,6 +138,9 @@ fn main() -> std::process::ExitCode {
         Cmd::Compare { old, new } => report::compare(&old, &new),
         Cmd::Ca(args) => ca::run(&args),
         Cmd::Scale(args) => scale::run(&args),
+        Cmd::ScaleApi(args) => scale_api::run(&args),
+        Cmd::Node(args) => node::run(&args),
+        Cmd::ScaleView { source, arg } => scale_api::child(&source, &arg),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -466,7 +481,7 @@ pub(crate) fn ticks_to_secs(ticks: u64) -> f64 {
 }
 
 /// (VmRSS, VmHWM) of node `i`'s daemon, KiB.
-fn memory(lab: &Lab, i: usize) -> (u64, u64) {
+pub(crate) fn memory(lab: &Lab, i: usize) -> (u64, u64) {
     let [rss, hwm] = proc_kib(lab, i, "status", ["VmRSS:", "VmHWM:"]);
     (rss, hwm)
 }

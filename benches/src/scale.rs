@@ -61,7 +61,7 @@ struct Figures {
 }
 
 /// VmRSS and VmHWM, in MiB.
-fn memory() -> anyhow::Result<(f64, f64)> {
+pub(crate) fn memory() -> anyhow::Result<(f64, f64)> {
     let status =
         std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let field = |name: &str| -> anyhow::Result<f64> {
