@@ -216,28 +216,6 @@ impl Keyed for Arc<Workload> {
     }
 }
 
-impl<V: Clone> Keyed for (IpAddr, V) {
-    type Key<'a>
-        = IpAddr
-    where
-        V: 'a;
-
-    fn key(&self) -> IpAddr {
-        self.0
-    }
-}
-
-impl<V: Clone> Keyed for (SocketAddr, V) {
-    type Key<'a>
-        = SocketAddr
-    where
-        V: 'a;
-
-    fn key(&self) -> SocketAddr {
-        self.0
-    }
-}
-
 impl Index {
     pub fn workload(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
         let hash = self.workloads.hash(&(namespace, name));

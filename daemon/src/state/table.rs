@@ -17,6 +17,18 @@ pub(super) trait Keyed: Clone {
     fn key(&self) -> Self::Key<'_>;
 }
 
+/// An entry keyed by its first half (an address: a workload's IP, a Service's VIP and port).
+impl<K: Hash + Copy, V: Clone> Keyed for (K, V) {
+    type Key<'a>
+        = K
+    where
+        Self: 'a;
+
+    fn key(&self) -> K {
+        self.0
+    }
+}
+
 /// A hash table split into shards that are copied on write. Cloning copies the list of
 /// shards, not the entries; an insert or a removal copies the one shard it touches, and only
 /// if a clone still holds it. A snapshot that differs from the last by one pod costs one
@@ -93,14 +105,6 @@ impl<T: Keyed> Table<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    impl Keyed for (u32, &'static str) {
-        type Key<'a> = u32;
-
-        fn key(&self) -> u32 {
-            self.0
-        }
-    }
 
     #[test]
     fn clones_share_shards_until_written_and_see_none_of_each_others_writes() {
