@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 pub use client::{Client, Dialer, Request};
@@ -42,8 +42,8 @@ pub const SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(360);
 /// Budget for a TCP connect plus TLS handshake, and for dialling the upstream app.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from a TCP socket per turn before they are offered to the stream: a connection
-/// starts small and doubles while its reads fill the buffer, so idle and chatty connections hold
-/// little memory and bulk transfers make few syscalls.
+/// starts small and doubles while its reads fill the buffer, so chatty connections hold little
+/// memory and bulk transfers make few syscalls. An idle one holds no buffer at all.
 const MIN_READ: usize = 16 << 10;
 const MAX_READ: usize = 256 << 10;
 
@@ -203,7 +203,7 @@ impl Stream {
     /// released to the peer only once written to the socket, and data is offered to the stream
     /// only as fast as the peer grants capacity.
     pub async fn splice(mut self, tcp: TcpStream) -> Transfer {
-        let (mut rd, mut wr) = tcp.into_split();
+        let (rd, mut wr) = tcp.into_split();
         let (mut sent, mut received) = (0u64, 0u64);
         let send = &mut self.send;
         let recv = &mut self.recv;
@@ -212,14 +212,23 @@ impl Stream {
         let upstream = async {
             let (mut buf, mut want) = (BytesMut::new(), MIN_READ);
             loop {
-                buf.reserve(want);
                 // Waiting on the app, watch the stream too: a peer that resets it or whose
                 // connection is lost must end the splice, even if the app neither reads nor
                 // writes (the other direction may be stuck writing to it).
-                let mut limited = (&mut buf).limit(want);
-                let n = tokio::select! {
-                    n = rd.read_buf(&mut limited) => n?,
+                tokio::select! {
+                    ready = rd.readable() => ready?,
                     reset = poll_fn(|cx| send.poll_reset(cx)) => return Err(gone(reset)),
+                }
+                buf.reserve(want);
+                let n = match rd.try_read_buf(&mut (&mut buf).limit(want)) {
+                    Ok(n) => n,
+                    // Nothing to read after all: wait holding no buffer, so an idle tunnel
+                    // costs no read buffer (everything read so far has been sent).
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        buf = BytesMut::new();
+                        continue;
+                    }
+                    Err(e) => return Err(e),
                 };
                 if n == want {
                     want = (want * 2).min(MAX_READ);
