@@ -13,6 +13,7 @@ mod node;
 mod report;
 mod scale;
 mod scale_api;
+mod tunnels;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -52,6 +53,12 @@ enum Cmd {
     /// One node with many enrolled pods: time to wire each, memory, fds, rules, listeners,
     /// restart to all rewired (root).
     Node(node::NodeArgs),
+    /// Many concurrent tunnels between two nodes: memory and descriptors per tunnel, what is
+    /// left once they close (root).
+    Tunnels(tunnels::TunnelsArgs),
+    /// One side of `tunnels`' load, in a pod's namespace (internal).
+    #[command(hide = true)]
+    TunnelHold(tunnels::HoldArgs),
     /// One measured view, for `scale-api` (internal).
     #[command(hide = true)]
     ScaleView { source: String, arg: String },
@@ -140,6 +147,8 @@ fn main() -> std::process::ExitCode {
         Cmd::Scale(args) => scale::run(&args),
         Cmd::ScaleApi(args) => scale_api::run(&args),
         Cmd::Node(args) => node::run(&args),
+        Cmd::Tunnels(args) => tunnels::run(&args),
+        Cmd::TunnelHold(args) => tunnels::hold(&args),
         Cmd::ScaleView { source, arg } => scale_api::child(&source, &arg),
     };
     match result {
@@ -506,7 +515,7 @@ fn proc_kib<const N: usize>(lab: &Lab, i: usize, file: &str, keys: [&str; N]) ->
     })
 }
 
-fn sysctl(lab: &Lab, pod: &str, key: &str, value: &str) -> anyhow::Result<()> {
+pub(crate) fn sysctl(lab: &Lab, pod: &str, key: &str, value: &str) -> anyhow::Result<()> {
     let path = format!("/proc/sys/{}", key.replace('.', "/"));
     let status = Command::new("ip")
         .args([

@@ -10,6 +10,20 @@ use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
+/// jemalloc: less fragmentation than glibc's malloc under many connections' buffers coming and
+/// going on several threads (`docs/benchmarks.md`, tunnels).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read when it starts: pages freed for a second go back to the kernel, so
+/// the memory of a burst of tunnels returns once they close. The background thread that does it
+/// when the daemon is quiet starts in `main`, once signals are held, so that it holds them too.
+#[allow(unsafe_code, non_upper_case_globals)]
+// SAFETY: jemalloc reads this symbol as a `const char *` to a NUL-terminated string, which a
+// reference to a static byte array ending in NUL is.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static malloc_conf: &[u8; 37] = b"dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 #[derive(Parser)]
 #[command(
     name = "culvert",
@@ -56,13 +70,20 @@ fn main() -> ExitCode {
     // once the handlers are in place. Child processes start with an empty mask.
     let held = hold_signals();
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Node(_)) {
+    let purging = if matches!(cli.command, Command::Node(_)) {
+        // Started with the handled signals held, so jemalloc's thread holds them too.
+        tikv_jemalloc_ctl::background_thread::write(true).err()
+    } else {
         // Only the daemon handles signals; the one-shot commands keep the defaults.
         let _ = sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&handled()), None);
-    }
+        None
+    };
     if let Err(e) = telemetry::init(cli.log_format, &cli.log) {
         eprintln!("culvert: {e:#}");
         return ExitCode::from(64);
+    }
+    if let Some(e) = purging {
+        warn!(error = %e, "jemalloc's background thread did not start: freed memory goes back to the kernel only while the daemon allocates");
     }
     let result = match cli.command {
         Command::Node(args) => runtime().and_then(|rt| rt.block_on(node(*args, held))),

@@ -235,16 +235,18 @@ fn a_sighup_while_the_daemon_starts_neither_kills_it_nor_stops_it_becoming_ready
     let t = Topology::new("hup", &[]);
     let config = t.dir.path().join("node.yaml");
     std::fs::write(&config, t.node_file(0)).unwrap();
-    // Counted from the moment the daemon runs its own code (it has started threads), not from
-    // exec: before `main`, while the loader relocates the binary, no process can protect
-    // itself; that takes a few milliseconds for this debug build under load.
-    let threads = |pid: u32| {
+    // Counted from the moment the daemon's main thread holds SIGHUP (its first act in `main`),
+    // not from exec: before that, while the loader and the allocator start, no process can
+    // protect itself; that takes a few milliseconds for this debug build under load. Threads
+    // started before `main` (the allocator's) must not take the signal either, which a SIGHUP
+    // just after this moment would show.
+    let holds_sighup = |pid: u32| {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("Threads:"))
-            .and_then(|n| n.trim().parse::<u32>().ok())
-            .unwrap_or(0)
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .is_some_and(|mask| mask & (1 << (Signal::SIGHUP as u32 - 1)) != 0)
     };
     for delay_ms in 0..=10u64 {
         let socket = t.dir.path().join(format!("hup{delay_ms}.sock"));
@@ -268,14 +270,14 @@ fn a_sighup_while_the_daemon_starts_neither_kills_it_nor_stops_it_becoming_ready
             .unwrap();
         let pid = Pid::from_raw(daemon.id() as i32);
         let started = Instant::now();
-        while threads(daemon.id()) < 2 {
+        while !holds_sighup(daemon.id()) {
             assert!(
                 daemon.try_wait().unwrap().is_none(),
                 "exited before it started"
             );
             assert!(
                 started.elapsed() < Duration::from_secs(5),
-                "never started a thread"
+                "never blocked SIGHUP"
             );
             std::thread::yield_now();
         }
