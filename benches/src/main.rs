@@ -58,7 +58,8 @@ enum Cmd {
     Tunnels(tunnels::TunnelsArgs),
     /// One side of `tunnels`' load, in a pod's namespace (internal).
     #[command(hide = true)]
-    TunnelHold(tunnels::HoldArgs),
+    #[command(subcommand)]
+    TunnelHold(tunnels::Hold),
     /// One measured view, for `scale-api` (internal).
     #[command(hide = true)]
     ScaleView { source: String, arg: String },
@@ -493,6 +494,13 @@ pub(crate) fn ticks_to_secs(ticks: u64) -> f64 {
 pub(crate) fn memory(lab: &Lab, i: usize) -> (u64, u64) {
     let [rss, hwm] = proc_kib(lab, i, "status", ["VmRSS:", "VmHWM:"]);
     (rss, hwm)
+}
+
+/// Open file descriptors of node `i`'s daemon (0 when it runs none).
+pub(crate) fn open_fds(lab: &Lab, i: usize) -> usize {
+    lab.daemon_pid(i)
+        .and_then(|pid| std::fs::read_dir(format!("/proc/{pid}/fd")).ok())
+        .map_or(0, Iterator::count)
 }
 
 /// (file-backed, anonymous) resident memory of node `i`'s daemon, KiB.

@@ -143,12 +143,11 @@ pub(crate) fn run(args: &NodeArgs) -> anyhow::Result<()> {
 
 /// The node daemon's resident memory and open file descriptors.
 fn held(lab: &Lab) -> anyhow::Result<Held> {
-    let pid = lab.daemon_pid(0).context("node-a runs no daemon")?;
+    lab.daemon_pid(0).context("node-a runs no daemon")?;
     let (rss_kib, _) = crate::memory(lab, 0);
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
     Ok(Held {
         rss_mib: rss_kib as f64 / 1024.0,
-        fds,
+        fds: crate::open_fds(lab, 0),
     })
 }
 

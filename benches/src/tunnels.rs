@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use culvert_lab::{Lab, PodSpec, Spec};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -44,11 +44,12 @@ pub(crate) struct TunnelsArgs {
 }
 
 /// One side of the load, inside a pod's namespace (internal).
-#[derive(clap::Args)]
-pub(crate) struct HoldArgs {
-    /// `serve` PORT, or `connect` ADDR COUNT.
-    #[arg(num_args = 2..=3)]
-    what: Vec<String>,
+#[derive(clap::Subcommand)]
+pub(crate) enum Hold {
+    /// Accept on `port`, echo each connection's first byte, hold it.
+    Serve { port: u16 },
+    /// Open `count` connections to `to`, each echoing one byte, and hold them.
+    Connect { to: SocketAddr, count: usize },
 }
 
 /// One daemon's holdings.
@@ -201,13 +202,9 @@ pub(crate) fn run(args: &TunnelsArgs) -> anyhow::Result<()> {
 }
 
 fn held(lab: &Lab, i: usize) -> Held {
-    let fds = lab
-        .daemon_pid(i)
-        .and_then(|pid| std::fs::read_dir(format!("/proc/{pid}/fd")).ok())
-        .map_or(0, Iterator::count);
     Held {
         rss_kib: crate::memory(lab, i).0,
-        fds,
+        fds: crate::open_fds(lab, i),
     }
 }
 
@@ -256,14 +253,14 @@ impl Drop for Holders {
 
 /// `tunnel-hold`: one side of the load. Says `ready` once listening or once every connection
 /// has echoed its byte, then holds everything until stdin closes.
-pub(crate) fn hold(args: &HoldArgs) -> anyhow::Result<()> {
+pub(crate) fn hold(args: &Hold) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let held = match args.what.as_slice() {
-            [serve, port] if serve == "serve" => {
-                let listener = tokio::net::TcpListener::bind(("0.0.0.0", port.parse()?)).await?;
+        let held = match *args {
+            Hold::Serve { port } => {
+                let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
                 tokio::spawn(async move {
                     while let Ok((stream, _)) = listener.accept().await {
                         tokio::spawn(echo_then_hold(stream));
@@ -271,10 +268,7 @@ pub(crate) fn hold(args: &HoldArgs) -> anyhow::Result<()> {
                 });
                 Vec::new()
             }
-            [connect, to, count] if connect == "connect" => {
-                connect_all(to.parse()?, count.parse()?).await?
-            }
-            other => bail!("tunnel-hold: serve PORT | connect ADDR COUNT, not {other:?}"),
+            Hold::Connect { to, count } => connect_all(to, count).await?,
         };
         println!("ready {}", held.len());
         tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink()))
