@@ -21,7 +21,7 @@ fn snapshot(n: u32) -> Snapshot {
         .map(|i| Workload {
             name: format!("w{i}").into(),
             namespace: "bench".into(),
-            service_account: format!("sa{}", i % 50).into(),
+            workload_name: format!("deploy{}", i % 50).into(),
             node: format!("n{}", i % 20).into(),
             ips: vec![std::net::Ipv4Addr::from(0x0af4_0000 + i).into()],
             labels: Default::default(),

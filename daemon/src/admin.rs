@@ -1,10 +1,13 @@
-//! The node's HTTP endpoints: the admin API (JSON, loopback) and the kubelet's probes.
+//! The node's HTTP endpoints: the admin API (JSON, loopback), the kubelet's probes and the
+//! Prometheus scrape.
 //!
 //! Admin (`--admin-addr`, 127.0.0.1:15000): `GET /workloads` (every workload the node knows,
 //! with its enrollment), `GET /services` (VIPs and their ready endpoints), `GET /pods` (pods
 //! wired on this node). Probes (`--readiness-addr`, :15021): `GET /healthz/ready` answers 200
 //! once the daemon serves (discovery synced, running pods rewired) and 503 before that and while
-//! draining; `GET /healthz/live` answers 200 while the runtime runs.
+//! draining; `GET /healthz/live` answers 200 while the runtime runs. Metrics
+//! (`--metrics-addr`, :15020): `GET /metrics` and `/stats/prometheus`, in the Prometheus text
+//! format, or OpenMetrics when the scraper asks for it.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,21 +24,48 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::cni::Registry;
+use crate::metrics::Metrics;
 use crate::state::Store;
 
 /// What the endpoints read.
 pub struct Admin {
     state: Arc<Store>,
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
     ready: AtomicBool,
 }
 
+/// Which endpoints a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// The admin API and the probes: for the loopback address.
+    Admin,
+    /// Only `/healthz`: for the address the kubelet reaches.
+    Probes,
+    /// Only the scrape: for the address Prometheus reaches.
+    Metrics,
+}
+
+impl Surface {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Probes => "probes",
+            Self::Metrics => "metrics",
+        }
+    }
+}
+
+/// What an OpenMetrics scraper sends in `Accept`.
+const OPENMETRICS: &str = "application/openmetrics-text";
+
 impl Admin {
     /// Not ready until [`Self::set_ready`].
-    pub fn new(state: Arc<Store>, registry: Arc<Registry>) -> Self {
+    pub fn new(state: Arc<Store>, registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
         Self {
             state,
             registry,
+            metrics,
             ready: AtomicBool::new(false),
         }
     }
@@ -44,17 +74,23 @@ impl Admin {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
-    fn answer(&self, req: &Request<Incoming>, probes_only: bool) -> Response<Full<Bytes>> {
+    fn answer(&self, req: &Request<Incoming>, surface: Surface) -> Response<Full<Bytes>> {
         if req.method() != Method::GET {
             return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
         }
-        match (req.uri().path(), probes_only) {
-            ("/healthz/ready", _) if self.ready.load(Ordering::Relaxed) => {
+        let admin = surface == Surface::Admin;
+        match (req.uri().path(), surface) {
+            ("/metrics" | "/stats/prometheus", Surface::Metrics) => self.scrape(req),
+            ("/healthz/ready", Surface::Admin | Surface::Probes)
+                if self.ready.load(Ordering::Relaxed) =>
+            {
                 text(StatusCode::OK, "ready\n")
             }
-            ("/healthz/ready", _) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-            ("/healthz/live", _) => text(StatusCode::OK, "live\n"),
-            ("/workloads", false) => {
+            ("/healthz/ready", Surface::Admin | Surface::Probes) => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+            ("/healthz/live", Surface::Admin | Surface::Probes) => text(StatusCode::OK, "live\n"),
+            ("/workloads", _) if admin => {
                 let snapshot = self.state.snapshot();
                 let workloads: Vec<Value> = snapshot
                     .workloads()
@@ -66,7 +102,7 @@ impl Admin {
                     .collect();
                 json_response(&workloads)
             }
-            ("/services", false) => {
+            ("/services", _) if admin => {
                 let snapshot = self.state.snapshot();
                 let services: Vec<Value> = snapshot
                     .services()
@@ -74,8 +110,8 @@ impl Admin {
                     .collect();
                 json_response(&services)
             }
-            ("/pods", false) => json_response(&self.registry.list()),
-            ("/policies", false) => {
+            ("/pods", _) if admin => json_response(&self.registry.list()),
+            ("/policies", _) if admin => {
                 // Selections among this node's wired pods.
                 let snapshot = self.state.snapshot();
                 let wired = self.registry.list();
@@ -89,14 +125,40 @@ impl Admin {
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }
+
+    /// The metrics, as OpenMetrics when the scraper accepts it, else the Prometheus text format.
+    fn scrape(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let openmetrics = req
+            .headers()
+            .get_all(http::header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.contains(OPENMETRICS));
+        let (body, content_type) = if openmetrics {
+            (
+                self.metrics.encode_openmetrics(),
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+        } else {
+            (
+                self.metrics.encode_text(),
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+        };
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(content_type),
+        );
+        response
+    }
 }
 
-/// Binds `addr` and serves the endpoints there until `stop`; `probes_only` limits it to the
-/// `/healthz` paths (for the address the kubelet reaches). Returns the bound address.
+/// Binds `addr` and serves `surface`'s endpoints there until `stop`. Returns the bound address.
 pub async fn serve(
     admin: Arc<Admin>,
     addr: SocketAddr,
-    probes_only: bool,
+    surface: Surface,
     stop: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     // SO_REUSEPORT: during a DaemonSet surge the new daemon binds next to the old one, which
@@ -110,7 +172,7 @@ pub async fn serve(
     socket.bind(addr)?;
     let listener = socket.listen(64)?;
     let local = listener.local_addr()?;
-    info!(addr = %local, what = if probes_only { "probes" } else { "admin" }, "listening");
+    info!(addr = %local, what = surface.name(), "listening");
     tokio::spawn(async move {
         loop {
             let (stream, _) = tokio::select! {
@@ -127,7 +189,7 @@ pub async fn serve(
             };
             let admin = admin.clone();
             let service = hyper::service::service_fn(move |req| {
-                let response = admin.answer(&req, probes_only);
+                let response = admin.answer(&req, surface);
                 async move { Ok::<_, Infallible>(response) }
             });
             tokio::spawn(async move {

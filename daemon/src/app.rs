@@ -14,11 +14,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::admin::{self, Admin};
+use crate::admin::{self, Admin, Surface};
 use crate::cni::{self, Registry, install};
 use crate::config::{CaConfig, Discovery, NodeArgs, NodeFile};
 use crate::discovery::{self, Settings, Watches};
 use crate::identity::{self, IstioCa, LocalCa};
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::redirect::{Backend, Capture, Netfilter};
 use crate::state::Store;
@@ -30,6 +31,8 @@ pub struct Node {
     pub admin_addr: SocketAddr,
     /// Where the probes listen.
     pub readiness_addr: SocketAddr,
+    /// Where the metrics are scraped.
+    pub metrics_addr: SocketAddr,
     args: NodeArgs,
     /// The node file as loaded at start; a reload may not change its fixed fields.
     file: NodeFile,
@@ -111,6 +114,7 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
     log_policy_notes(&file.snapshot.policies);
     let state = Arc::new(Store::new(std::mem::take(&mut file.snapshot)));
     let ports = args.ports.into();
+    let metrics = Arc::new(Metrics::new());
     let proxy = Arc::new(Proxy::new(
         state.clone(),
         certs.clone(),
@@ -122,6 +126,7 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
             streams: args.hbone_max_streams,
             streams_per_peer: args.hbone_max_streams_per_peer,
         },
+        metrics.tcp.clone(),
     ));
     tokio::spawn(proxy.clone().follow_policies(stop.clone()));
     std::fs::create_dir_all(&args.state_dir)
@@ -135,13 +140,26 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
         ports,
         state_dir: args.state_dir.clone(),
     }));
-    let admin = Arc::new(Admin::new(state.clone(), registry.clone()));
-    let admin_addr = admin::serve(admin.clone(), args.admin_addr, false, stop.clone())
+    let admin = Arc::new(Admin::new(state.clone(), registry.clone(), metrics));
+    let admin_addr = admin::serve(admin.clone(), args.admin_addr, Surface::Admin, stop.clone())
         .await
         .with_context(|| format!("binding the admin API on {}", args.admin_addr))?;
-    let readiness_addr = admin::serve(admin.clone(), args.readiness_addr, true, stop.clone())
-        .await
-        .with_context(|| format!("binding the probes on {}", args.readiness_addr))?;
+    let readiness_addr = admin::serve(
+        admin.clone(),
+        args.readiness_addr,
+        Surface::Probes,
+        stop.clone(),
+    )
+    .await
+    .with_context(|| format!("binding the probes on {}", args.readiness_addr))?;
+    let metrics_addr = admin::serve(
+        admin.clone(),
+        args.metrics_addr,
+        Surface::Metrics,
+        stop.clone(),
+    )
+    .await
+    .with_context(|| format!("binding the metrics on {}", args.metrics_addr))?;
 
     let mut settings = None;
     if let Some(client) = client {
@@ -201,6 +219,7 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
     Ok(Node {
         admin_addr,
         readiness_addr,
+        metrics_addr,
         args,
         file,
         state,

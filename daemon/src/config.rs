@@ -44,6 +44,10 @@ pub struct NodeArgs {
     /// Readiness (`/healthz/ready`) and liveness (`/healthz/live`) for the kubelet's probes.
     #[arg(long, env = "CULVERT_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
+    /// Prometheus metrics (`/metrics`, and `/stats/prometheus` as Istio's node proxy serves
+    /// them).
+    #[arg(long, env = "CULVERT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
     /// Unix socket on which pods are registered (by culvert-cni).
     #[arg(long, env = "CULVERT_CNI_SOCKET", default_value = culvert_cni_proto::DEFAULT_SOCKET_PATH)]
     pub cni_socket: PathBuf,
@@ -373,6 +377,9 @@ struct RawWorkload {
     namespace: String,
     #[serde(default)]
     service_account: Option<String>,
+    /// What owns the workload, for telemetry (default: its name).
+    #[serde(default)]
+    workload_name: Option<String>,
     node: String,
     #[serde(default)]
     ips: Vec<IpAddr>,
@@ -514,10 +521,14 @@ impl NodeFile {
                 let reason = "an enrolled workload needs an IP".to_owned();
                 return Err(invalid(&format!("workloads[{i}].ips"), &"[]", reason));
             }
+            let name: Arc<str> = w.name.into();
             workloads.push(Arc::new(Workload {
-                name: w.name.into(),
+                workload_name: w
+                    .workload_name
+                    .as_deref()
+                    .map_or_else(|| name.clone(), |owner| interner.str(owner)),
+                name,
                 namespace,
-                service_account,
                 node: interner.str(&w.node),
                 ips: w.ips,
                 labels: interner.labels(w.labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))),

@@ -761,7 +761,8 @@ status: {{ phase: Running {status} }}"
     #[test]
     fn pods_share_their_namespace_identity_and_label_set() {
         let cluster = Cluster::new("cluster.local");
-        let labels = ", labels: { app: web, pod-template-hash: 5d8f }";
+        let labels = ", labels: { app: web, pod-template-hash: 5d8f }, ownerReferences: [{ \
+            apiVersion: apps/v1, kind: ReplicaSet, name: web-5d8f, uid: u1, controller: true }]";
         apply::<PodRecord>(&cluster, &pod("web", T0, labels, "", ", podIP: 10.244.1.2"));
         let second = pod("web", T0, labels, "", ", podIP: 10.244.1.3").replacen(
             "name: web",
@@ -775,7 +776,15 @@ status: {{ phase: Running {status} }}"
             snap.workload("shop", "web-2").unwrap(),
         );
         assert!(Arc::ptr_eq(&a.namespace, &b.namespace));
-        assert!(Arc::ptr_eq(&a.service_account, &b.service_account));
+        assert_eq!(
+            &*a.workload_name, "web",
+            "the Deployment, from its ReplicaSet"
+        );
+        assert!(Arc::ptr_eq(&a.workload_name, &b.workload_name));
+        assert_eq!(
+            &*a.workload_name, "web",
+            "the Deployment, from its ReplicaSet"
+        );
         assert_eq!(a.identity, b.identity);
         assert_eq!(a.labels, b.labels);
         assert_eq!(b.labels.get("app"), Some("web"));

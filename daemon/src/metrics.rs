@@ -1,7 +1,496 @@
-//! Metrics: the room for the node's counters and gauges, and the closed label values they use.
+//! Metrics: the node's one registry, Istio's TCP metrics under their names and labels, and the
+//! scrape endpoint's encoding.
 //!
-//! Owns nothing yet but the labels: per-connection outcomes already reach the edge as closed
-//! enums ([`crate::proxy::Outcome`]), so a counter keyed by them has bounded cardinality. The
-//! registry root (prometheus-client), each subsystem's `Metrics::register` and the `/metrics`
-//! endpoint come with the observability work; `app` will create the one registry and hand
-//! sub-registries down. No metric is global or static.
+//! `app` creates the [`Metrics`] and hands each subsystem the part it writes. Every label value
+//! comes from a closed set or from the cluster view (workload, namespace, identity), never from
+//! a connection (no ports, no addresses), so the number of series grows with workload pairs,
+//! not with traffic. No metric is global or static.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::identity::Id;
+use crate::state::Workload;
+
+/// The node's metrics and the registry that encodes them.
+pub struct Metrics {
+    registry: Registry,
+    pub tcp: Arc<Tcp>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let istio = registry.sub_registry_with_prefix("istio");
+        let tcp = Arc::new(Tcp::register(istio));
+        let build = Family::<BuildLabels, Gauge>::default();
+        istio.register("build", "Istio component build info", build.clone());
+        build
+            .get_or_create(&BuildLabels {
+                component: "ztunnel",
+                tag: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        Self { registry, tcp }
+    }
+
+    /// The Prometheus text exposition (version 0.0.4), which every scraper reads.
+    pub fn encode_text(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+
+    /// The OpenMetrics text exposition, for scrapers that ask for it.
+    pub fn encode_openmetrics(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    /// `ztunnel`, so that dashboards made for Istio's node proxy find Culvert's.
+    component: &'static str,
+    tag: &'static str,
+}
+
+/// Istio's standard TCP metrics, as its node proxy reports them: one series per workload pair,
+/// reporter and outcome.
+pub struct Tcp {
+    opened: Family<TrafficLabels, Counter>,
+    closed: Family<TrafficLabels, Counter>,
+    failed: Family<TrafficLabels, Counter>,
+    /// Bytes from the source to the destination (Istio's "received": the request side).
+    received: Family<TrafficLabels, Counter>,
+    /// Bytes from the destination back to the source (the response side).
+    sent: Family<TrafficLabels, Counter>,
+    sockets: Family<ReporterLabel, Gauge>,
+}
+
+impl Tcp {
+    fn register(registry: &mut Registry) -> Self {
+        let tcp = Self {
+            opened: Family::default(),
+            closed: Family::default(),
+            failed: Family::default(),
+            received: Family::default(),
+            sent: Family::default(),
+            sockets: Family::default(),
+        };
+        let traffic = [
+            (
+                &tcp.opened,
+                "opened",
+                "The total number of TCP connections opened",
+            ),
+            (
+                &tcp.closed,
+                "closed",
+                "The total number of TCP connections closed",
+            ),
+            (
+                &tcp.failed,
+                "failed",
+                "The total number of TCP connections that failed to establish",
+            ),
+        ];
+        for (family, what, help) in traffic {
+            registry.register(format!("tcp_connections_{what}"), help, family.clone());
+        }
+        registry.register(
+            "tcp_received_bytes",
+            "The size of the total bytes received during request in case of a TCP connection",
+            tcp.received.clone(),
+        );
+        registry.register(
+            "tcp_sent_bytes",
+            "The size of the total bytes sent during response in case of a TCP connection",
+            tcp.sent.clone(),
+        );
+        registry.register(
+            "tcp_sockets_open",
+            "The number of TCP sockets open",
+            tcp.sockets.clone(),
+        );
+        tcp
+    }
+
+    /// Counts a connection opened; what it carries and how it ends go to the returned guard.
+    pub fn open(self: &Arc<Self>, labels: TrafficLabels) -> Connection {
+        self.opened.get_or_create(&labels).inc();
+        let reporter = ReporterLabel {
+            reporter: labels.reporter,
+        };
+        self.sockets.get_or_create(&reporter).inc();
+        Connection {
+            tcp: self.clone(),
+            labels,
+        }
+    }
+}
+
+/// An open connection's share of the TCP metrics. Closing it (or dropping it, on any path)
+/// counts the close.
+pub struct Connection {
+    tcp: Arc<Tcp>,
+    labels: TrafficLabels,
+}
+
+impl Connection {
+    /// Counts the bytes a connection carried each way and its close; a `flag` other than
+    /// [`ResponseFlag::None`] counts it as failed too.
+    pub fn close(mut self, request_bytes: u64, response_bytes: u64, flag: ResponseFlag) {
+        self.labels.response_flags = flag;
+        let tcp = &self.tcp;
+        if request_bytes > 0 {
+            tcp.received
+                .get_or_create(&self.labels)
+                .inc_by(request_bytes);
+        }
+        if response_bytes > 0 {
+            tcp.sent.get_or_create(&self.labels).inc_by(response_bytes);
+        }
+        if flag != ResponseFlag::None {
+            tcp.failed.get_or_create(&self.labels).inc();
+        }
+        // The close itself is counted on drop.
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.tcp.closed.get_or_create(&self.labels).inc();
+        let reporter = ReporterLabel {
+            reporter: self.labels.reporter,
+        };
+        self.tcp.sockets.get_or_create(&reporter).dec();
+    }
+}
+
+/// Which end of a connection the series describes.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Reporter {
+    /// The node of the pod that opened the connection.
+    Source,
+    /// The node of the pod it reached.
+    Destination,
+}
+
+impl EncodeLabelValue for Reporter {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        encoder.write_str(match self {
+            Self::Source => "source",
+            Self::Destination => "destination",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReporterLabel {
+    reporter: Reporter,
+}
+
+/// Why a connection failed, as Istio's `response_flags` names it.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum ResponseFlag {
+    /// It did not fail: `-`.
+    None,
+    /// Policy refused it.
+    Deny,
+    /// The destination (or the tunnel to its node) could not be reached.
+    Connect,
+    /// The TLS handshake with the destination's node failed.
+    TlsFailure,
+    /// HTTP/2 could not be spoken over the TLS connection.
+    H2HandshakeFailure,
+}
+
+impl EncodeLabelValue for ResponseFlag {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        encoder.write_str(match self {
+            Self::None => "-",
+            Self::Deny => "DENY",
+            Self::Connect => "CONNECT",
+            Self::TlsFailure => "TLS_FAILURE",
+            Self::H2HandshakeFailure => "H2_HANDSHAKE_FAILURE",
+        })
+    }
+}
+
+/// Whether the connection crossed the network in mutual TLS.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum SecurityPolicy {
+    MutualTls,
+    /// Plain TCP (to or from outside the mesh), or not known.
+    Unknown,
+}
+
+impl EncodeLabelValue for SecurityPolicy {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        encoder.write_str(match self {
+            Self::MutualTls => "mutual_tls",
+            Self::Unknown => "unknown",
+        })
+    }
+}
+
+/// A label value taken from the cluster view; absent values read `unknown`, as Istio's do.
+#[derive(Debug, Clone, Default, Hash, PartialEq, Eq)]
+pub struct Value(Option<Arc<str>>);
+
+impl Value {
+    fn of(s: &str) -> Self {
+        Self(Some(s.into()))
+    }
+}
+
+impl From<&Arc<str>> for Value {
+    fn from(s: &Arc<str>) -> Self {
+        Self(Some(s.clone()))
+    }
+}
+
+impl EncodeLabelValue for Value {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        encoder.write_str(self.0.as_deref().unwrap_or("unknown"))
+    }
+}
+
+/// Istio's traffic labels, in the order its node proxy writes them.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficLabels {
+    pub reporter: Reporter,
+    source_workload: Value,
+    source_canonical_service: Value,
+    source_canonical_revision: Value,
+    source_workload_namespace: Value,
+    source_principal: Value,
+    source_app: Value,
+    source_version: Value,
+    source_cluster: Value,
+    destination_service: Value,
+    destination_service_namespace: Value,
+    destination_service_name: Value,
+    destination_workload: Value,
+    destination_canonical_service: Value,
+    destination_canonical_revision: Value,
+    destination_workload_namespace: Value,
+    destination_principal: Value,
+    destination_app: Value,
+    destination_version: Value,
+    destination_cluster: Value,
+    request_protocol: &'static str,
+    response_flags: ResponseFlag,
+    connection_security_policy: SecurityPolicy,
+}
+
+/// One end of a connection, as the labels describe it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Peer<'a> {
+    /// The workload the cluster view finds there, if any.
+    pub workload: Option<&'a Workload>,
+    /// The identity the end proved in mutual TLS; only a proven one becomes a principal.
+    pub principal: Option<&'a Id>,
+}
+
+/// The Service a connection was addressed to, if it was.
+#[derive(Debug, Clone, Copy)]
+pub struct Service<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+}
+
+/// The name Istio gives every workload's cluster when it runs in one.
+const CLUSTER: &str = "Kubernetes";
+
+impl TrafficLabels {
+    pub fn new(
+        reporter: Reporter,
+        source: Peer<'_>,
+        destination: Peer<'_>,
+        service: Option<Service<'_>>,
+        security: SecurityPolicy,
+    ) -> Self {
+        let workload = |p: &Peer<'_>| p.workload.map(|w| Value::from(&w.workload_name));
+        let namespace = |p: &Peer<'_>| p.workload.map(|w| Value::from(&w.namespace));
+        let canonical = |p: &Peer<'_>| p.workload.map(|w| Value::of(w.canonical_service()));
+        let revision = |p: &Peer<'_>| p.workload.map(|w| Value::of(w.canonical_revision()));
+        let principal = |p: &Peer<'_>| p.principal.map(|id| Value::of(id.as_str()));
+        let cluster = |p: &Peer<'_>| p.workload.map(|_| Value::of(CLUSTER));
+        let (canonical_source, revision_source) = (canonical(&source), revision(&source));
+        let (canonical_destination, revision_destination) =
+            (canonical(&destination), revision(&destination));
+        Self {
+            reporter,
+            source_workload: workload(&source).unwrap_or_default(),
+            source_canonical_service: canonical_source.clone().unwrap_or_default(),
+            source_canonical_revision: revision_source.clone().unwrap_or_default(),
+            source_workload_namespace: namespace(&source).unwrap_or_default(),
+            source_principal: principal(&source).unwrap_or_default(),
+            source_app: canonical_source.unwrap_or_default(),
+            source_version: revision_source.unwrap_or_default(),
+            source_cluster: cluster(&source).unwrap_or_default(),
+            destination_service: service
+                .map(|s| Value::of(&format!("{}.{}.svc.cluster.local", s.name, s.namespace)))
+                .unwrap_or_default(),
+            destination_service_namespace: service
+                .map(|s| Value::of(s.namespace))
+                .unwrap_or_default(),
+            destination_service_name: service.map(|s| Value::of(s.name)).unwrap_or_default(),
+            destination_workload: workload(&destination).unwrap_or_default(),
+            destination_canonical_service: canonical_destination.clone().unwrap_or_default(),
+            destination_canonical_revision: revision_destination.clone().unwrap_or_default(),
+            destination_workload_namespace: namespace(&destination).unwrap_or_default(),
+            destination_principal: principal(&destination).unwrap_or_default(),
+            destination_app: canonical_destination.unwrap_or_default(),
+            destination_version: revision_destination.unwrap_or_default(),
+            destination_cluster: cluster(&destination).unwrap_or_default(),
+            request_protocol: "tcp",
+            response_flags: ResponseFlag::None,
+            connection_security_policy: security,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Labels;
+
+    fn workload(name: &str, owner: &str, labels: &[(&str, &str)]) -> Workload {
+        Workload {
+            name: name.into(),
+            namespace: "shop".into(),
+            workload_name: owner.into(),
+            node: "n1".into(),
+            ips: vec!["10.244.1.2".parse().unwrap()],
+            labels: labels.iter().copied().collect::<Labels>(),
+            enrollment: None,
+            peer_authentication: None,
+            identity: Id::new("cluster.local", "shop", name).unwrap(),
+        }
+    }
+
+    fn series<'a>(text: &'a str, metric: &str) -> Vec<&'a str> {
+        text.lines()
+            .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with('{'))
+            .collect()
+    }
+
+    #[test]
+    fn a_closed_connection_reads_as_istio_names_it() {
+        let metrics = Metrics::new();
+        let client = workload(
+            "cart-7d9f-x2",
+            "cart",
+            &[("app", "cart"), ("version", "v2")],
+        );
+        let server = workload(
+            "db-0",
+            "db",
+            &[
+                ("service.istio.io/canonical-name", "postgres"),
+                ("app", "db"),
+            ],
+        );
+        let labels = TrafficLabels::new(
+            Reporter::Source,
+            Peer {
+                workload: Some(&client),
+                principal: Some(&client.identity),
+            },
+            Peer {
+                workload: Some(&server),
+                principal: Some(&server.identity),
+            },
+            Some(Service {
+                namespace: "shop",
+                name: "db",
+            }),
+            SecurityPolicy::MutualTls,
+        );
+        let conn = metrics.tcp.open(labels);
+        assert!(
+            metrics
+                .encode_text()
+                .contains("istio_tcp_sockets_open{reporter=\"source\"} 1")
+        );
+        conn.close(100, 2000, ResponseFlag::None);
+        let text = metrics.encode_text();
+        let sent = series(&text, "istio_tcp_sent_bytes_total");
+        assert_eq!(sent.len(), 1, "{text}");
+        let want = "istio_tcp_sent_bytes_total{reporter=\"source\",source_workload=\"cart\",\
+            source_canonical_service=\"cart\",source_canonical_revision=\"v2\",\
+            source_workload_namespace=\"shop\",\
+            source_principal=\"spiffe://cluster.local/ns/shop/sa/cart-7d9f-x2\",\
+            source_app=\"cart\",source_version=\"v2\",source_cluster=\"Kubernetes\",\
+            destination_service=\"db.shop.svc.cluster.local\",\
+            destination_service_namespace=\"shop\",destination_service_name=\"db\",\
+            destination_workload=\"db\",destination_canonical_service=\"postgres\",\
+            destination_canonical_revision=\"latest\",destination_workload_namespace=\"shop\",\
+            destination_principal=\"spiffe://cluster.local/ns/shop/sa/db-0\",\
+            destination_app=\"postgres\",destination_version=\"latest\",\
+            destination_cluster=\"Kubernetes\",request_protocol=\"tcp\",response_flags=\"-\",\
+            connection_security_policy=\"mutual_tls\"} 2000";
+        assert_eq!(sent[0], want);
+        assert!(series(&text, "istio_tcp_received_bytes_total")[0].ends_with("} 100"));
+        assert!(series(&text, "istio_tcp_connections_opened_total")[0].ends_with("} 1"));
+        assert!(series(&text, "istio_tcp_connections_closed_total")[0].ends_with("} 1"));
+        assert!(series(&text, "istio_tcp_connections_failed_total").is_empty());
+        assert!(text.contains("istio_tcp_sockets_open{reporter=\"source\"} 0"));
+        assert!(text.contains(&format!(
+            "istio_build{{component=\"ztunnel\",tag=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
+
+    #[test]
+    fn a_failure_carries_its_flag_and_unknown_ends_read_unknown() {
+        let metrics = Metrics::new();
+        let labels = TrafficLabels::new(
+            Reporter::Destination,
+            Peer::default(),
+            Peer::default(),
+            None,
+            SecurityPolicy::Unknown,
+        );
+        metrics.tcp.open(labels).close(0, 0, ResponseFlag::Deny);
+        let text = metrics.encode_text();
+        let failed = series(&text, "istio_tcp_connections_failed_total");
+        assert_eq!(failed.len(), 1, "{text}");
+        assert!(failed[0].contains("source_principal=\"unknown\""));
+        assert!(failed[0].contains("destination_workload=\"unknown\""));
+        assert!(failed[0].contains("response_flags=\"DENY\""));
+        assert!(failed[0].contains("connection_security_policy=\"unknown\""));
+        // Opened before the outcome was known; closed with it.
+        assert!(
+            series(&text, "istio_tcp_connections_opened_total")[0].contains("response_flags=\"-\"")
+        );
+        assert!(
+            series(&text, "istio_tcp_connections_closed_total")[0]
+                .contains("response_flags=\"DENY\"")
+        );
+        assert!(series(&text, "istio_tcp_sent_bytes_total").is_empty());
+    }
+
+    #[test]
+    fn openmetrics_output_ends_with_eof() {
+        assert!(Metrics::new().encode_openmetrics().ends_with("# EOF\n"));
+    }
+}

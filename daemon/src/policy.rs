@@ -96,7 +96,7 @@ mod tests {
         let w = Workload {
             name: "server".into(),
             namespace: "demo".into(),
-            service_account: "server".into(),
+            workload_name: "server".into(),
             node: "n1".into(),
             ips: vec!["10.0.0.1".parse().unwrap()],
             labels: [("app", "server")].into_iter().collect(),

@@ -26,6 +26,7 @@ use tracing::{info, warn};
 
 use crate::config::Ports;
 use crate::identity::{self, Id};
+use crate::metrics::{self, Peer, Reporter, SecurityPolicy, TrafficLabels};
 use crate::redirect::{Listeners, Sockets};
 use crate::state::Store;
 use crate::{hbone, tls};
@@ -93,6 +94,8 @@ pub struct Proxy {
     streams: Arc<Peers>,
     /// Inbound connections carried now, for policy changes to decide again.
     open: Arc<open::Open>,
+    /// Istio's TCP metrics, which every connection counts in.
+    tcp: Arc<metrics::Tcp>,
 }
 
 /// Why a connection was refused before anything else was done with it.
@@ -210,6 +213,7 @@ impl Proxy {
         ports: Ports,
         key_exchange: tls::KeyExchange,
         limits: Limits,
+        tcp: Arc<metrics::Tcp>,
     ) -> Self {
         Self {
             state,
@@ -232,7 +236,37 @@ impl Proxy {
                 held: Default::default(),
             }),
             open: Arc::default(),
+            tcp,
         }
+    }
+
+    /// The metric labels of an inbound connection to `pod` from `src`: the source is the
+    /// workload the cluster view has at that address, provided it is the identity the source
+    /// proved (when it proved one), and only a proven identity is a principal.
+    fn inbound_labels(&self, pod: &Pod, src: SocketAddr, peer: Option<&Id>) -> TrafficLabels {
+        let snapshot = self.state.snapshot();
+        let source = snapshot
+            .workload_by_ip(src.ip())
+            .filter(|w| peer.is_none_or(|id| w.identity == *id));
+        let security = match peer {
+            Some(_) => SecurityPolicy::MutualTls,
+            None => SecurityPolicy::Unknown,
+        };
+        TrafficLabels::new(
+            Reporter::Destination,
+            Peer {
+                workload: source.map(AsRef::as_ref),
+                principal: peer,
+            },
+            Peer {
+                workload: snapshot
+                    .workload(&pod.namespace, &pod.name)
+                    .map(AsRef::as_ref),
+                principal: peer.map(|_| &pod.identity),
+            },
+            None,
+            security,
+        )
     }
 
     /// Until `stop`: whenever the snapshot's policies change, decides every open inbound

@@ -33,7 +33,10 @@ pub enum PeerAuthentication {
 pub struct Workload {
     pub name: Arc<str>,
     pub namespace: Arc<str>,
-    pub service_account: Arc<str>,
+    /// What owns the pod, named as Istio's telemetry names it: a Deployment's name for the
+    /// pods of its ReplicaSets, a CronJob's for its Jobs', else the controller's; the pod's
+    /// own name when nothing controls it. Metrics label connections with it.
+    pub workload_name: Arc<str>,
     pub node: Arc<str>,
     pub ips: Vec<IpAddr>,
     /// The pod's labels, which policy selectors match.
@@ -45,6 +48,43 @@ pub struct Workload {
     /// Overrides the mesh-wide mode for this workload.
     pub peer_authentication: Option<PeerAuthentication>,
     pub identity: Id,
+}
+
+/// The labels that name a workload's service for telemetry, in order of precedence.
+const CANONICAL_NAME_LABELS: [&str; 3] = [
+    "service.istio.io/canonical-name",
+    "app.kubernetes.io/name",
+    "app",
+];
+/// The labels that name its revision.
+const CANONICAL_REVISION_LABELS: [&str; 3] = [
+    "service.istio.io/canonical-revision",
+    "app.kubernetes.io/version",
+    "version",
+];
+
+impl Workload {
+    /// The service account, from the identity (the one place it is kept).
+    pub fn service_account(&self) -> &str {
+        self.identity.service_account()
+    }
+
+    /// The canonical service, as Istio derives it: the first of its naming labels, else the
+    /// workload's name.
+    pub fn canonical_service(&self) -> &str {
+        CANONICAL_NAME_LABELS
+            .iter()
+            .find_map(|key| self.labels.get(key))
+            .unwrap_or(&self.workload_name)
+    }
+
+    /// The canonical revision: the first of its revision labels, else `latest`.
+    pub fn canonical_revision(&self) -> &str {
+        CANONICAL_REVISION_LABELS
+            .iter()
+            .find_map(|key| self.labels.get(key))
+            .unwrap_or("latest")
+    }
 }
 
 /// A set of labels, sorted by key. Pods of one ReplicaSet carry the same set, and share it.
@@ -545,7 +585,7 @@ mod tests {
         Workload {
             name: name.into(),
             namespace: "demo".into(),
-            service_account: name.into(),
+            workload_name: name.into(),
             node: "n1".into(),
             ips: vec![ip.parse().unwrap()],
             labels: Labels::default(),

@@ -440,6 +440,8 @@ impl Lab {
                     "127.0.0.1:0",
                     "--readiness-addr",
                     "127.0.0.1:0",
+                    "--metrics-addr",
+                    "127.0.0.1:0",
                     "--probe-snat",
                     "false",
                 ]);

@@ -262,6 +262,8 @@ fn a_sighup_while_the_daemon_starts_neither_kills_it_nor_stops_it_becoming_ready
                 "127.0.0.1:0",
                 "--readiness-addr",
                 "127.0.0.1:0",
+                "--metrics-addr",
+                "127.0.0.1:0",
             ])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -525,4 +527,203 @@ async fn tunnels_past_a_peers_stream_cap_are_refused_until_one_closes() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let app = a.connect_from(&ns, "client", server).await;
     assert_eq!(exchange(app, b"again").await.unwrap(), b"again");
+}
+
+/// The samples of `metric` in a Prometheus text scrape whose labels include every one of
+/// `labels` (`key="value"` pairs), as `(labels, value)`.
+fn samples<'a>(scrape: &'a str, metric: &str, labels: &[&str]) -> Vec<(&'a str, f64)> {
+    scrape
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(metric)?.strip_prefix('{')?;
+            let (set, value) = rest.rsplit_once("} ")?;
+            Some((set, value.parse().ok()?))
+        })
+        .filter(|(set, _)| labels.iter().all(|l| set.split(',').any(|p| p == *l)))
+        .collect()
+}
+
+/// The one sample of `metric` with `labels`.
+fn sample(scrape: &str, metric: &str, labels: &[&str]) -> f64 {
+    let found = samples(scrape, metric, labels);
+    assert_eq!(found.len(), 1, "{metric} {labels:?} in:\n{scrape}");
+    found[0].1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_nodes_count_a_known_transfer_under_istio_metric_names() {
+    let t = Topology::new("metrics", &[("client", 0), ("server", 1)]);
+    let (a, b) = t.start_pair().await;
+    // A server that answers a request of any size with 1,234 bytes: the two directions differ.
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(t.ip("server"), APP))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut sink = Vec::new();
+                let _ = conn.read_to_end(&mut sink).await;
+                let _ = conn.write_all(&[7u8; 1234]).await;
+            });
+        }
+    });
+    let request = vec![1u8; 300_000];
+    // Through the Service VIP, so the source side names the Service.
+    let vip = SocketAddr::new(t.vip(), 80);
+    let mut app = a.connect_from(&t.namespace, "client", vip).await;
+    app.write_all(&request).await.unwrap();
+    app.shutdown().await.unwrap();
+    let mut response = Vec::new();
+    app.read_to_end(&mut response).await.unwrap();
+    assert_eq!(response.len(), 1234);
+
+    let ns = &t.namespace;
+    eventually("both access-log lines", || {
+        let done = |pod: &str| !access(&format!("{ns}/{pod}")).is_empty();
+        (done("client") && done("server")).then_some(())
+    })
+    .await;
+    let client_id = format!("source_principal=\"spiffe://cluster.local/ns/{ns}/sa/client\"");
+    let server_id = format!("destination_principal=\"spiffe://cluster.local/ns/{ns}/sa/server\"");
+    let pair = [
+        "source_workload=\"client\"",
+        "source_canonical_service=\"client\"",
+        "source_canonical_revision=\"v1\"",
+        "source_version=\"v1\"",
+        "destination_workload=\"server\"",
+        "destination_canonical_service=\"server\"",
+        "connection_security_policy=\"mutual_tls\"",
+        "request_protocol=\"tcp\"",
+        "response_flags=\"-\"",
+        &client_id,
+        &server_id,
+    ];
+    for (node, reporter) in [(&a, "source"), (&b, "destination")] {
+        let (status, scrape) = get(node.node.metrics_addr, "/metrics").await;
+        assert_eq!(status, 200);
+        let reporter = format!("reporter=\"{reporter}\"");
+        let mut labels = pair.to_vec();
+        labels.push(&reporter);
+        let received = sample(&scrape, "istio_tcp_received_bytes_total", &labels);
+        let sent = sample(&scrape, "istio_tcp_sent_bytes_total", &labels);
+        assert_eq!((received, sent), (300_000.0, 1234.0), "{reporter}");
+        assert_eq!(
+            sample(&scrape, "istio_tcp_connections_opened_total", &labels),
+            1.0
+        );
+        assert_eq!(
+            sample(&scrape, "istio_tcp_connections_closed_total", &labels),
+            1.0
+        );
+        assert!(samples(&scrape, "istio_tcp_connections_failed_total", &[]).is_empty());
+        assert_eq!(
+            sample(&scrape, "istio_tcp_sockets_open", &[&reporter]),
+            0.0,
+            "{scrape}"
+        );
+        assert!(scrape.contains("istio_build{component=\"ztunnel\""));
+    }
+    // Only the source knows the Service the app dialled.
+    let (_, scrape) = get(a.node.metrics_addr, "/stats/prometheus").await;
+    let service = format!("destination_service=\"echo.{ns}.svc.cluster.local\"");
+    let name = "destination_service_name=\"echo\"";
+    assert_eq!(
+        sample(&scrape, "istio_tcp_received_bytes_total", &[&service, name]),
+        300_000.0
+    );
+    // The admin and probe addresses serve no metrics, and the scrape address nothing else.
+    assert_eq!(get(a.node.admin_addr, "/metrics").await.0, 404);
+    assert_eq!(get(a.node.readiness_addr, "/metrics").await.0, 404);
+    assert_eq!(get(a.node.metrics_addr, "/workloads").await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_tunnel_is_counted_with_its_flag() {
+    let mut t = Topology::new("metricsfail", &[("client", 0), ("server", 1)]);
+    // Node 0 expects the server to be `expected`; node 1 issues it `server`.
+    t.believe("server", "expected");
+    let (a, _b) = t.start_pair().await; // _b: node 1 must keep running
+    let mut app = a
+        .connect_from(&t.namespace, "client", SocketAddr::new(t.ip("server"), APP))
+        .await;
+    let mut buf = [0u8; 1];
+    let _ = app.read(&mut buf).await;
+    let ns = &t.namespace;
+    eventually("the client's access-log line", || {
+        access(&format!("{ns}/client")).into_iter().next()
+    })
+    .await;
+    let (_, scrape) = get(a.node.metrics_addr, "/metrics").await;
+    let labels = [
+        "reporter=\"source\"",
+        "response_flags=\"TLS_FAILURE\"",
+        "source_workload=\"client\"",
+    ];
+    assert_eq!(
+        sample(&scrape, "istio_tcp_connections_failed_total", &labels),
+        1.0
+    );
+    assert_eq!(
+        sample(&scrape, "istio_tcp_connections_closed_total", &labels),
+        1.0
+    );
+    assert!(samples(&scrape, "istio_tcp_sent_bytes_total", &[]).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_connections_from_distinct_ports_add_no_series() {
+    let t = Topology::new("cardinality", &[("client", 0), ("server", 1)]);
+    let (a, b) = t.start_pair().await;
+    let server = SocketAddr::new(t.ip("server"), APP);
+    echo_server(server).await;
+    let ns = &t.namespace;
+    let series = |scrape: &str| scrape.lines().filter(|l| !l.starts_with('#')).count();
+    let one = |node: &culvert_tests::inproc::TestNode| {
+        let node = node.node.metrics_addr;
+        async move { get(node, "/metrics").await.1 }
+    };
+    let app = a.connect_from(ns, "client", server).await;
+    assert_eq!(exchange(app, b"first").await.unwrap(), b"first");
+    eventually("the first connection's close", || {
+        (access(&format!("{ns}/server")).len() == 1).then_some(())
+    })
+    .await;
+    let (before_a, before_b) = (series(&one(&a).await), series(&one(&b).await));
+
+    let total = 10_000;
+    let ports = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let a = Arc::new(a);
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..50 {
+        let (a, ns, ports) = (a.clone(), ns.clone(), ports.clone());
+        workers.spawn(async move {
+            for _ in (worker..total).step_by(50) {
+                let app = a.connect_from(&ns, "client", server).await;
+                ports
+                    .lock()
+                    .unwrap()
+                    .insert(app.local_addr().unwrap().port());
+                assert_eq!(exchange(app, b"x").await.unwrap(), b"x");
+            }
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done.unwrap();
+    }
+    assert!(
+        ports.lock().unwrap().len() > 1000,
+        "the clients reused their ports"
+    );
+    eventually("every close counted", || {
+        (access(&format!("{ns}/server")).len() > total).then_some(())
+    })
+    .await;
+    let (after_a, after_b) = (one(&a).await, one(&b).await);
+    assert_eq!(series(&after_a), before_a, "{after_a}");
+    assert_eq!(series(&after_b), before_b, "{after_b}");
+    let labels = ["reporter=\"destination\"", "source_workload=\"client\""];
+    assert_eq!(
+        sample(&after_b, "istio_tcp_connections_closed_total", &labels),
+        (total + 1) as f64
+    );
 }

@@ -90,6 +90,7 @@ impl Daemon {
             .arg("--netns-dir")
             .arg(dir.join("netns"))
             .args(["--admin-addr=127.0.0.1:0", "--readiness-addr=127.0.0.1:0"])
+            .arg("--metrics-addr=127.0.0.1:0")
             .stdin(Stdio::null())
             .stderr(std::fs::File::create(dir.join("node.log")).unwrap())
             .spawn()

@@ -133,7 +133,7 @@ impl Topology {
                 _ => &w.service_account,
             };
             yaml.push_str(&format!(
-                "  - {{ name: {}, namespace: {}, serviceAccount: {sa}, node: node-{}, ips: [{}], enrolled: true }}\n",
+                "  - {{ name: {}, namespace: {}, serviceAccount: {sa}, node: node-{}, ips: [{}], enrolled: true, labels: {{ version: v1 }} }}\n",
                 w.name,
                 self.namespace,
                 w.node,
@@ -162,6 +162,7 @@ impl Topology {
             kubeconfig: None,
             admin_addr: "127.0.0.1:0".parse().unwrap(),
             readiness_addr: "127.0.0.1:0".parse().unwrap(),
+            metrics_addr: "127.0.0.1:0".parse().unwrap(),
             cni_socket: socket.clone(),
             redirect: RedirectChoice::Auto,
             drain_timeout: self.drain_timeout,

@@ -11,7 +11,7 @@ use std::fmt::Debug;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use kube::Resource;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
@@ -118,7 +118,8 @@ resource!(
 );
 
 /// Object metadata with only what discovery and the watcher read: name, namespace, resource
-/// version (the watcher resumes from it), creation time and labels.
+/// version (the watcher resumes from it), creation time, labels, and the controller among the
+/// owners (its kind and name).
 fn lean_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
@@ -128,16 +129,60 @@ fn lean_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D
         resource_version: Option<String>,
         creation_timestamp: Option<Time>,
         labels: Option<BTreeMap<String, String>>,
+        #[serde(default)]
+        owner_references: Vec<Owner>,
+    }
+    #[derive(Deserialize)]
+    struct Owner {
+        kind: String,
+        name: String,
+        #[serde(default)]
+        controller: bool,
     }
     let lean = Lean::deserialize(deserializer)?;
+    let controller = lean.owner_references.into_iter().find(|o| o.controller);
     Ok(ObjectMeta {
         name: lean.name,
         namespace: lean.namespace,
         resource_version: lean.resource_version,
         creation_timestamp: lean.creation_timestamp,
         labels: lean.labels,
+        owner_references: controller.map(|o| {
+            vec![OwnerReference {
+                kind: o.kind,
+                name: o.name,
+                controller: Some(true),
+                ..OwnerReference::default()
+            }]
+        }),
         ..ObjectMeta::default()
     })
+}
+
+/// The name Istio's telemetry gives the workload of a pod, if a controller owns it: the
+/// controller's, with a ReplicaSet read as the Deployment (or Argo Rollout) that made it, a
+/// ReplicationController as its DeploymentConfig and a Job as the CronJob that named it.
+fn workload_name(meta: &ObjectMeta) -> Option<&str> {
+    let owner = meta.owner_references.iter().flatten().next()?;
+    let strip = |label_key: &str| {
+        let hash = label(meta, label_key)?;
+        owner.name.strip_suffix(hash)?.strip_suffix('-')
+    };
+    let derived = match owner.kind.as_str() {
+        "ReplicaSet" => strip("pod-template-hash").or_else(|| strip("rollouts-pod-template-hash")),
+        "ReplicationController" => label(meta, "deploymentconfig"),
+        "Job" => cron_job_of(&owner.name),
+        _ => None,
+    };
+    Some(derived.unwrap_or(&owner.name))
+}
+
+/// The CronJob that made Job `job`, which it names `<cronjob>-<scheduled minute>` (8 to 10
+/// digits).
+fn cron_job_of(job: &str) -> Option<&str> {
+    let (cron_job, minute) = job.rsplit_once('-')?;
+    let digits = (8..=10).contains(&minute.len()) && minute.bytes().all(|b| b.is_ascii_digit());
+    (digits && !cron_job.is_empty()).then_some(cron_job)
 }
 
 fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
@@ -248,13 +293,15 @@ impl Record for PodRecord {
             }
         };
         let labels = meta.labels.iter().flatten();
+        let name = known.pod_name(&namespace, name);
+        let workload_name = workload_name(meta).map_or_else(|| name.clone(), |n| interner.str(n));
         Some(Self {
             workload: Arc::new(Workload {
-                name: known.pod_name(&namespace, name),
+                name,
+                workload_name,
                 node: interner.str(node),
                 labels: interner.labels(labels.map(|(k, v)| (k.as_str(), v.as_str()))),
                 namespace,
-                service_account,
                 ips,
                 enrollment,
                 peer_authentication: None,
@@ -501,5 +548,91 @@ impl Record for SliceRecord {
 
     fn changed(view: &mut View, c: &Collections, key: Key, old: Option<&Self>) {
         view.slice_changed(c, key, old);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(owner: Option<(&str, &str)>, labels: &[(&str, &str)]) -> ObjectMeta {
+        ObjectMeta {
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|&(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect(),
+            ),
+            owner_references: owner.map(|(kind, name)| {
+                vec![OwnerReference {
+                    kind: kind.into(),
+                    name: name.into(),
+                    controller: Some(true),
+                    ..OwnerReference::default()
+                }]
+            }),
+            ..ObjectMeta::default()
+        }
+    }
+
+    #[test]
+    fn workloads_are_named_by_the_controller_that_made_their_owner() {
+        let hash = [("pod-template-hash", "5d8f9c")];
+        for (owner, labels, want) in [
+            (Some(("ReplicaSet", "web-5d8f9c")), &hash[..], Some("web")),
+            // A ReplicaSet of its own, or one whose hash is not its suffix, is the workload.
+            (
+                Some(("ReplicaSet", "web-5d8f9c")),
+                &[][..],
+                Some("web-5d8f9c"),
+            ),
+            (
+                Some(("ReplicaSet", "web5d8f9c")),
+                &hash[..],
+                Some("web5d8f9c"),
+            ),
+            (
+                Some(("ReplicaSet", "canary-77b4")),
+                &[("rollouts-pod-template-hash", "77b4")][..],
+                Some("canary"),
+            ),
+            (
+                Some(("ReplicationController", "legacy-3")),
+                &[("deploymentconfig", "legacy")][..],
+                Some("legacy"),
+            ),
+            (Some(("Job", "backup-29001234")), &[][..], Some("backup")),
+            (Some(("Job", "backup-1234")), &[][..], Some("backup-1234")),
+            (
+                Some(("Job", "backup-29001234x")),
+                &[][..],
+                Some("backup-29001234x"),
+            ),
+            (Some(("Job", "-29001234")), &[][..], Some("-29001234")),
+            (Some(("StatefulSet", "db")), &[][..], Some("db")),
+            (None, &hash[..], None),
+        ] {
+            assert_eq!(
+                workload_name(&meta(owner, labels)),
+                want,
+                "{owner:?} {labels:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_controlling_owner_is_kept() {
+        let json = r#"{ "metadata": { "name": "web-1", "ownerReferences": [
+            { "apiVersion": "v1", "kind": "ConfigMap", "name": "cfg", "uid": "1" },
+            { "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-5d8f", "uid": "2",
+              "controller": true, "blockOwnerDeletion": true } ] } }"#;
+        let pod: PodObject = serde_json::from_str(json).unwrap();
+        let owners = pod.metadata.owner_references.unwrap();
+        assert_eq!(owners.len(), 1);
+        assert_eq!(
+            (&*owners[0].kind, &*owners[0].name),
+            ("ReplicaSet", "web-5d8f")
+        );
+        assert!(owners[0].uid.is_empty(), "nothing else is kept");
     }
 }

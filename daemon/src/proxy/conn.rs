@@ -8,6 +8,7 @@ use tokio::time::Instant;
 use super::Pod;
 use crate::hbone::{self, Transfer};
 use crate::identity::Id;
+use crate::metrics::{self, ResponseFlag, TrafficLabels};
 use crate::policy;
 
 /// How a proxied connection ended: a closed set, so a log field or metric label made from it
@@ -48,6 +49,22 @@ impl Outcome {
         })
     }
 
+    /// Istio's `response_flags` for a connection that ended this way.
+    pub fn response_flag(self) -> ResponseFlag {
+        use hbone::Reason;
+        match self {
+            Self::Complete | Self::Broken => ResponseFlag::None,
+            Self::Denied(_) | Self::Tunnel(Reason::PolicyDenied) => ResponseFlag::Deny,
+            Self::Tunnel(Reason::PeerIdentity) => ResponseFlag::TlsFailure,
+            Self::Tunnel(Reason::PeerProtocol) => ResponseFlag::H2HandshakeFailure,
+            Self::Tunnel(Reason::PeerUnreachable | Reason::UpstreamRefused | Reason::Internal)
+            | Self::BadTarget
+            | Self::UnknownWorkload
+            | Self::UpstreamUnreachable
+            | Self::Capacity => ResponseFlag::Connect,
+        }
+    }
+
     /// How an HBONE server answers a CONNECT that ended this way before it was accepted.
     pub fn refusal(self) -> Option<hbone::Refusal> {
         match self {
@@ -67,14 +84,14 @@ impl Outcome {
 struct Revoked(policy::Denial);
 
 /// Which way the connection goes, from the pod's point of view.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Direction {
     Outbound,
     Inbound,
 }
 
 /// How the bytes travel.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Transport {
     /// Inside an HBONE tunnel (mTLS).
     Hbone,
@@ -117,6 +134,8 @@ pub(super) struct Record {
     /// The policy (`namespace/name`) that denied the connection, if one did.
     pub(super) policy: Option<Arc<str>>,
     pub(super) pod: Arc<str>,
+    /// The connection's share of the TCP metrics, once it is counted.
+    metrics: Option<metrics::Connection>,
     start: Instant,
 }
 
@@ -131,8 +150,14 @@ impl Record {
             dst_id: None,
             policy: None,
             pod: pod.label.clone(),
+            metrics: None,
             start: Instant::now(),
         }
+    }
+
+    /// Counts the connection in the TCP metrics from now until it ends.
+    pub(super) fn count(&mut self, tcp: &Arc<metrics::Tcp>, labels: TrafficLabels) {
+        self.metrics = Some(tcp.open(labels));
     }
 
     /// Writes the access-log line for a connection that carried `transfer`: INFO when it
@@ -163,12 +188,21 @@ impl Record {
     }
 
     fn finish(
-        self,
+        mut self,
         outcome: Outcome,
         transfer: Option<&Transfer>,
         error: Option<&(dyn std::error::Error + 'static)>,
     ) {
         let (sent, received) = transfer.map_or((0, 0), |t| (t.sent, t.received));
+        if let Some(metrics) = self.metrics.take() {
+            // `sent` is what the proxy read from its local socket: the app that opened the
+            // connection, except on an inbound tunnel, whose local socket is the app it reached.
+            let (request, response) = match (self.direction, self.transport) {
+                (Direction::Inbound, Transport::Hbone) => (received, sent),
+                _ => (sent, received),
+            };
+            metrics.close(request, response, outcome.response_flag());
+        }
         let duration_ms = self.start.elapsed().as_millis() as u64;
         let (direction, transport) = (self.direction.as_str(), self.transport.as_str());
         let src_id = self.src_id.as_ref().map(Id::as_str);

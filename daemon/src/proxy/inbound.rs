@@ -82,6 +82,7 @@ pub(super) async fn plaintext(
             Transport::Plaintext
         };
         record.dst_id = Some(pod.identity.clone());
+        record.count(&proxy.tcp, proxy.inbound_labels(&pod, src, None));
         // Held before the decision, so a policy change from now on decides it again. Probes
         // pass whatever the policy, so they are not held.
         let held = (!probe).then(|| proxy.open.hold(&pod, None, src, dst));
@@ -182,6 +183,10 @@ impl hbone::Handler for Hbone {
             record.transport = Transport::Hbone;
             record.src_id = Some(incoming.peer_id.clone());
             record.dst_id = Some(self.pod.identity.clone());
+            let labels = self
+                .proxy
+                .inbound_labels(&self.pod, src, Some(&incoming.peer_id));
+            record.count(&self.proxy.tcp, labels);
             // Held before the decision, so a policy change from now on decides it again.
             let held = self
                 .proxy

@@ -11,6 +11,7 @@ use super::conn::{Direction, Outcome, Record, Transport};
 use super::{Pod, Proxy, Refusal};
 use crate::config::Ports;
 use crate::hbone;
+use crate::metrics::{Peer, Reporter, SecurityPolicy, Service, TrafficLabels};
 use crate::redirect::{canonical, original_dst_at};
 use crate::state::{Snapshot, Workload};
 
@@ -43,6 +44,40 @@ fn route(snapshot: &Snapshot, dst: SocketAddr, turn: &AtomicUsize) -> Route {
         },
         _ => Route::Passthrough { target },
     }
+}
+
+/// The metric labels of `pod`'s connection to `dst`, routed as `route`: over HBONE both ends
+/// are principals (the tunnel carries nothing unless the destination proves the identity it
+/// is asked for); in plain TCP neither is.
+fn labels(snapshot: &Snapshot, pod: &Pod, dst: SocketAddr, route: &Route) -> TrafficLabels {
+    let service = snapshot.service(dst).map(|port| Service {
+        namespace: &port.namespace,
+        name: &port.service,
+    });
+    let source = snapshot
+        .workload(&pod.namespace, &pod.name)
+        .map(AsRef::as_ref);
+    let (destination, security) = match route {
+        Route::Mesh { workload, .. } => (
+            Peer {
+                workload: Some(workload),
+                principal: Some(&workload.identity),
+            },
+            SecurityPolicy::MutualTls,
+        ),
+        Route::Passthrough { target } => (
+            Peer {
+                workload: snapshot.workload_by_ip(target.ip()).map(AsRef::as_ref),
+                principal: None,
+            },
+            SecurityPolicy::Unknown,
+        ),
+    };
+    let source = Peer {
+        workload: source,
+        principal: (security == SecurityPolicy::MutualTls).then_some(&pod.identity),
+    };
+    TrafficLabels::new(Reporter::Source, source, destination, service, security)
 }
 
 /// A connection accepted on the pod's outbound listener: where it was going is its original
@@ -99,7 +134,11 @@ pub(super) async fn handle(
     async move {
         let _ = app.set_nodelay(true);
         let mut record = Record::new(Direction::Outbound, &pod, src, dst);
-        match route(&proxy.state.snapshot(), dst, &proxy.endpoint_turn) {
+        let snapshot = proxy.state.snapshot();
+        let route = route(&snapshot, dst, &proxy.endpoint_turn);
+        record.count(&proxy.tcp, labels(&snapshot, &pod, dst, &route));
+        drop(snapshot);
+        match route {
             Route::Mesh { target, workload } => {
                 record.transport = Transport::Hbone;
                 record.src_id = Some(pod.identity.clone());
@@ -147,7 +186,7 @@ mod tests {
         Workload {
             name: name.into(),
             namespace: "shop".into(),
-            service_account: name.into(),
+            workload_name: name.into(),
             node: "n1".into(),
             ips: vec![ip.parse().unwrap()],
             labels: Default::default(),

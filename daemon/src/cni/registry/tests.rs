@@ -139,6 +139,7 @@ fn registry(ca: &Ca, state: &Arc<Store>, capture: &Arc<Loopback>, dir: &Path) ->
                 streams: 64,
                 streams_per_peer: 8,
             },
+            crate::metrics::Metrics::new().tcp,
         )),
         certs,
         capture: capture.clone(),
@@ -161,7 +162,7 @@ fn snapshot(net: u8, workloads: &[Spec<'_>], enrolled_namespaces: &[&str]) -> Sn
         .map(|&(name, node, host, enrollment)| Workload {
             name: name.into(),
             namespace: "shop".into(),
-            service_account: name.into(),
+            workload_name: name.into(),
             node: node.into(),
             ips: vec![Ipv4Addr::new(127, net, 0, host).into()],
             labels: Default::default(),
@@ -517,7 +518,6 @@ async fn a_pod_whose_service_account_changes_is_served_under_the_new_identity_wi
     // The reload: same pod, another service account.
     let mut renamed = snapshot(f.net, &[("cart", NODE, 2, Some(true))], &[]);
     let cart = Workload {
-        service_account: "checkout".into(),
         identity: Id::new("cluster.local", "shop", "checkout").unwrap(),
         ..(**renamed.workload("shop", "cart").unwrap()).clone()
     };
