@@ -128,6 +128,11 @@ impl Admin {
 
     /// The metrics, as OpenMetrics when the scraper accepts it, else the Prometheus text format.
     fn scrape(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let wired = self.registry.list().len();
+        self.metrics
+            .pods
+            .wired
+            .set(wired.try_into().unwrap_or(i64::MAX));
         let openmetrics = req
             .headers()
             .get_all(http::header::ACCEPT)

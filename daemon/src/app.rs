@@ -139,8 +139,9 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
         capture,
         ports,
         state_dir: args.state_dir.clone(),
+        metrics: metrics.pods.clone(),
     }));
-    let admin = Arc::new(Admin::new(state.clone(), registry.clone(), metrics));
+    let admin = Arc::new(Admin::new(state.clone(), registry.clone(), metrics.clone()));
     let admin_addr = admin::serve(admin.clone(), args.admin_addr, Surface::Admin, stop.clone())
         .await
         .with_context(|| format!("binding the admin API on {}", args.admin_addr))?;
@@ -212,6 +213,7 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
     tokio::spawn(cni::serve(
         listener,
         registry.clone(),
+        metrics.pods.clone(),
         stop_registrations.clone(),
     ));
     admin.set_ready(true);

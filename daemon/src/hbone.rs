@@ -163,6 +163,15 @@ impl Reason {
 }
 
 impl Error {
+    /// Why the TLS handshake failed, for an error that is one.
+    pub fn handshake_failure(&self) -> Option<crate::tls::HandshakeFailure> {
+        match self {
+            Self::Handshake { source, .. } => Some(crate::tls::HandshakeFailure::of(source)),
+            Self::IdentityMismatch { .. } => Some(crate::tls::HandshakeFailure::IdentityMismatch),
+            _ => None,
+        }
+    }
+
     pub fn reason(&self) -> Reason {
         match self {
             Self::Connect { .. } => Reason::PeerUnreachable,

@@ -16,19 +16,37 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::identity::Id;
+use crate::policy;
 use crate::state::Workload;
+use crate::tls::HandshakeFailure;
 
 /// The node's metrics and the registry that encodes them.
 pub struct Metrics {
     registry: Registry,
+    /// The data path's: Istio's TCP metrics, handshake failures, policy denials.
     pub tcp: Arc<Tcp>,
+    /// The registrations': CNI requests, wired pods, restored rules.
+    pub pods: Arc<Pods>,
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
+        let culvert = registry.sub_registry_with_prefix("culvert");
+        let pods = Arc::new(Pods::register(culvert));
+        let (handshake_failures, denials) = (Family::default(), Family::default());
+        culvert.register(
+            "hbone_handshake_failures",
+            "TLS handshakes with HBONE peers that failed, by side and cause",
+            Family::clone(&handshake_failures),
+        );
+        culvert.register(
+            "policy_denials",
+            "Inbound connections refused by policy, by reason",
+            Family::clone(&denials),
+        );
         let istio = registry.sub_registry_with_prefix("istio");
-        let tcp = Arc::new(Tcp::register(istio));
+        let tcp = Arc::new(Tcp::register(istio, handshake_failures, denials));
         let build = Family::<BuildLabels, Gauge>::default();
         istio.register("build", "Istio component build info", build.clone());
         build
@@ -37,7 +55,11 @@ impl Metrics {
                 tag: env!("CARGO_PKG_VERSION"),
             })
             .set(1);
-        Self { registry, tcp }
+        Self {
+            registry,
+            tcp,
+            pods,
+        }
     }
 
     /// The Prometheus text exposition (version 0.0.4), which every scraper reads.
@@ -81,11 +103,19 @@ pub struct Tcp {
     /// Bytes from the destination back to the source (the response side).
     sent: Family<TrafficLabels, Counter>,
     sockets: Family<ReporterLabel, Gauge>,
+    handshake_failures: Family<HandshakeLabels, Counter>,
+    denials: Family<ReasonLabel, Counter>,
 }
 
 impl Tcp {
-    fn register(registry: &mut Registry) -> Self {
+    fn register(
+        registry: &mut Registry,
+        handshake_failures: Family<HandshakeLabels, Counter>,
+        denials: Family<ReasonLabel, Counter>,
+    ) -> Self {
         let tcp = Self {
+            handshake_failures,
+            denials,
             opened: Family::default(),
             closed: Family::default(),
             failed: Family::default(),
@@ -131,6 +161,23 @@ impl Tcp {
         tcp
     }
 
+    /// Counts a TLS handshake with an HBONE peer that failed.
+    pub fn handshake_failed(&self, side: Side, failure: HandshakeFailure) {
+        let labels = HandshakeLabels {
+            side,
+            reason: failure.as_str(),
+        };
+        self.handshake_failures.get_or_create(&labels).inc();
+    }
+
+    /// Counts an inbound connection policy refused.
+    pub fn denied(&self, reason: policy::Reason) {
+        let labels = ReasonLabel {
+            reason: reason.as_str(),
+        };
+        self.denials.get_or_create(&labels).inc();
+    }
+
     /// Counts a connection opened; what it carries and how it ends go to the returned guard.
     pub fn open(self: &Arc<Self>, labels: TrafficLabels) -> Connection {
         self.opened.get_or_create(&labels).inc();
@@ -153,6 +200,11 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// The data path's metrics this connection counts in.
+    pub fn tcp(&self) -> &Tcp {
+        &self.tcp
+    }
+
     /// Counts the bytes a connection carried each way and its close; a `flag` other than
     /// [`ResponseFlag::None`] counts it as failed too.
     pub fn close(mut self, request_bytes: u64, response_bytes: u64, flag: ResponseFlag) {
@@ -180,6 +232,105 @@ impl Drop for Connection {
             reporter: self.labels.reporter,
         };
         self.tcp.sockets.get_or_create(&reporter).dec();
+    }
+}
+
+/// Which end of an HBONE connection a handshake failed on.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Side {
+    /// This node dialled the peer.
+    Client,
+    /// The peer dialled this node.
+    Server,
+}
+
+impl EncodeLabelValue for Side {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        encoder.write_str(match self {
+            Self::Client => "client",
+            Self::Server => "server",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    side: Side,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CniLabels {
+    command: &'static str,
+    result: &'static str,
+}
+
+/// What the registrations do: CNI requests, pods wired and not, rules put back.
+pub struct Pods {
+    requests: Family<CniLabels, Counter>,
+    /// Pods wired now; set from the registry when scraped.
+    pub wired: Gauge,
+    failures: Family<ReasonLabel, Counter>,
+    unwired: Counter,
+    restored: Counter,
+}
+
+impl Pods {
+    fn register(registry: &mut Registry) -> Self {
+        let pods = Self {
+            requests: Family::default(),
+            wired: Gauge::default(),
+            failures: Family::default(),
+            unwired: Counter::default(),
+            restored: Counter::default(),
+        };
+        registry.register(
+            "cni_requests",
+            "Requests on the registration socket, by command and result",
+            pods.requests.clone(),
+        );
+        registry.register("pods_wired", "Pods wired on this node", pods.wired.clone());
+        registry.register(
+            "pod_wiring_failures",
+            "Pods that could not be wired or failed a check, by reason",
+            pods.failures.clone(),
+        );
+        registry.register(
+            "pods_unwired",
+            "Pods unwired (deleted, garbage-collected or no longer enrolled)",
+            pods.unwired.clone(),
+        );
+        registry.register(
+            "redirect_rules_restored",
+            "Wired pods whose redirection rules were found gone and put back",
+            pods.restored.clone(),
+        );
+        pods
+    }
+
+    /// Counts a request on the registration socket: `command` is the request's kind (or
+    /// `invalid`, `busy`), `result` `ok` or `refused`.
+    pub fn request(&self, command: &'static str, result: &'static str) {
+        self.requests
+            .get_or_create(&CniLabels { command, result })
+            .inc();
+    }
+
+    pub fn failed(&self, reason: &'static str) {
+        self.failures.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn unwired(&self) {
+        self.unwired.inc();
+    }
+
+    pub fn restored(&self, pods: u64) {
+        self.restored.inc_by(pods);
     }
 }
 

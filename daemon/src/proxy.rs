@@ -12,6 +12,7 @@ mod outbound;
 
 pub use conn::Outcome;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -26,9 +27,10 @@ use tracing::{info, warn};
 
 use crate::config::Ports;
 use crate::identity::{self, Id};
-use crate::metrics::{self, Peer, Reporter, SecurityPolicy, TrafficLabels};
+use crate::metrics::{self, Peer, Reporter, SecurityPolicy, Side, TrafficLabels};
 use crate::redirect::{Listeners, Sockets};
 use crate::state::Store;
+use crate::tls::HandshakeFailure;
 use crate::{hbone, tls};
 
 /// A wired pod, as the data path needs it.
@@ -96,6 +98,8 @@ pub struct Proxy {
     open: Arc<open::Open>,
     /// Istio's TCP metrics, which every connection counts in.
     tcp: Arc<metrics::Tcp>,
+    /// When a handshake failure of each side and cause was last logged.
+    handshakes_logged: std::sync::Mutex<HashMap<(Side, HandshakeFailure), tokio::time::Instant>>,
 }
 
 /// Why a connection was refused before anything else was done with it.
@@ -129,7 +133,7 @@ pub struct Limits {
 struct Peers {
     total: usize,
     per_peer: usize,
-    held: std::sync::Mutex<(usize, std::collections::HashMap<IpAddr, usize>)>,
+    held: std::sync::Mutex<(usize, HashMap<IpAddr, usize>)>,
 }
 
 impl Peers {
@@ -237,6 +241,23 @@ impl Proxy {
             }),
             open: Arc::default(),
             tcp,
+            handshakes_logged: Default::default(),
+        }
+    }
+
+    /// Counts a failed TLS handshake with an HBONE peer and logs it, at most once a second for
+    /// each side and cause: a hostile peer can fail any number of handshakes.
+    fn handshake_failed(&self, side: Side, failure: HandshakeFailure, log: impl FnOnce()) {
+        self.tcp.handshake_failed(side, failure);
+        let now = tokio::time::Instant::now();
+        let mut logged = self.handshakes_logged.lock().expect("log times poisoned");
+        let last = logged
+            .entry((side, failure))
+            .or_insert(now - Duration::from_secs(1));
+        if now.duration_since(*last) >= Duration::from_secs(1) {
+            *last = now;
+            drop(logged);
+            log();
         }
     }
 

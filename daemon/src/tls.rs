@@ -171,6 +171,88 @@ fn reject(reason: impl std::error::Error + Send + Sync + 'static) -> rustls::Err
     CertificateError::Other(OtherError(Arc::new(reason))).into()
 }
 
+/// Why a TLS handshake with a peer failed: a closed set, for the log and a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HandshakeFailure {
+    /// A certificate (the peer's, or ours as the peer said) does not chain to the mesh roots.
+    UnknownCa,
+    /// A valid certificate for another identity than the one expected, or of another trust
+    /// domain.
+    IdentityMismatch,
+    /// A certificate is out of its validity period.
+    Expired,
+    /// A client offered no certificate.
+    NoClientCertificate,
+    /// A certificate that is malformed, revoked or not meant for this use.
+    BadCertificate,
+    /// Not TLS 1.3 as the mesh speaks it: bad messages, no common parameters.
+    Protocol,
+    /// The handshake did not finish in time.
+    Timeout,
+    /// The connection broke before the handshake finished.
+    Io,
+}
+
+impl HandshakeFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnknownCa => "unknown_ca",
+            Self::IdentityMismatch => "identity_mismatch",
+            Self::Expired => "expired",
+            Self::NoClientCertificate => "no_client_certificate",
+            Self::BadCertificate => "bad_certificate",
+            Self::Protocol => "protocol",
+            Self::Timeout => "timeout",
+            Self::Io => "io",
+        }
+    }
+
+    /// Why the handshake that returned `error` failed (tokio-rustls wraps rustls' errors in
+    /// `io::Error`s).
+    pub fn of(error: &std::io::Error) -> Self {
+        let tls = error
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        match tls {
+            Some(e) => Self::of_tls(e),
+            None if error.kind() == std::io::ErrorKind::TimedOut => Self::Timeout,
+            None => Self::Io,
+        }
+    }
+
+    fn of_tls(error: &rustls::Error) -> Self {
+        use rustls::AlertDescription as Alert;
+        match error {
+            rustls::Error::InvalidCertificate(e) => match e {
+                CertificateError::UnknownIssuer | CertificateError::BadSignature => Self::UnknownCa,
+                CertificateError::Expired
+                | CertificateError::ExpiredContext { .. }
+                | CertificateError::NotValidYet
+                | CertificateError::NotValidYetContext { .. } => Self::Expired,
+                CertificateError::Other(OtherError(why))
+                    if why.is::<IdentityMismatch>() || why.is::<ForeignTrustDomain>() =>
+                {
+                    Self::IdentityMismatch
+                }
+                _ => Self::BadCertificate,
+            },
+            rustls::Error::NoCertificatesPresented => Self::NoClientCertificate,
+            // The peer refused what we presented and said why.
+            rustls::Error::AlertReceived(alert) => match alert {
+                Alert::UnknownCA => Self::UnknownCa,
+                Alert::CertificateExpired => Self::Expired,
+                Alert::CertificateRequired => Self::NoClientCertificate,
+                Alert::BadCertificate
+                | Alert::CertificateUnknown
+                | Alert::CertificateRevoked
+                | Alert::UnsupportedCertificate => Self::BadCertificate,
+                _ => Self::Protocol,
+            },
+            _ => Self::Protocol,
+        }
+    }
+}
+
 /// The server presented a valid certificate for another identity than the one expected.
 #[derive(Debug, thiserror::Error)]
 #[error("server presented {got}, expected {want}")]
@@ -421,6 +503,65 @@ mod tests {
             "server saw the wrong client identity"
         );
         Ok(group)
+    }
+
+    #[test]
+    fn handshake_failures_name_their_cause() {
+        use rustls::AlertDescription as Alert;
+        let io = |e: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        let mismatch = reject(IdentityMismatch {
+            got: "spiffe://cluster.local/ns/a/sa/b".into(),
+            want: "spiffe://cluster.local/ns/a/sa/c".parse().unwrap(),
+        });
+        let cases = [
+            (
+                io(CertificateError::UnknownIssuer.into()),
+                HandshakeFailure::UnknownCa,
+            ),
+            (
+                io(CertificateError::Expired.into()),
+                HandshakeFailure::Expired,
+            ),
+            (io(mismatch), HandshakeFailure::IdentityMismatch),
+            (
+                io(rustls::Error::NoCertificatesPresented),
+                HandshakeFailure::NoClientCertificate,
+            ),
+            (
+                io(CertificateError::BadEncoding.into()),
+                HandshakeFailure::BadCertificate,
+            ),
+            (
+                io(rustls::Error::AlertReceived(Alert::UnknownCA)),
+                HandshakeFailure::UnknownCa,
+            ),
+            (
+                io(rustls::Error::AlertReceived(Alert::BadCertificate)),
+                HandshakeFailure::BadCertificate,
+            ),
+            (
+                io(rustls::Error::AlertReceived(Alert::ProtocolVersion)),
+                HandshakeFailure::Protocol,
+            ),
+            (
+                io(rustls::Error::InappropriateMessage {
+                    expect_types: vec![],
+                    got_type: rustls::ContentType::Alert,
+                }),
+                HandshakeFailure::Protocol,
+            ),
+            (
+                std::io::ErrorKind::ConnectionReset.into(),
+                HandshakeFailure::Io,
+            ),
+            (
+                std::io::ErrorKind::TimedOut.into(),
+                HandshakeFailure::Timeout,
+            ),
+        ];
+        for (error, want) in cases {
+            assert_eq!(HandshakeFailure::of(&error), want, "{error}");
+        }
     }
 
     #[tokio::test]

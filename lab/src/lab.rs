@@ -661,15 +661,29 @@ impl Lab {
 
     /// `GET path` on node `i`'s admin API, as JSON.
     pub fn admin(&self, i: usize, path: &str) -> anyhow::Result<serde_json::Value> {
-        let get = || admin_get(&self.log(i), path);
-        let answer = if self.spec.kubeconfig.is_some() {
-            get()
-        } else {
-            // The daemon runs in its node's namespace and listens on that loopback.
-            let home = culvert::redirect::netns::home()?;
-            Netns::open(&netns_path(&self.nodes[i].netns), home)?.run(get)?
+        self.on_node(i, || admin_get(&self.log(i), path))
+            .with_context(|| format!("{}'s admin API", self.nodes[i].name))
+    }
+
+    /// Node `i`'s metrics, as Prometheus scrapes them.
+    pub fn metrics(&self, i: usize) -> anyhow::Result<String> {
+        let scrape = || {
+            let (status, body) = http_get(&self.log(i), "metrics", "/metrics")?;
+            ensure!(status == 200, "GET /metrics: {status} {body}");
+            Ok(body)
         };
-        answer.with_context(|| format!("{}'s admin API", self.nodes[i].name))
+        self.on_node(i, scrape)
+            .with_context(|| format!("{}'s metrics", self.nodes[i].name))
+    }
+
+    /// Runs `f` where node `i`'s daemon listens: in its node's namespace (on that loopback),
+    /// or here when the daemons run in the host's.
+    fn on_node<T>(&self, i: usize, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+        if self.spec.kubeconfig.is_some() {
+            return f();
+        }
+        let home = culvert::redirect::netns::home()?;
+        Netns::open(&netns_path(&self.nodes[i].netns), home)?.run(f)?
     }
 
     /// A certificate cache issuing from the lab's CA (one-hour certificates): lets a test
@@ -773,7 +787,7 @@ pub fn probe(log: &str, path: &str) -> anyhow::Result<u16> {
     Ok(http_get(log, "probes", path)?.0)
 }
 
-/// `GET path` on the endpoint (`admin` or `probes`) of the daemon that wrote `log` (JSON
+/// `GET path` on the endpoint (`admin`, `probes`, `metrics`) of the daemon that wrote `log` (JSON
 /// lines; the address is the last one it logged, so restarts are followed): status and body.
 fn http_get(log: &str, what: &str, path: &str) -> anyhow::Result<(u16, String)> {
     use std::io::{Read as _, Write as _};

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use culvert::state::PeerAuthentication;
 use culvert::test_util::{echo_server, exchange};
 use culvert_cni_proto::Response;
-use culvert_tests::inproc::{APP, Topology, access, get};
+use culvert_tests::inproc::{APP, Topology, access, get, logs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Waits until `check` holds, for up to five seconds.
@@ -642,7 +642,7 @@ async fn a_failed_tunnel_is_counted_with_its_flag() {
     let mut t = Topology::new("metricsfail", &[("client", 0), ("server", 1)]);
     // Node 0 expects the server to be `expected`; node 1 issues it `server`.
     t.believe("server", "expected");
-    let (a, _b) = t.start_pair().await; // _b: node 1 must keep running
+    let (a, b) = t.start_pair().await;
     let mut app = a
         .connect_from(&t.namespace, "client", SocketAddr::new(t.ip("server"), APP))
         .await;
@@ -668,6 +668,38 @@ async fn a_failed_tunnel_is_counted_with_its_flag() {
         1.0
     );
     assert!(samples(&scrape, "istio_tcp_sent_bytes_total", &[]).is_empty());
+    // Both sides count the handshake with its cause, and log it once.
+    let failures = "culvert_hbone_handshake_failures_total";
+    let client = ["side=\"client\"", "reason=\"identity_mismatch\""];
+    assert_eq!(sample(&scrape, failures, &client), 1.0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let server = loop {
+        let (_, scrape) = get(b.node.metrics_addr, "/metrics").await;
+        if let Some((labels, count)) = samples(&scrape, failures, &["side=\"server\""]).first() {
+            break (labels.to_string(), *count);
+        }
+        assert!(Instant::now() < deadline, "no server-side count:\n{scrape}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(server.1, 1.0);
+    assert!(
+        server.0.contains("reason=\"bad_certificate\""),
+        "{}",
+        server.0
+    );
+    let logged = |message: &str| {
+        logs()
+            .into_iter()
+            .filter(|l| l["message"] == message && l["cause"].is_string())
+            .filter(|l| {
+                l["pod"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with(ns.as_str()))
+            })
+            .count()
+    };
+    assert_eq!(logged("TLS handshake with an HBONE peer failed"), 1);
+    assert_eq!(logged("TLS handshake from an HBONE peer failed"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -226,6 +226,54 @@ fn plaintext_is_refused_by_strict_and_allowed_by_permissive() {
         v["pod"] == "demo/strict" && v.get("error").is_some()
     });
     assert_eq!(line["error"], "denied by policy: plaintext_to_strict");
+
+    // The destination's metrics tell plaintext from mutual TLS, and name the refusal.
+    let scrape = lab.metrics(1).unwrap();
+    let plaintext = [
+        "reporter=\"destination\"",
+        "source_workload=\"legacy\"",
+        "source_principal=\"unknown\"",
+        "destination_workload=\"open\"",
+        "connection_security_policy=\"unknown\"",
+        "response_flags=\"-\"",
+    ];
+    let welcome = b"plaintext welcome".len() as f64;
+    for metric in [
+        "istio_tcp_received_bytes_total",
+        "istio_tcp_sent_bytes_total",
+    ] {
+        assert_eq!(sample(&scrape, metric, &plaintext), welcome, "{metric}");
+    }
+    let denied = ["destination_workload=\"strict\"", "response_flags=\"DENY\""];
+    assert_eq!(
+        sample(&scrape, "istio_tcp_connections_failed_total", &denied),
+        1.0
+    );
+    let reason = ["reason=\"plaintext_to_strict\""];
+    assert_eq!(
+        sample(&scrape, "culvert_policy_denials_total", &reason),
+        1.0
+    );
+    assert!(
+        !scrape.contains("connection_security_policy=\"mutual_tls\""),
+        "no HBONE was carried here:\n{scrape}"
+    );
+}
+
+/// The one sample of `metric` in a Prometheus text scrape whose labels include all of
+/// `labels` (`key="value"`).
+fn sample(scrape: &str, metric: &str, labels: &[&str]) -> f64 {
+    let found: Vec<f64> = scrape
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(metric)?.strip_prefix('{')?;
+            let (set, value) = rest.rsplit_once("} ")?;
+            let matches = labels.iter().all(|l| set.split(',').any(|p| p == *l));
+            matches.then(|| value.parse().ok())?
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "{metric} {labels:?} in:\n{scrape}");
+    found[0]
 }
 
 #[test]

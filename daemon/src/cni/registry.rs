@@ -38,6 +38,7 @@ pub struct Deps {
     pub ports: Ports,
     /// Where `pods.json` is kept.
     pub state_dir: PathBuf,
+    pub metrics: Arc<crate::metrics::Pods>,
 }
 
 /// Why a pod could not be wired or checked; the registrar receives the whole chain.
@@ -95,6 +96,28 @@ pub enum Error {
         #[source]
         source: tokio::task::JoinError,
     },
+}
+
+impl Error {
+    /// A closed name for the error, for a metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Unknown { .. } => "unknown_pod",
+            Self::OtherNode { .. } => "other_node",
+            Self::Certificate { .. } => "certificate",
+            Self::Netns { .. } => "netns",
+            Self::Addresses { .. } => "addresses",
+            Self::NotInNetns { .. } => "not_in_netns",
+            Self::Claimed { .. } => "address_claimed",
+            Self::NetnsInUse { .. } => "netns_in_use",
+            Self::Listen(_) => "listen",
+            Self::Rules(_) => "rules",
+            Self::Tls(_) => "tls",
+            Self::NotWired { .. } => "not_wired",
+            Self::Check { .. } => "check",
+            Self::Task { .. } => "task",
+        }
+    }
 }
 
 /// The wired pods of this node.
@@ -306,6 +329,7 @@ impl Registry {
         }
         self.restored
             .fetch_add(restored as u64, std::sync::atomic::Ordering::Relaxed);
+        self.deps.metrics.restored(restored as u64);
         restored
     }
 
@@ -657,6 +681,7 @@ impl Registry {
             );
         }
         self.release_if_unused(&wired.pod.identity);
+        self.deps.metrics.unwired();
         info!(pod = wired.pod.label(), "pod released");
     }
 
@@ -805,6 +830,7 @@ impl Handler for Registry {
             Ok(enrolled) => Response::Added { enrolled },
             Err(e) => {
                 warn!(pod, error = &e as &dyn std::error::Error, "pod not wired");
+                self.deps.metrics.failed(e.reason());
                 Response::Nack {
                     reason: format!("wiring pod {pod}: {}", super::chain(&e)),
                 }
@@ -820,9 +846,12 @@ impl Handler for Registry {
     async fn check(&self, req: CheckPod) -> Response {
         match Self::check(self, req).await {
             Ok(()) => Response::Checked,
-            Err(e) => Response::Nack {
-                reason: super::chain(&e),
-            },
+            Err(e) => {
+                self.deps.metrics.failed(e.reason());
+                Response::Nack {
+                    reason: super::chain(&e),
+                }
+            }
         }
     }
 

@@ -17,6 +17,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::metrics::Pods;
+
 /// How long a registrar may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Registration connections served at once; one more is answered "busy" and closed. A node
@@ -85,6 +87,7 @@ pub fn bind(path: &Path) -> io::Result<(UnixListener, SocketFile)> {
 pub async fn serve<R: Handler>(
     listener: UnixListener,
     registry: Arc<R>,
+    metrics: Arc<Pods>,
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -96,13 +99,14 @@ pub async fn serve<R: Handler>(
         match stream {
             Ok((mut stream, _)) => match permits.clone().try_acquire_owned() {
                 Ok(permit) => {
-                    let registry = registry.clone();
+                    let (registry, metrics) = (registry.clone(), metrics.clone());
                     tokio::spawn(async move {
-                        handle(stream, registry).await;
+                        handle(stream, registry, &metrics).await;
                         drop(permit);
                     });
                 }
                 Err(_) => {
+                    metrics.request("busy", "refused");
                     let busy = Response::Nack {
                         reason: format!(
                             "the node daemon is serving {MAX_CONNECTIONS} registrations; try again"
@@ -127,18 +131,23 @@ pub async fn serve<R: Handler>(
     }
 }
 
-async fn handle<R: Handler>(mut stream: UnixStream, registry: Arc<R>) {
-    let response = match read_request(&mut stream).await {
-        Ok(Request::AddPod(add)) => registry.add(add).await,
-        Ok(Request::DelPod(del)) => registry.del(del).await,
-        Ok(Request::CheckPod(check)) => registry.check(check).await,
-        Ok(Request::Gc(gc)) => registry.gc(gc).await,
-        Ok(Request::ListPods) => registry.list(),
+async fn handle<R: Handler>(mut stream: UnixStream, registry: Arc<R>, metrics: &Pods) {
+    let (command, response) = match read_request(&mut stream).await {
+        Ok(Request::AddPod(add)) => ("add", registry.add(add).await),
+        Ok(Request::DelPod(del)) => ("del", registry.del(del).await),
+        Ok(Request::CheckPod(check)) => ("check", registry.check(check).await),
+        Ok(Request::Gc(gc)) => ("gc", registry.gc(gc).await),
+        Ok(Request::ListPods) => ("list", registry.list()),
         Err(reason) => {
             debug!(%reason, "bad registration request");
-            Response::Nack { reason }
+            ("invalid", Response::Nack { reason })
         }
     };
+    let result = match response {
+        Response::Nack { .. } => "refused",
+        _ => "ok",
+    };
+    metrics.request(command, result);
     if let Err(e) = stream.write_all(&encode(&response)).await {
         debug!(
             error = &e as &dyn std::error::Error,
@@ -223,7 +232,14 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "registration socket must be root-only");
         let stop = CancellationToken::new();
-        tokio::spawn(serve(listener, Arc::new(Empty), stop.clone()));
+        let metrics = crate::metrics::Metrics::new();
+        let served = serve(
+            listener,
+            Arc::new(Empty),
+            metrics.pods.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(served);
 
         let oversized = (culvert_cni_proto::MAX_FRAME as u32 + 1).to_be_bytes();
         let mut garbage = 5u32.to_be_bytes().to_vec();
@@ -247,7 +263,18 @@ mod tests {
         }
         let listed = send_raw(&path, &encode(&Request::ListPods)).await;
         assert_eq!(listed, Response::Pods { pods: vec![] });
+        let scrape = metrics.encode_text();
+        for counted in [
+            "culvert_cni_requests_total{command=\"invalid\",result=\"refused\"} 4",
+            "culvert_cni_requests_total{command=\"list\",result=\"ok\"} 1",
+        ] {
+            assert!(scrape.contains(counted), "{counted} not in {scrape}");
+        }
         stop.cancel();
+    }
+
+    fn pods() -> Arc<Pods> {
+        crate::metrics::Metrics::new().pods
     }
 
     #[tokio::test]
@@ -256,7 +283,7 @@ mod tests {
             std::env::temp_dir().join(format!("culvert-cni-cap-{}.sock", std::process::id()));
         let (listener, _) = bind(&path).unwrap();
         let stop = CancellationToken::new();
-        tokio::spawn(serve(listener, Arc::new(Empty), stop.clone()));
+        tokio::spawn(serve(listener, Arc::new(Empty), pods(), stop.clone()));
         // Each announces a full frame and sends none of it: they hold their places.
         let mut held = Vec::new();
         for _ in 0..MAX_CONNECTIONS {
@@ -306,7 +333,7 @@ mod tests {
         old_file.remove(&path);
         assert!(path.exists(), "the old daemon removed the new one's socket");
         let stop = CancellationToken::new();
-        tokio::spawn(serve(new, Arc::new(Empty), stop.clone()));
+        tokio::spawn(serve(new, Arc::new(Empty), pods(), stop.clone()));
         let listed = send_raw(&path, &encode(&Request::ListPods)).await;
         assert!(matches!(listed, Response::Pods { .. }), "{listed:?}");
         new_file.remove(&path);

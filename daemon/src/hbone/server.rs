@@ -28,6 +28,15 @@ use crate::tls;
 /// and carry its bytes.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, incoming: Incoming) -> impl Future<Output = ()> + Send;
+
+    /// A peer's TLS handshake failed (`error` is `None` when it timed out).
+    fn handshake_failed(
+        &self,
+        _peer: SocketAddr,
+        _failure: tls::HandshakeFailure,
+        _error: Option<&std::io::Error>,
+    ) {
+    }
 }
 
 /// A CONNECT request whose method and authority parsed, from an authenticated peer.
@@ -101,11 +110,13 @@ impl<H: Handler> Server<H> {
         let tls = match tokio::time::timeout_at(deadline, self.tls.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
-                debug!(error = &e as &dyn std::error::Error, "TLS handshake failed");
+                let failure = tls::HandshakeFailure::of(&e);
+                self.handler.handshake_failed(peer_addr, failure, Some(&e));
                 return;
             }
             Err(_) => {
-                debug!("TLS handshake timed out");
+                let failure = tls::HandshakeFailure::Timeout;
+                self.handler.handshake_failed(peer_addr, failure, None);
                 return;
             }
         };

@@ -201,6 +201,9 @@ impl Record {
                 (Direction::Inbound, Transport::Hbone) => (received, sent),
                 _ => (sent, received),
             };
+            if let (Outcome::Denied(reason), Direction::Inbound) = (outcome, self.direction) {
+                metrics.tcp().denied(reason);
+            }
             metrics.close(request, response, outcome.response_flag());
         }
         let duration_ms = self.start.elapsed().as_millis() as u64;

@@ -174,6 +174,21 @@ pub(super) struct Hbone {
 }
 
 impl hbone::Handler for Hbone {
+    fn handshake_failed(
+        &self,
+        peer: SocketAddr,
+        failure: crate::tls::HandshakeFailure,
+        error: Option<&std::io::Error>,
+    ) {
+        let pod = self.pod.label();
+        self.proxy
+            .handshake_failed(crate::metrics::Side::Server, failure, || {
+                tracing::warn!(pod, peer.addr = %peer, cause = failure.as_str(),
+                    error = error.map(|e| e as &dyn std::error::Error),
+                    "TLS handshake from an HBONE peer failed")
+            });
+    }
+
     async fn handle(&self, incoming: hbone::Incoming) {
         let (src, dst) = (incoming.peer_addr, canonical(incoming.target.0));
         let span = info_span!("inbound", pod = self.pod.label(), src.addr = %src, dst.addr = %dst,

@@ -11,7 +11,7 @@ use super::conn::{Direction, Outcome, Record, Transport};
 use super::{Pod, Proxy, Refusal};
 use crate::config::Ports;
 use crate::hbone;
-use crate::metrics::{Peer, Reporter, SecurityPolicy, Service, TrafficLabels};
+use crate::metrics::{Peer, Reporter, SecurityPolicy, Service, Side, TrafficLabels};
 use crate::redirect::{canonical, original_dst_at};
 use crate::state::{Snapshot, Workload};
 
@@ -155,6 +155,13 @@ pub(super) async fn handle(
                     Ok(stream) => record.carried(&stream.splice(app).await),
                     Err(e) => {
                         let _ = super::reset(app);
+                        if let Some(failure) = e.handshake_failure() {
+                            proxy.handshake_failed(Side::Client, failure, || {
+                                tracing::warn!(pod = pod.label(), peer.addr = %target,
+                                    cause = failure.as_str(), error = &e as &dyn std::error::Error,
+                                    "TLS handshake with an HBONE peer failed")
+                            });
+                        }
                         record.failed(Outcome::Tunnel(e.reason()), &e);
                     }
                 }

@@ -145,6 +145,7 @@ fn registry(ca: &Ca, state: &Arc<Store>, capture: &Arc<Loopback>, dir: &Path) ->
         capture: capture.clone(),
         ports,
         state_dir: dir.to_owned(),
+        metrics: crate::metrics::Metrics::new().pods,
     })
 }
 
