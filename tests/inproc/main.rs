@@ -14,6 +14,7 @@ use culvert::state::PeerAuthentication;
 use culvert::test_util::{echo_server, exchange};
 use culvert_cni_proto::Response;
 use culvert_tests::inproc::{APP, Topology, access, get, logs};
+use culvert_tests::scrape::{sample, samples};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Waits until `check` holds, for up to five seconds.
@@ -527,27 +528,6 @@ async fn tunnels_past_a_peers_stream_cap_are_refused_until_one_closes() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let app = a.connect_from(&ns, "client", server).await;
     assert_eq!(exchange(app, b"again").await.unwrap(), b"again");
-}
-
-/// The samples of `metric` in a Prometheus text scrape whose labels include every one of
-/// `labels` (`key="value"` pairs), as `(labels, value)`.
-fn samples<'a>(scrape: &'a str, metric: &str, labels: &[&str]) -> Vec<(&'a str, f64)> {
-    scrape
-        .lines()
-        .filter_map(|line| {
-            let rest = line.strip_prefix(metric)?.strip_prefix('{')?;
-            let (set, value) = rest.rsplit_once("} ")?;
-            Some((set, value.parse().ok()?))
-        })
-        .filter(|(set, _)| labels.iter().all(|l| set.split(',').any(|p| p == *l)))
-        .collect()
-}
-
-/// The one sample of `metric` with `labels`.
-fn sample(scrape: &str, metric: &str, labels: &[&str]) -> f64 {
-    let found = samples(scrape, metric, labels);
-    assert_eq!(found.len(), 1, "{metric} {labels:?} in:\n{scrape}");
-    found[0].1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,6 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use culvert_cni_proto::Response;
+use culvert_tests::scrape::sample;
 use culvert_tests::*;
 
 #[test]
@@ -258,22 +259,6 @@ fn plaintext_is_refused_by_strict_and_allowed_by_permissive() {
         !scrape.contains("connection_security_policy=\"mutual_tls\""),
         "no HBONE was carried here:\n{scrape}"
     );
-}
-
-/// The one sample of `metric` in a Prometheus text scrape whose labels include all of
-/// `labels` (`key="value"`).
-fn sample(scrape: &str, metric: &str, labels: &[&str]) -> f64 {
-    let found: Vec<f64> = scrape
-        .lines()
-        .filter_map(|line| {
-            let rest = line.strip_prefix(metric)?.strip_prefix('{')?;
-            let (set, value) = rest.rsplit_once("} ")?;
-            let matches = labels.iter().all(|l| set.split(',').any(|p| p == *l));
-            matches.then(|| value.parse().ok())?
-        })
-        .collect();
-    assert_eq!(found.len(), 1, "{metric} {labels:?} in:\n{scrape}");
-    found[0]
 }
 
 #[test]

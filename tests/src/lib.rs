@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 
 pub mod inproc;
 pub mod kube;
+pub mod scrape;
 
 /// The `culvert` binary built from this workspace: `$CULVERT_BIN`, or next to the test binary.
 pub fn culvert_bin() -> PathBuf {
