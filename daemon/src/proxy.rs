@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use crate::config::Ports;
 use crate::identity::{self, Id};
-use crate::metrics::{self, Peer, Reporter, SecurityPolicy, Side, TrafficLabels};
+use crate::metrics::{self, Side};
 use crate::redirect::{Listeners, Sockets};
 use crate::state::Store;
 use crate::tls::HandshakeFailure;
@@ -261,33 +261,19 @@ impl Proxy {
         }
     }
 
-    /// The metric labels of an inbound connection to `pod` from `src`: the source is the
-    /// workload the cluster view has at that address, provided it is the identity the source
-    /// proved (when it proved one), and only a proven identity is a principal.
-    fn inbound_labels(&self, pod: &Pod, src: SocketAddr, peer: Option<&Id>) -> TrafficLabels {
+    /// The workloads at both ends of an inbound connection to `pod` from `src`: the source is
+    /// the workload the cluster view has at that address, provided it is the identity the
+    /// source proved (when it proved one).
+    fn inbound_ends(&self, pod: &Pod, src: SocketAddr, peer: Option<&Id>) -> conn::Ends {
         let snapshot = self.state.snapshot();
         let source = snapshot
             .workload_by_ip(src.ip())
             .filter(|w| peer.is_none_or(|id| w.identity == *id));
-        let security = match peer {
-            Some(_) => SecurityPolicy::MutualTls,
-            None => SecurityPolicy::Unknown,
-        };
-        TrafficLabels::new(
-            Reporter::Destination,
-            Peer {
-                workload: source.map(AsRef::as_ref),
-                principal: peer,
-            },
-            Peer {
-                workload: snapshot
-                    .workload(&pod.namespace, &pod.name)
-                    .map(AsRef::as_ref),
-                principal: peer.map(|_| &pod.identity),
-            },
-            None,
-            security,
-        )
+        conn::Ends {
+            source: source.cloned(),
+            destination: snapshot.workload(&pod.namespace, &pod.name).cloned(),
+            service: None,
+        }
     }
 
     /// Until `stop`: whenever the snapshot's policies change, decides every open inbound

@@ -216,6 +216,13 @@ pub struct ServicePort {
     pub endpoints: Vec<SocketAddr>,
 }
 
+impl ServicePort {
+    /// The Service's name in the cluster's DNS, as Istio's telemetry names it.
+    pub fn hostname(&self) -> String {
+        format!("{}.{}.svc.cluster.local", self.service, self.namespace)
+    }
+}
+
 /// A set of namespace names, shared by the snapshots that have the same one.
 pub type Namespaces = Arc<std::collections::BTreeSet<Arc<str>>>;
 

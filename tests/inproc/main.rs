@@ -89,10 +89,10 @@ async fn pods_on_two_nodes_talk_over_hbone_and_the_server_sees_the_client_addres
     assert_eq!(line["transport"], "hbone");
     assert_eq!(line["direction"], "inbound");
     assert_eq!(
-        line["src.id"],
+        line["src.identity"],
         format!("spiffe://cluster.local/ns/{ns}/sa/client")
     );
-    assert_eq!(line["bytes_received"], payload.len());
+    assert_eq!(line["bytes_recv"], payload.len());
     let src: SocketAddr = line["src.addr"].as_str().unwrap().parse().unwrap();
     assert_eq!(src.ip(), t.ip("client"), "the app saw another source");
 }
@@ -431,7 +431,7 @@ async fn after_a_reload_that_changes_a_service_account_tunnels_prove_the_new_ide
     })
     .await;
     assert_eq!(line["transport"], "hbone");
-    assert_eq!(line["dst.id"], want, "{line}");
+    assert_eq!(line["dst.identity"], want, "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,7 +41,7 @@ fn assert_hbone_lines_name(lab: &Lab, src: &str, dst: &str) {
             v["direction"] == direction && v["transport"] == "hbone"
         });
         assert_eq!(
-            (line["src.id"].as_str(), line["dst.id"].as_str()),
+            (line["src.identity"].as_str(), line["dst.identity"].as_str()),
             (Some(src), Some(dst)),
             "node {node}, {direction}"
         );
@@ -400,7 +400,10 @@ fn labelling_a_namespace_enrolls_its_pods_and_removing_the_label_releases_them()
     let line = access_line(&lab, 1, |v| {
         v["direction"] == "inbound" && v["transport"] == "hbone" && v["pod"] == "shop/server"
     });
-    assert_eq!(line["src.id"], "spiffe://cluster.local/ns/shop/sa/client");
+    assert_eq!(
+        line["src.identity"],
+        "spiffe://cluster.local/ns/shop/sa/client"
+    );
 
     cluster.kubectl(&["label", "namespace", "shop", "culvert.io/dataplane-mode-"]);
     for node in [0, 1] {
@@ -483,7 +486,10 @@ spec: {{ clusterIP: 10.96.0.50, ports: [{{ name: http, port: 80, targetPort: htt
         (hbone_to("blue") == 4).then_some(())
     });
     let line = access_line(&lab, 1, |v| v["pod"] == "shop/blue");
-    assert_eq!(line["src.id"], "spiffe://cluster.local/ns/shop/sa/client");
+    assert_eq!(
+        line["src.identity"],
+        "spiffe://cluster.local/ns/shop/sa/client"
+    );
     assert_eq!(line["dst.addr"], format!("{blue}:{ECHO}"));
     assert_eq!(hbone_to("green"), 0, "a not-ready endpoint was used");
 
@@ -548,7 +554,10 @@ endpoints: [{{ addresses: [{server}], targetRef: {{ kind: Pod, name: server, nam
     );
     let line = access_line(&lab, 1, |v| v["pod"] == "shop/server");
     assert_eq!(line["transport"], "hbone");
-    assert_eq!(line["src.id"], "spiffe://cluster.local/ns/shop/sa/client");
+    assert_eq!(
+        line["src.identity"],
+        "spiffe://cluster.local/ns/shop/sa/client"
+    );
 }
 
 #[test]

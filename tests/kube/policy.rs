@@ -182,7 +182,7 @@ spec:
     );
     assert!(refused(&lab, "intruder", to), "the intruder got through");
     let line = access_line(&lab, 1, |v| {
-        v["src.id"] == "spiffe://cluster.local/ns/shop/sa/intruder"
+        v["src.identity"] == "spiffe://cluster.local/ns/shop/sa/intruder"
             && v["reason"] == "policy_denied"
             && v["error"]
                 .as_str()
@@ -204,7 +204,8 @@ spec:
         refused(&lab, "client", to).then_some(())
     });
     access_line(&lab, 1, |v| {
-        v["src.id"] == "spiffe://cluster.local/ns/shop/sa/client" && v["reason"] == "not_allowed"
+        v["src.identity"] == "spiffe://cluster.local/ns/shop/sa/client"
+            && v["reason"] == "not_allowed"
     });
 
     // With the apiserver gone the node keeps enforcing what it last saw.

@@ -76,7 +76,10 @@ fn first_connections_after_add_are_already_redirected() {
     let line = access_line(&lab, 1, |v| {
         v["transport"] == "hbone" && v["pod"] == "demo/server"
     });
-    assert_eq!(line["src.id"], "spiffe://cluster.local/ns/demo/sa/client");
+    assert_eq!(
+        line["src.identity"],
+        "spiffe://cluster.local/ns/demo/sa/client"
+    );
 }
 
 #[test]
@@ -140,7 +143,7 @@ fn add_fails_closed_while_the_daemon_is_down_and_succeeds_once_it_is_back() {
         b"hi"
     );
     access_line(&lab, 1, |v| {
-        v["transport"] == "hbone" && v["src.id"] == "spiffe://cluster.local/ns/shop/sa/cart"
+        v["transport"] == "hbone" && v["src.identity"] == "spiffe://cluster.local/ns/shop/sa/cart"
     });
 }
 
@@ -845,7 +848,7 @@ fn no_stale_or_hostile_cni_call_unwires_a_running_pod() {
     for who in ["client", "other"] {
         access_line(&lab, 1, |v| {
             v["transport"] == "hbone"
-                && v["src.id"] == format!("spiffe://cluster.local/ns/demo/sa/{who}")
+                && v["src.identity"] == format!("spiffe://cluster.local/ns/demo/sa/{who}")
         });
     }
     // The node's own namespace got no pod ruleset (its probe table is another one).

@@ -51,7 +51,7 @@ fn pods_talk_across_nodes_and_on_one_node() {
                 && v["transport"] == "hbone"
                 && v["pod"] == format!("demo/{dst}")
         });
-        assert_eq!(line["src.id"], client_id);
+        assert_eq!(line["src.identity"], client_id);
     }
 }
 
@@ -89,9 +89,12 @@ fn transfers_256_mib_each_way_with_matching_hashes() {
     );
     // The transfers really used the tunnel.
     let line = access_line(&lab, 1, |v| {
-        v["transport"] == "hbone" && v["bytes_received"].as_u64() >= Some(len)
+        v["transport"] == "hbone" && v["bytes_recv"].as_u64() >= Some(len)
     });
-    assert_eq!(line["src.id"], "spiffe://cluster.local/ns/demo/sa/client");
+    assert_eq!(
+        line["src.identity"],
+        "spiffe://cluster.local/ns/demo/sa/client"
+    );
 }
 
 #[test]

@@ -118,7 +118,8 @@ fn node_file_policies_deny_one_principal_and_plaintext_on_one_port_and_close_ope
         "the intruder got through"
     );
     let line = access_line(&lab, 1, |v| {
-        v["src.id"] == "spiffe://cluster.local/ns/demo/sa/intruder" && v.get("policy").is_some()
+        v["src.identity"] == "spiffe://cluster.local/ns/demo/sa/intruder"
+            && v.get("policy").is_some()
     });
     assert_eq!(line["transport"], "hbone");
     assert_eq!(line["reason"], "policy_denied");
@@ -224,7 +225,10 @@ fn an_ingress_takes_tls_from_outside_the_mesh_and_is_the_only_principal_the_stri
         v["direction"] == "inbound" && v["pod"] == "demo/backend" && v.get("error").is_none()
     });
     assert_eq!(line["transport"], "hbone");
-    assert_eq!(line["src.id"], "spiffe://cluster.local/ns/demo/sa/ingress");
+    assert_eq!(
+        line["src.identity"],
+        "spiffe://cluster.local/ns/demo/sa/ingress"
+    );
     let line = access_line(&lab, 0, |v| {
         v["direction"] == "inbound" && v["pod"] == "demo/ingress"
     });
@@ -241,7 +245,7 @@ fn an_ingress_takes_tls_from_outside_the_mesh_and_is_the_only_principal_the_stri
         assert!(refused(&lab, from, to), "{from} reached {to}");
     }
     let line = access_line(&lab, 1, |v| {
-        v["src.id"] == "spiffe://cluster.local/ns/demo/sa/client"
+        v["src.identity"] == "spiffe://cluster.local/ns/demo/sa/client"
     });
     assert_eq!(line["reason"], "not_allowed");
     let line = access_line(&lab, 1, |v| {

@@ -284,7 +284,7 @@ impl Client {
         let ping = connection
             .ping_pong()
             .expect("ping_pong is taken once, here");
-        let span = debug_span!("hbone connection", peer.addr = %peer, dst.id = %req.dst);
+        let span = debug_span!("hbone connection", peer.addr = %peer, dst.identity = %req.dst);
         let (driver_load, idle_timeout) = (load.clone(), self.idle_timeout);
         let (pool, key) = (Arc::downgrade(&self.pool), key(req));
         tokio::spawn(

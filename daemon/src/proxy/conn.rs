@@ -8,8 +8,9 @@ use tokio::time::Instant;
 use super::Pod;
 use crate::hbone::{self, Transfer};
 use crate::identity::Id;
-use crate::metrics::{self, ResponseFlag, TrafficLabels};
+use crate::metrics::{self, Peer, Reporter, ResponseFlag, SecurityPolicy, Service, TrafficLabels};
 use crate::policy;
+use crate::state::{ServicePort, Workload};
 
 /// How a proxied connection ended: a closed set, so a log field or metric label made from it
 /// has bounded values. Built from the typed errors of the layer that decided
@@ -134,9 +135,22 @@ pub(super) struct Record {
     /// The policy (`namespace/name`) that denied the connection, if one did.
     pub(super) policy: Option<Arc<str>>,
     pub(super) pod: Arc<str>,
+    /// For a tunnel: the address of the destination's node it went to.
+    pub(super) hbone_addr: Option<SocketAddr>,
+    /// The workloads at both ends and the Service dialled, once known.
+    ends: Ends,
     /// The connection's share of the TCP metrics, once it is counted.
     metrics: Option<metrics::Connection>,
     start: Instant,
+}
+
+/// The workloads at a connection's two ends as the cluster view knows them, and the Service
+/// the app dialled (known on the source's side only).
+#[derive(Debug, Default)]
+pub(super) struct Ends {
+    pub(super) source: Option<Arc<Workload>>,
+    pub(super) destination: Option<Arc<Workload>>,
+    pub(super) service: Option<Arc<ServicePort>>,
 }
 
 impl Record {
@@ -150,14 +164,49 @@ impl Record {
             dst_id: None,
             policy: None,
             pod: pod.label.clone(),
+            hbone_addr: None,
+            ends: Ends::default(),
             metrics: None,
             start: Instant::now(),
         }
     }
 
-    /// Counts the connection in the TCP metrics from now until it ends.
-    pub(super) fn count(&mut self, tcp: &Arc<metrics::Tcp>, labels: TrafficLabels) {
+    /// Counts the connection in the TCP metrics from now until it ends, between `ends`. Its
+    /// transport and identities must be set: only over HBONE are they principals (the tunnel
+    /// carries nothing unless each side proved its own).
+    pub(super) fn count(&mut self, tcp: &Arc<metrics::Tcp>, ends: Ends) {
+        let mtls = self.transport == Transport::Hbone;
+        let reporter = match self.direction {
+            Direction::Outbound => Reporter::Source,
+            Direction::Inbound => Reporter::Destination,
+        };
+        fn peer<'a>(
+            workload: &'a Option<Arc<Workload>>,
+            id: &'a Option<Id>,
+            mtls: bool,
+        ) -> Peer<'a> {
+            Peer {
+                workload: workload.as_deref(),
+                principal: id.as_ref().filter(|_| mtls),
+            }
+        }
+        let service = ends.service.as_deref().map(|port| Service {
+            namespace: &port.namespace,
+            name: &port.service,
+        });
+        let security = match mtls {
+            true => SecurityPolicy::MutualTls,
+            false => SecurityPolicy::Unknown,
+        };
+        let labels = TrafficLabels::new(
+            reporter,
+            peer(&ends.source, &self.src_id, mtls),
+            peer(&ends.destination, &self.dst_id, mtls),
+            service,
+            security,
+        );
         self.metrics = Some(tcp.open(labels));
+        self.ends = ends;
     }
 
     /// Writes the access-log line for a connection that carried `transfer`: INFO when it
@@ -194,32 +243,47 @@ impl Record {
         error: Option<&(dyn std::error::Error + 'static)>,
     ) {
         let (sent, received) = transfer.map_or((0, 0), |t| (t.sent, t.received));
+        // `sent` is what the proxy read from its local socket: the app that opened the
+        // connection, except on an inbound tunnel, whose local socket is the app it reached.
+        let (request, response) = match (self.direction, self.transport) {
+            (Direction::Inbound, Transport::Hbone) => (received, sent),
+            _ => (sent, received),
+        };
         if let Some(metrics) = self.metrics.take() {
-            // `sent` is what the proxy read from its local socket: the app that opened the
-            // connection, except on an inbound tunnel, whose local socket is the app it reached.
-            let (request, response) = match (self.direction, self.transport) {
-                (Direction::Inbound, Transport::Hbone) => (received, sent),
-                _ => (sent, received),
-            };
             if let (Outcome::Denied(reason), Direction::Inbound) = (outcome, self.direction) {
                 metrics.tcp().denied(reason);
             }
             metrics.close(request, response, outcome.response_flag());
         }
-        let duration_ms = self.start.elapsed().as_millis() as u64;
+        let duration = format!("{}ms", self.start.elapsed().as_millis());
         let (direction, transport) = (self.direction.as_str(), self.transport.as_str());
+        // Only an identity proven in mutual TLS is the source's; the destination's is the one
+        // the pod is served as (inbound) or was required of it (outbound).
         let src_id = self.src_id.as_ref().map(Id::as_str);
         let dst_id = self.dst_id.as_ref().map(Id::as_str);
+        let (src, dst) = (&self.ends.source, &self.ends.destination);
+        let src_workload = src.as_ref().map(|w| &*w.name);
+        let src_namespace = src.as_ref().map(|w| &*w.namespace);
+        let dst_workload = dst.as_ref().map(|w| &*w.name);
+        let dst_namespace = dst.as_ref().map(|w| &*w.namespace);
+        let dst_service = self.ends.service.as_ref().map(|p| p.hostname());
+        let hbone_addr = self.hbone_addr.map(tracing::field::display);
         let policy = self.policy.as_deref();
         match error {
             None => tracing::info!(target: "access", parent: None,
-                direction, transport, pod = &*self.pod, src.addr = %self.src, dst.addr = %self.dst,
-                src.id = src_id, dst.id = dst_id, bytes_sent = sent, bytes_received = received,
-                duration_ms, "connection complete"),
+                direction, transport, pod = &*self.pod, src.addr = %self.src,
+                src.workload = src_workload, src.namespace = src_namespace, src.identity = src_id,
+                dst.addr = %self.dst, dst.hbone_addr = hbone_addr, dst.service = dst_service,
+                dst.workload = dst_workload, dst.namespace = dst_namespace,
+                dst.identity = dst_id, bytes_sent = request, bytes_recv = response, duration,
+                "connection complete"),
             Some(error) => tracing::warn!(target: "access", parent: None,
-                direction, transport, pod = &*self.pod, src.addr = %self.src, dst.addr = %self.dst,
-                src.id = src_id, dst.id = dst_id, bytes_sent = sent, bytes_received = received,
-                duration_ms, reason = outcome.label(), policy, error, "connection failed"),
+                direction, transport, pod = &*self.pod, src.addr = %self.src,
+                src.workload = src_workload, src.namespace = src_namespace, src.identity = src_id,
+                dst.addr = %self.dst, dst.hbone_addr = hbone_addr, dst.service = dst_service,
+                dst.workload = dst_workload, dst.namespace = dst_namespace,
+                dst.identity = dst_id, bytes_sent = request, bytes_recv = response, duration,
+                reason = outcome.label(), policy, error, "connection failed"),
         }
     }
 }

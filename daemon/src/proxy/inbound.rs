@@ -82,7 +82,7 @@ pub(super) async fn plaintext(
             Transport::Plaintext
         };
         record.dst_id = Some(pod.identity.clone());
-        record.count(&proxy.tcp, proxy.inbound_labels(&pod, src, None));
+        record.count(&proxy.tcp, proxy.inbound_ends(&pod, src, None));
         // Held before the decision, so a policy change from now on decides it again. Probes
         // pass whatever the policy, so they are not held.
         let held = (!probe).then(|| proxy.open.hold(&pod, None, src, dst));
@@ -192,16 +192,16 @@ impl hbone::Handler for Hbone {
     async fn handle(&self, incoming: hbone::Incoming) {
         let (src, dst) = (incoming.peer_addr, canonical(incoming.target.0));
         let span = info_span!("inbound", pod = self.pod.label(), src.addr = %src, dst.addr = %dst,
-            src.id = %incoming.peer_id);
+            src.identity = %incoming.peer_id);
         async move {
             let mut record = Record::new(Direction::Inbound, &self.pod, src, dst);
             record.transport = Transport::Hbone;
             record.src_id = Some(incoming.peer_id.clone());
             record.dst_id = Some(self.pod.identity.clone());
-            let labels = self
+            let ends = self
                 .proxy
-                .inbound_labels(&self.pod, src, Some(&incoming.peer_id));
-            record.count(&self.proxy.tcp, labels);
+                .inbound_ends(&self.pod, src, Some(&incoming.peer_id));
+            record.count(&self.proxy.tcp, ends);
             // Held before the decision, so a policy change from now on decides it again.
             let held = self
                 .proxy

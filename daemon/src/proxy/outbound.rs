@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::TcpStream;
 use tracing::{Instrument, info_span};
 
-use super::conn::{Direction, Outcome, Record, Transport};
+use super::conn::{Direction, Ends, Outcome, Record, Transport};
 use super::{Pod, Proxy, Refusal};
 use crate::config::Ports;
 use crate::hbone;
-use crate::metrics::{Peer, Reporter, SecurityPolicy, Service, Side, TrafficLabels};
+use crate::metrics::Side;
 use crate::redirect::{canonical, original_dst_at};
 use crate::state::{Snapshot, Workload};
 
@@ -46,38 +46,17 @@ fn route(snapshot: &Snapshot, dst: SocketAddr, turn: &AtomicUsize) -> Route {
     }
 }
 
-/// The metric labels of `pod`'s connection to `dst`, routed as `route`: over HBONE both ends
-/// are principals (the tunnel carries nothing unless the destination proves the identity it
-/// is asked for); in plain TCP neither is.
-fn labels(snapshot: &Snapshot, pod: &Pod, dst: SocketAddr, route: &Route) -> TrafficLabels {
-    let service = snapshot.service(dst).map(|port| Service {
-        namespace: &port.namespace,
-        name: &port.service,
-    });
-    let source = snapshot
-        .workload(&pod.namespace, &pod.name)
-        .map(AsRef::as_ref);
-    let (destination, security) = match route {
-        Route::Mesh { workload, .. } => (
-            Peer {
-                workload: Some(workload),
-                principal: Some(&workload.identity),
-            },
-            SecurityPolicy::MutualTls,
-        ),
-        Route::Passthrough { target } => (
-            Peer {
-                workload: snapshot.workload_by_ip(target.ip()).map(AsRef::as_ref),
-                principal: None,
-            },
-            SecurityPolicy::Unknown,
-        ),
+/// The workloads at both ends of `pod`'s connection to `dst`, routed as `route`.
+fn ends(snapshot: &Snapshot, pod: &Pod, dst: SocketAddr, route: &Route) -> Ends {
+    let destination = match route {
+        Route::Mesh { workload, .. } => Some(workload.clone()),
+        Route::Passthrough { target } => snapshot.workload_by_ip(target.ip()).cloned(),
     };
-    let source = Peer {
-        workload: source,
-        principal: (security == SecurityPolicy::MutualTls).then_some(&pod.identity),
-    };
-    TrafficLabels::new(Reporter::Source, source, destination, service, security)
+    Ends {
+        source: snapshot.workload(&pod.namespace, &pod.name).cloned(),
+        destination,
+        service: snapshot.service(dst).cloned(),
+    }
 }
 
 /// A connection accepted on the pod's outbound listener: where it was going is its original
@@ -136,13 +115,16 @@ pub(super) async fn handle(
         let mut record = Record::new(Direction::Outbound, &pod, src, dst);
         let snapshot = proxy.state.snapshot();
         let route = route(&snapshot, dst, &proxy.endpoint_turn);
-        record.count(&proxy.tcp, labels(&snapshot, &pod, dst, &route));
+        if let Route::Mesh { target, workload } = &route {
+            record.transport = Transport::Hbone;
+            record.src_id = Some(pod.identity.clone());
+            record.dst_id = Some(workload.identity.clone());
+            record.hbone_addr = Some(SocketAddr::new(target.ip(), proxy.ports.hbone));
+        }
+        record.count(&proxy.tcp, ends(&snapshot, &pod, dst, &route));
         drop(snapshot);
         match route {
             Route::Mesh { target, workload } => {
-                record.transport = Transport::Hbone;
-                record.src_id = Some(pod.identity.clone());
-                record.dst_id = Some(workload.identity.clone());
                 let request = hbone::Request {
                     src: &pod.identity,
                     src_ip: src.ip(),

@@ -156,11 +156,11 @@ fn scenario(lab: &Lab, bytes: usize) -> anyhow::Result<()> {
         .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .context("no HBONE access-log line on the server's node")?;
     println!(
-        "node-b access log      {} -> {} ({} bytes in, {} bytes out)",
-        seen["src.id"].as_str().unwrap_or("?"),
-        seen["dst.id"].as_str().unwrap_or("?"),
-        seen["bytes_received"],
+        "node-b access log      {} -> {} ({} bytes sent, {} received back)",
+        seen["src.identity"].as_str().unwrap_or("?"),
+        seen["dst.identity"].as_str().unwrap_or("?"),
         seen["bytes_sent"],
+        seen["bytes_recv"],
     );
     Ok(())
 }
