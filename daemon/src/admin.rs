@@ -7,7 +7,8 @@
 //! once the daemon serves (discovery synced, running pods rewired) and 503 before that and while
 //! draining; `GET /healthz/live` answers 200 while the runtime runs. Metrics
 //! (`--metrics-addr`, :15020): `GET /metrics` and `/stats/prometheus`, in the Prometheus text
-//! format, or OpenMetrics when the scraper asks for it.
+//! format, or OpenMetrics when the scraper asks for it. `/logging` on the admin address reads
+//! and changes the log filter.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -26,6 +27,7 @@ use tracing::{debug, info};
 use crate::cni::Registry;
 use crate::metrics::Metrics;
 use crate::state::Store;
+use crate::telemetry::Filter;
 
 /// What the endpoints read.
 pub struct Admin {
@@ -75,6 +77,9 @@ impl Admin {
     }
 
     fn answer(&self, req: &Request<Incoming>, surface: Surface) -> Response<Full<Bytes>> {
+        if surface == Surface::Admin && req.uri().path() == "/logging" {
+            return logging(req);
+        }
         if req.method() != Method::GET {
             return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
         }
@@ -207,6 +212,45 @@ pub async fn serve(
         }
     });
     Ok(local)
+}
+
+/// `GET /logging`: the log filter in force. `POST /logging?level=<filter>` replaces it
+/// (`RUST_LOG` syntax: `info,culvert::proxy=debug`); `POST /logging?reset` puts back the one
+/// the daemon started with. Each answers with the filter then in force.
+fn logging(req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let Some(filter) = Filter::installed() else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no log subscriber installed\n",
+        );
+    };
+    let changed = match *req.method() {
+        Method::GET => Ok(()),
+        Method::POST => {
+            let query = req.uri().query().unwrap_or_default();
+            let mut pairs = form_urlencoded::parse(query.as_bytes());
+            match pairs.next() {
+                Some((key, level)) if key == "level" => filter.set(&level),
+                Some((key, _)) if key == "reset" => filter.reset(),
+                _ => Err(anyhow::anyhow!("POST /logging?level=<filter> or ?reset")),
+            }
+        }
+        _ => Err(anyhow::anyhow!("GET or POST only")),
+    };
+    match changed {
+        Ok(()) => {
+            if *req.method() == Method::POST {
+                info!(filter = filter.current(), "log filter changed");
+            }
+            json_response(&json!({ "filter": filter.current() }))
+        }
+        Err(e) => {
+            let body = Bytes::from(format!("{e:#}\n"));
+            let mut response = Response::new(Full::new(body));
+            *response.status_mut() = StatusCode::BAD_REQUEST;
+            response
+        }
+    }
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -739,3 +739,108 @@ async fn ten_thousand_connections_from_distinct_ports_add_no_series() {
         (total + 1) as f64
     );
 }
+
+/// `method path` on `addr`, HTTP/1.1: status and body.
+async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: culvert\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (
+        head.split(' ').nth(1).unwrap().parse().unwrap(),
+        body.to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_filter_is_read_and_changed_through_the_admin_api() {
+    use std::io::BufRead as _;
+    let t = Topology::new("logging", &[]);
+    let config = t.dir.path().join("node.yaml");
+    std::fs::write(&config, t.node_file(0)).unwrap();
+    let mut daemon = std::process::Command::new(culvert_tests::culvert_bin())
+        .args(["--log-format=json", "node", "--config"])
+        .arg(&config)
+        .arg("--cni-socket")
+        .arg(t.dir.path().join("node.sock"))
+        .arg("--state-dir")
+        .arg(t.dir.path().join("state"))
+        .args([
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--readiness-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .env("CULVERT_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The daemon's log lines, as they come.
+    let (lines, mut log) = tokio::sync::mpsc::unbounded_channel::<serde_json::Value>();
+    let stderr = daemon.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(value) = serde_json::from_str(&line) {
+                let _ = lines.send(value);
+            }
+        }
+    });
+    let mut next = async |what: &str, matches: &dyn Fn(&serde_json::Value) -> bool| loop {
+        let line = tokio::time::timeout(Duration::from_secs(10), log.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no {what} logged"))
+            .unwrap_or_else(|| panic!("the daemon exited before logging {what}"));
+        if matches(&line) {
+            return line;
+        }
+    };
+    let listening = next("the admin address", &|l| {
+        l["message"] == "listening" && l["what"] == "admin"
+    })
+    .await;
+    let admin: SocketAddr = listening["addr"].as_str().unwrap().parse().unwrap();
+    next("ready", &|l| l["message"] == "ready").await;
+
+    let filter =
+        |body: &str| serde_json::from_str::<serde_json::Value>(body).unwrap()["filter"].clone();
+    let (status, body) = http(admin, "GET", "/logging").await;
+    assert_eq!((status, filter(&body)), (200, "info".into()));
+    // Raised to warn, the change's own INFO line is filtered out ...
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/logging?level=warn%2Cculvert%3A%3Aproxy%3Dwarn",
+    )
+    .await;
+    assert_eq!(
+        (status, filter(&body)),
+        (200, "warn,culvert::proxy=warn".into())
+    );
+    // ... a malformed filter is refused and changes nothing ...
+    let (status, body) = http(admin, "POST", "/logging?level=culvert%3Dloud").await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        filter(&http(admin, "GET", "/logging").await.1),
+        "warn,culvert::proxy=warn"
+    );
+    assert_eq!(http(admin, "PUT", "/logging").await.0, 400);
+    // ... and once reset, the next change is logged again: the first line since the change
+    // to warn, so nothing between was let through.
+    let (status, body) = http(admin, "POST", "/logging?reset").await;
+    assert_eq!((status, filter(&body)), (200, "info".into()));
+    let changed = next("a line after the reset", &|_| true).await;
+    assert_eq!(changed["message"], "log filter changed", "{changed}");
+    assert_eq!(changed["filter"], "info");
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+}
