@@ -138,6 +138,8 @@ impl Admin {
             .pods
             .wired
             .set(wired.try_into().unwrap_or(i64::MAX));
+        let held = self.registry.certificates().expiries();
+        self.metrics.certificates.set_expiries(&held);
         let openmetrics = req
             .headers()
             .get_all(http::header::ACCEPT)

@@ -115,6 +115,7 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
     let state = Arc::new(Store::new(std::mem::take(&mut file.snapshot)));
     let ports = args.ports.into();
     let metrics = Arc::new(Metrics::new());
+    certs.count_into(metrics.certificates.clone());
     let proxy = Arc::new(Proxy::new(
         state.clone(),
         certs.clone(),

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub tcp: Arc<Tcp>,
     /// The registrations': CNI requests, wired pods, restored rules.
     pub pods: Arc<Pods>,
+    pub certificates: Arc<Certificates>,
 }
 
 impl Metrics {
@@ -34,6 +35,7 @@ impl Metrics {
         let mut registry = Registry::default();
         let culvert = registry.sub_registry_with_prefix("culvert");
         let pods = Arc::new(Pods::register(culvert));
+        let certificates = Arc::new(Certificates::register(culvert));
         let (handshake_failures, denials) = (Family::default(), Family::default());
         culvert.register(
             "hbone_handshake_failures",
@@ -59,6 +61,7 @@ impl Metrics {
             registry,
             tcp,
             pods,
+            certificates,
         }
     }
 
@@ -268,6 +271,70 @@ struct ReasonLabel {
 struct CniLabels {
     command: &'static str,
     result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FetchLabels {
+    /// `issue` (a first certificate for an identity) or `renew`.
+    kind: &'static str,
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentityLabel {
+    identity: String,
+}
+
+/// The node's certificates: what the CA was asked for, and how long each held one has left.
+pub struct Certificates {
+    fetches: Family<FetchLabels, Counter>,
+    expiry: Family<IdentityLabel, Gauge>,
+}
+
+impl Certificates {
+    fn register(registry: &mut Registry) -> Self {
+        let certificates = Self {
+            fetches: Family::default(),
+            expiry: Family::default(),
+        };
+        registry.register(
+            "certificate_requests",
+            "Certificates asked of the CA, by kind (issue, renew) and result",
+            certificates.fetches.clone(),
+        );
+        registry.register(
+            "certificate_expiry_seconds",
+            "Seconds until each held certificate expires, by identity (negative once expired)",
+            certificates.expiry.clone(),
+        );
+        certificates
+    }
+
+    /// Counts a certificate asked of the CA: a renewal or a first issue, and whether it came.
+    pub fn fetched(&self, renewal: bool, ok: bool) {
+        let kind = if renewal { "renew" } else { "issue" };
+        let result = if ok { "ok" } else { "failed" };
+        self.fetches
+            .get_or_create(&FetchLabels { kind, result })
+            .inc();
+    }
+
+    /// Replaces the expiry series with `held` (identity, expiry): one per identity held now
+    /// (local pods' service accounts), so the series follow the pods.
+    pub fn set_expiries(&self, held: &[(Id, std::time::SystemTime)]) {
+        let now = std::time::SystemTime::now();
+        self.expiry.clear();
+        for (id, not_after) in held {
+            let left = match not_after.duration_since(now) {
+                Ok(left) => left.as_secs() as i64,
+                Err(past) => -(past.duration().as_secs() as i64),
+            };
+            let labels = IdentityLabel {
+                identity: id.as_str().to_owned(),
+            };
+            self.expiry.get_or_create(&labels).set(left);
+        }
+    }
 }
 
 /// What the registrations do: CNI requests, pods wired and not, rules put back.
@@ -643,5 +710,42 @@ mod tests {
     #[test]
     fn openmetrics_output_ends_with_eof() {
         assert!(Metrics::new().encode_openmetrics().ends_with("# EOF\n"));
+    }
+}
+
+#[cfg(test)]
+mod certificate_tests {
+    use super::*;
+
+    #[test]
+    fn held_certificates_read_as_seconds_to_expiry_and_follow_the_held_set() {
+        let metrics = Metrics::new();
+        let id = |sa: &str| Id::new("cluster.local", "shop", sa).unwrap();
+        let now = std::time::SystemTime::now();
+        let hour = std::time::Duration::from_secs(3600);
+        metrics
+            .certificates
+            .set_expiries(&[(id("a"), now + hour), (id("b"), now - hour)]);
+        let text = metrics.encode_text();
+        let line = |sa: &str| {
+            let prefix = format!(
+                "culvert_certificate_expiry_seconds{{identity=\"spiffe://cluster.local/ns/shop/sa/{sa}\"}} "
+            );
+            text.lines()
+                .find_map(|l| l.strip_prefix(&prefix)?.parse::<i64>().ok())
+        };
+        assert!(
+            line("a").is_some_and(|s| (3590..=3600).contains(&s)),
+            "{text}"
+        );
+        assert!(
+            line("b").is_some_and(|s| (-3601..=-3599).contains(&s)),
+            "{text}"
+        );
+        metrics.certificates.set_expiries(&[(id("a"), now + hour)]);
+        assert!(
+            !metrics.encode_text().contains("sa/b"),
+            "a released identity stays"
+        );
     }
 }

@@ -603,6 +603,19 @@ async fn both_nodes_count_a_known_transfer_under_istio_metric_names() {
         );
         assert!(scrape.contains("istio_build{component=\"ztunnel\""));
     }
+    // Each node holds its pod's certificate, and got it at the first ask.
+    for (node, pod) in [(&a, "client"), (&b, "server")] {
+        let (_, scrape) = get(node.node.metrics_addr, "/metrics").await;
+        let identity = format!("identity=\"spiffe://cluster.local/ns/{ns}/sa/{pod}\"");
+        let left = sample(&scrape, "culvert_certificate_expiry_seconds", &[&identity]);
+        assert!(left > 60.0, "{pod}'s certificate expires in {left} s");
+        let issued = ["kind=\"issue\"", "result=\"ok\""];
+        assert_eq!(
+            sample(&scrape, "culvert_certificate_requests_total", &issued),
+            1.0
+        );
+        assert_eq!(sample(&scrape, "culvert_pods_wired", &[]), 1.0);
+    }
     // Only the source knows the Service the app dialled.
     let (_, scrape) = get(a.node.metrics_addr, "/stats/prometheus").await;
     let service = format!("destination_service=\"echo.{ns}.svc.cluster.local\"");

@@ -813,6 +813,11 @@ impl Registry {
         pods
     }
 
+    /// The certificates the wired pods are served with.
+    pub fn certificates(&self) -> &Arc<identity::Cache> {
+        &self.deps.certs
+    }
+
     /// The wired pod `namespace/name`, as the data path serves it.
     pub fn pod(&self, namespace: &str, name: &str) -> Option<Arc<Pod>> {
         let wired = self.wired.lock().expect("pods lock poisoned");

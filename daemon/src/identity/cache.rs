@@ -31,6 +31,8 @@ pub struct Cache {
     fetching: Mutex<HashMap<Id, Arc<Mutex<()>>>>,
     /// Wakes the renewal loops after [`Cache::reissue_all`].
     reissued: tokio::sync::Notify,
+    /// Where issuances are counted, once the node's metrics exist.
+    metrics: std::sync::OnceLock<Arc<crate::metrics::Certificates>>,
 }
 
 /// Whether a fetched certificate replaces a held one only, or may be the first.
@@ -90,7 +92,22 @@ impl Cache {
             roots_from_issuance,
             fetching: Mutex::default(),
             reissued: tokio::sync::Notify::new(),
+            metrics: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Counts issuances and renewals in `metrics` from now on (once).
+    pub fn count_into(&self, metrics: Arc<crate::metrics::Certificates>) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    /// Every held identity with its certificate's expiry.
+    pub fn expiries(&self) -> Vec<(Id, SystemTime)> {
+        let certs = self.certs.read().expect("cert cache lock poisoned");
+        certs
+            .iter()
+            .map(|(id, c)| (id.clone(), c.not_after))
+            .collect()
     }
 
     /// The current certificate for `id`, if one has been fetched and has not expired.
@@ -171,8 +188,14 @@ impl Cache {
     }
 
     async fn fetch(&self, id: &Id, when: Install) -> Result<(), Error> {
-        let issued = self.source.issue(id).await?;
-        if let Some(cert) = self.install(id, issued, when)? {
+        let installed = match self.source.issue(id).await {
+            Ok(issued) => self.install(id, issued, when),
+            Err(e) => Err(e),
+        };
+        if let Some(metrics) = self.metrics.get() {
+            metrics.fetched(when == Install::IfHeld, installed.is_ok());
+        }
+        if let Some(cert) = installed? {
             info!(id = %id, not_after = ?cert.not_after, "certificate issued");
         }
         Ok(())
