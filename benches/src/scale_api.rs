@@ -431,7 +431,8 @@ pub(crate) fn child(source: &str, arg: &str) -> anyhow::Result<()> {
             let stop = tokio_util::sync::CancellationToken::new();
             let baseline = rss_mib()?;
             let started = Instant::now();
-            let watches = Watches::start(&client, "cluster.local", &stop);
+            let metrics = culvert::metrics::Metrics::new();
+            let watches = Watches::start(&client, "cluster.local", &metrics.discovery, &stop);
             watches.synced(&client).await;
             let mut snapshot = watches.snapshot(&settings).await;
             report(baseline, started, snapshot.workload_count())?;

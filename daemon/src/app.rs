@@ -173,7 +173,7 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
         });
         // Until the first full list, the daemon knows no enrollment: registrations wait (the
         // plugin fails closed from the last recorded state) rather than admit pods unwired.
-        let watches = Watches::start(&client, &file.trust_domain, &stop);
+        let watches = Watches::start(&client, &file.trust_domain, &metrics.discovery, &stop);
         info!("waiting for the Kubernetes API's first lists");
         watches.synced(&client).await;
         let first = rx.borrow().clone();

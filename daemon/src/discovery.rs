@@ -25,6 +25,7 @@ mod istio;
 pub mod objects;
 mod view;
 
+use crate::metrics;
 use crate::policy::{self, Policies};
 use crate::state::{Interner, PeerAuthentication, Snapshot};
 use istio::Istio;
@@ -386,12 +387,16 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Clie
 impl Watches {
     /// Starts one watch per kind, cluster-wide, until `stop`. Pods' identities are in
     /// `trust_domain`.
-    pub fn start(client: &Client, trust_domain: &str, stop: &CancellationToken) -> Self {
+    /// Events, relists and watch errors are counted in `metrics`.
+    pub fn start(
+        client: &Client,
+        trust_domain: &str,
+        metrics: &Arc<metrics::Discovery>,
+        stop: &CancellationToken,
+    ) -> Self {
         let changed = Arc::new(Notify::new());
         let cluster = Arc::new(Cluster::new(trust_domain));
-        let records = |spawn: fn(&Client, &Arc<Cluster>, &Arc<Notify>, &CancellationToken) -> _| {
-            spawn(client, &cluster, &changed, stop)
-        };
+        let records = |spawn: Spawn| spawn(client, &cluster, &changed, metrics, stop);
         let listed = [
             records(spawn_records::<PodRecord>),
             records(spawn_records::<NamespaceRecord>),
@@ -499,6 +504,15 @@ fn watch_failed(kind: &str, error: &watcher::Error) {
     }
 }
 
+/// [`spawn_records`] for one kind.
+type Spawn = fn(
+    &Client,
+    &Arc<Cluster>,
+    &Arc<Notify>,
+    &Arc<metrics::Discovery>,
+    &CancellationToken,
+) -> watch::Receiver<bool>;
+
 /// Watches every `R::Object` in the cluster into `cluster`'s records; notifies `changed`
 /// after every change (a relist's objects count once, when it is complete). The receiver
 /// turns true once the first list is in.
@@ -506,9 +520,11 @@ fn spawn_records<R: Record>(
     client: &Client,
     cluster: &Arc<Cluster>,
     changed: &Arc<Notify>,
+    metrics: &Arc<metrics::Discovery>,
     stop: &CancellationToken,
 ) -> watch::Receiver<bool> {
     let kind = R::Object::kind(&()).into_owned();
+    let metrics = metrics.kind(&kind);
     debug!(%kind, "watching");
     let (listed, listed_rx) = watch::channel(false);
     let events = watcher(
@@ -531,8 +547,12 @@ fn spawn_records<R: Record>(
                         watcher::Event::Init | watcher::Event::InitApply(_) => (false, false),
                         _ => (true, false),
                     };
+                    if !matches!(event, watcher::Event::Init | watcher::Event::InitDone) {
+                        metrics.event();
+                    }
                     cluster.apply::<R>(event).await;
                     if relist {
+                        metrics.relisted();
                         info!(%kind, "relisted");
                     }
                     if done {
@@ -540,7 +560,10 @@ fn spawn_records<R: Record>(
                         changed.notify_one();
                     }
                 }
-                Some(Err(e)) => watch_failed(&kind, &e),
+                Some(Err(e)) => {
+                    metrics.failed();
+                    watch_failed(&kind, &e);
+                }
                 None => return,
             }
         }

@@ -28,6 +28,7 @@ pub struct Metrics {
     /// The registrations': CNI requests, wired pods, restored rules.
     pub pods: Arc<Pods>,
     pub certificates: Arc<Certificates>,
+    pub discovery: Arc<Discovery>,
 }
 
 impl Metrics {
@@ -36,6 +37,7 @@ impl Metrics {
         let culvert = registry.sub_registry_with_prefix("culvert");
         let pods = Arc::new(Pods::register(culvert));
         let certificates = Arc::new(Certificates::register(culvert));
+        let discovery = Arc::new(Discovery::register(culvert));
         let (handshake_failures, denials) = (Family::default(), Family::default());
         culvert.register(
             "hbone_handshake_failures",
@@ -62,6 +64,7 @@ impl Metrics {
             tcp,
             pods,
             certificates,
+            discovery,
         }
     }
 
@@ -334,6 +337,81 @@ impl Certificates {
             };
             self.expiry.get_or_create(&labels).set(left);
         }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+/// What the Kubernetes watches receive.
+pub struct Discovery {
+    events: Family<KindLabel, Counter>,
+    relists: Family<KindLabel, Counter>,
+    errors: Family<KindLabel, Counter>,
+}
+
+impl Discovery {
+    fn register(registry: &mut Registry) -> Self {
+        let discovery = Self {
+            events: Family::default(),
+            relists: Family::default(),
+            errors: Family::default(),
+        };
+        let families = [
+            (
+                &discovery.events,
+                "events",
+                "Objects received from the API (listed or watched)",
+            ),
+            (
+                &discovery.relists,
+                "relists",
+                "Full lists after the first (a watch expired)",
+            ),
+            (
+                &discovery.errors,
+                "watch_errors",
+                "Watch and list failures, each retried",
+            ),
+        ];
+        for (family, what, help) in families {
+            let help = format!("{help}, by kind");
+            registry.register(format!("discovery_{what}"), help, family.clone());
+        }
+        discovery
+    }
+
+    /// The counters of one watched kind (`Pod`, `Service`, ...).
+    pub fn kind(&self, kind: &str) -> WatchedKind {
+        let labels = KindLabel { kind: kind.into() };
+        WatchedKind {
+            events: self.events.get_or_create(&labels).clone(),
+            relists: self.relists.get_or_create(&labels).clone(),
+            errors: self.errors.get_or_create(&labels).clone(),
+        }
+    }
+}
+
+/// One watched kind's counters.
+pub struct WatchedKind {
+    events: Counter,
+    relists: Counter,
+    errors: Counter,
+}
+
+impl WatchedKind {
+    pub fn event(&self) {
+        self.events.inc();
+    }
+
+    pub fn relisted(&self) {
+        self.relists.inc();
+    }
+
+    pub fn failed(&self) {
+        self.errors.inc();
     }
 }
 

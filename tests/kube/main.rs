@@ -628,6 +628,24 @@ fn traffic_keeps_flowing_while_the_apiserver_is_down_and_expired_watches_relist_
         );
     }
     let relisted_at = lab.log(0).len();
+    // The metrics count the outage and the relists, per kind, and the objects received
+    // (this cluster has no EndpointSlice: no controller runs).
+    let scrape = lab.metrics(0).unwrap();
+    let count = |metric: &str, kind: &str| {
+        let (metric, kind) = (
+            format!("culvert_discovery_{metric}_total"),
+            format!("kind=\"{kind}\""),
+        );
+        culvert_tests::scrape::sample(&scrape, &metric, &[&kind])
+    };
+    for kind in ["Pod", "Namespace", "Service", "EndpointSlice"] {
+        assert!(count("relists", kind) >= 1.0, "{kind} relists");
+        assert!(count("watch_errors", kind) >= 1.0, "{kind} watch errors");
+    }
+    for kind in ["Pod", "Namespace", "Service"] {
+        assert!(count("events", kind) >= 1.0, "{kind} events");
+    }
+    assert_eq!(count("events", "EndpointSlice"), 0.0);
     // The relist dropped what went and nothing else: no store was emptied on the way.
     eventually("node 1 to release the deleted pod", WAIT, || {
         (wired(&lab, 1) == ["shop/server"]).then_some(())
