@@ -140,6 +140,7 @@ impl Admin {
             .set(wired.try_into().unwrap_or(i64::MAX));
         let held = self.registry.certificates().expiries();
         self.metrics.certificates.set_expiries(&held);
+        self.metrics.hbone.set(self.registry.proxy().hbone_load());
         let openmetrics = req
             .headers()
             .get_all(http::header::ACCEPT)

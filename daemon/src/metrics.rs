@@ -29,6 +29,7 @@ pub struct Metrics {
     pub pods: Arc<Pods>,
     pub certificates: Arc<Certificates>,
     pub discovery: Arc<Discovery>,
+    pub hbone: Hbone,
 }
 
 impl Metrics {
@@ -38,6 +39,7 @@ impl Metrics {
         let pods = Arc::new(Pods::register(culvert));
         let certificates = Arc::new(Certificates::register(culvert));
         let discovery = Arc::new(Discovery::register(culvert));
+        let hbone = Hbone::register(culvert);
         let (handshake_failures, denials) = (Family::default(), Family::default());
         culvert.register(
             "hbone_handshake_failures",
@@ -65,6 +67,7 @@ impl Metrics {
             pods,
             certificates,
             discovery,
+            hbone,
         }
     }
 
@@ -336,6 +339,49 @@ impl Certificates {
                 identity: id.as_str().to_owned(),
             };
             self.expiry.get_or_create(&labels).set(left);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+/// HBONE connections and streams held now, each way.
+pub struct Hbone {
+    connections: Family<DirectionLabel, Gauge>,
+    streams: Family<DirectionLabel, Gauge>,
+}
+
+impl Hbone {
+    fn register(registry: &mut Registry) -> Self {
+        let hbone = Self {
+            connections: Family::default(),
+            streams: Family::default(),
+        };
+        registry.register(
+            "hbone_connections",
+            "HBONE connections open now: outbound (pooled, to peers) and inbound (from peers)",
+            hbone.connections.clone(),
+        );
+        registry.register(
+            "hbone_streams",
+            "HBONE streams (tunnels) open now, by direction",
+            hbone.streams.clone(),
+        );
+        hbone
+    }
+
+    /// Sets the gauges from `[outbound, inbound]` `(connections, streams)`.
+    pub fn set(&self, load: [(usize, usize); 2]) {
+        for (direction, (connections, streams)) in ["outbound", "inbound"].into_iter().zip(load) {
+            let labels = DirectionLabel { direction };
+            let gauge = |n: usize| n.try_into().unwrap_or(i64::MAX);
+            self.connections
+                .get_or_create(&labels)
+                .set(gauge(connections));
+            self.streams.get_or_create(&labels).set(gauge(streams));
         }
     }
 }

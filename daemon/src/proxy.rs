@@ -300,6 +300,13 @@ impl Proxy {
         }
     }
 
+    /// HBONE connections and streams held now: `(outbound, inbound)` pairs of
+    /// `(connections, streams)`.
+    pub fn hbone_load(&self) -> [(usize, usize); 2] {
+        let held = |peers: &Peers| peers.held.lock().expect("peers lock poisoned").0;
+        [self.hbone.load(), (held(&self.peers), held(&self.streams))]
+    }
+
     /// How many captured connections were refused for `refusal` since start.
     pub fn refused(&self, refusal: Refusal) -> u64 {
         match refusal {

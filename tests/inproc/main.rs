@@ -615,7 +615,20 @@ async fn both_nodes_count_a_known_transfer_under_istio_metric_names() {
             1.0
         );
         assert_eq!(sample(&scrape, "culvert_pods_wired", &[]), 1.0);
+        // The tunnel is closed; its connection stays pooled on the client's node.
+        let streams = sample(
+            &scrape,
+            "culvert_hbone_streams",
+            &["direction=\"outbound\""],
+        );
+        assert_eq!(streams, 0.0);
     }
+    let (_, scrape) = get(a.node.metrics_addr, "/metrics").await;
+    let outbound = ["direction=\"outbound\""];
+    assert_eq!(sample(&scrape, "culvert_hbone_connections", &outbound), 1.0);
+    let (_, scrape) = get(b.node.metrics_addr, "/metrics").await;
+    let inbound = ["direction=\"inbound\""];
+    assert_eq!(sample(&scrape, "culvert_hbone_connections", &inbound), 1.0);
     // Only the source knows the Service the app dialled.
     let (_, scrape) = get(a.node.metrics_addr, "/stats/prometheus").await;
     let service = format!("destination_service=\"echo.{ns}.svc.cluster.local\"");

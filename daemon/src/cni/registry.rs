@@ -813,6 +813,11 @@ impl Registry {
         pods
     }
 
+    /// The data path the wired pods are served by.
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.deps.proxy
+    }
+
     /// The certificates the wired pods are served with.
     pub fn certificates(&self) -> &Arc<identity::Cache> {
         &self.deps.certs

@@ -155,6 +155,23 @@ impl Client {
         self
     }
 
+    /// The pool's open connections and the streams they carry now.
+    pub fn load(&self) -> (usize, usize) {
+        let slots: Vec<Arc<Slot>> = {
+            let pool = self.pool.lock().expect("pool lock poisoned");
+            pool.values().cloned().collect()
+        };
+        let mut load = (0, 0);
+        for slot in slots {
+            let conns = slot.conns.lock().expect("pool lock poisoned");
+            for conn in conns.iter().filter(|c| !c.load.closed()) {
+                load.0 += 1;
+                load.1 += conn.load.streams.load(Ordering::Acquire);
+            }
+        }
+        load
+    }
+
     /// Pool keys with connections (for tests and status).
     pub fn pooled_keys(&self) -> usize {
         self.pool.lock().expect("pool lock poisoned").len()
