@@ -133,7 +133,7 @@ impl Admin {
 
     /// The metrics, as OpenMetrics when the scraper accepts it, else the Prometheus text format.
     fn scrape(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-        let wired = self.registry.list().len();
+        let wired = self.registry.wired_count();
         self.metrics
             .pods
             .wired

@@ -17,7 +17,7 @@ use prometheus_client::registry::Registry;
 
 use crate::identity::Id;
 use crate::policy;
-use crate::state::Workload;
+use crate::state::{ServicePort, Workload};
 use crate::tls::HandshakeFailure;
 
 /// The node's metrics and the registry that encodes them.
@@ -651,13 +651,6 @@ pub struct Peer<'a> {
     pub principal: Option<&'a Id>,
 }
 
-/// The Service a connection was addressed to, if it was.
-#[derive(Debug, Clone, Copy)]
-pub struct Service<'a> {
-    pub namespace: &'a str,
-    pub name: &'a str,
-}
-
 /// The name Istio gives every workload's cluster when it runs in one.
 const CLUSTER: &str = "Kubernetes";
 
@@ -666,7 +659,7 @@ impl TrafficLabels {
         reporter: Reporter,
         source: Peer<'_>,
         destination: Peer<'_>,
-        service: Option<Service<'_>>,
+        service: Option<&ServicePort>,
         security: SecurityPolicy,
     ) -> Self {
         let workload = |p: &Peer<'_>| p.workload.map(|w| Value::from(&w.workload_name));
@@ -689,12 +682,12 @@ impl TrafficLabels {
             source_version: revision_source.unwrap_or_default(),
             source_cluster: cluster(&source).unwrap_or_default(),
             destination_service: service
-                .map(|s| Value::of(&format!("{}.{}.svc.cluster.local", s.name, s.namespace)))
+                .map(|s| Value::of(&s.hostname()))
                 .unwrap_or_default(),
             destination_service_namespace: service
-                .map(|s| Value::of(s.namespace))
+                .map(|s| Value::from(&s.namespace))
                 .unwrap_or_default(),
-            destination_service_name: service.map(|s| Value::of(s.name)).unwrap_or_default(),
+            destination_service_name: service.map(|s| Value::from(&s.service)).unwrap_or_default(),
             destination_workload: workload(&destination).unwrap_or_default(),
             destination_canonical_service: canonical_destination.clone().unwrap_or_default(),
             destination_canonical_revision: revision_destination.clone().unwrap_or_default(),
@@ -761,9 +754,10 @@ mod tests {
                 workload: Some(&server),
                 principal: Some(&server.identity),
             },
-            Some(Service {
-                namespace: "shop",
-                name: "db",
+            Some(&ServicePort {
+                service: "db".into(),
+                namespace: "shop".into(),
+                endpoints: vec![],
             }),
             SecurityPolicy::MutualTls,
         );

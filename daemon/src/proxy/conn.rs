@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use super::Pod;
 use crate::hbone::{self, Transfer};
 use crate::identity::Id;
-use crate::metrics::{self, Peer, Reporter, ResponseFlag, SecurityPolicy, Service, TrafficLabels};
+use crate::metrics::{self, Peer, Reporter, ResponseFlag, SecurityPolicy, TrafficLabels};
 use crate::policy;
 use crate::state::{ServicePort, Workload};
 
@@ -190,10 +190,6 @@ impl Record {
                 principal: id.as_ref().filter(|_| mtls),
             }
         }
-        let service = ends.service.as_deref().map(|port| Service {
-            namespace: &port.namespace,
-            name: &port.service,
-        });
         let security = match mtls {
             true => SecurityPolicy::MutualTls,
             false => SecurityPolicy::Unknown,
@@ -202,7 +198,7 @@ impl Record {
             reporter,
             peer(&ends.source, &self.src_id, mtls),
             peer(&ends.destination, &self.dst_id, mtls),
-            service,
+            ends.service.as_deref(),
             security,
         );
         self.metrics = Some(tcp.open(labels));
