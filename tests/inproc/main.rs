@@ -279,7 +279,8 @@ fn a_sighup_while_the_daemon_starts_neither_kills_it_nor_stops_it_becoming_ready
                 "exited before it started"
             );
             assert!(
-                started.elapsed() < Duration::from_secs(5),
+                // A bound on a hang, not a timing: a loaded 2-core machine starts it slowly.
+                started.elapsed() < Duration::from_secs(30),
                 "never blocked SIGHUP"
             );
             std::thread::yield_now();
@@ -704,8 +705,21 @@ async fn a_failed_tunnel_is_counted_with_its_flag() {
             })
             .count()
     };
-    assert_eq!(logged("TLS handshake with an HBONE peer failed"), 1);
-    assert_eq!(logged("TLS handshake from an HBONE peer failed"), 1);
+    // Each side logs its failure once; a missing line names what the process did log.
+    for message in [
+        "TLS handshake with an HBONE peer failed",
+        "TLS handshake from an HBONE peer failed",
+    ] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while logged(message) == 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let seen: Vec<_> = logs()
+            .into_iter()
+            .filter(|l| l["message"] == message)
+            .collect();
+        assert_eq!(logged(message), 1, "{message}: lines with it: {seen:#?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
