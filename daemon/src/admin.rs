@@ -3,7 +3,8 @@
 //!
 //! Admin (`--admin-addr`, 127.0.0.1:15000): `GET /workloads` (every workload the node knows,
 //! with its enrollment), `GET /services` (VIPs and their ready endpoints), `GET /pods` (pods
-//! wired on this node). Probes (`--readiness-addr`, :15021): `GET /healthz/ready` answers 200
+//! wired on this node), `GET /policies`, `GET /config_dump` (the node's state in the schema
+//! `istioctl ztunnel-config` reads), `GET /connections` (every connection carried now). Probes (`--readiness-addr`, :15021): `GET /healthz/ready` answers 200
 //! once the daemon serves (discovery synced, running pods rewired) and 503 before that and while
 //! draining; `GET /healthz/live` answers 200 while the runtime runs. Metrics
 //! (`--metrics-addr`, :15020): `GET /metrics` and `/stats/prometheus`, in the Prometheus text
@@ -23,6 +24,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
+
+mod dump;
 
 use crate::cni::Registry;
 use crate::metrics::Metrics;
@@ -116,6 +119,11 @@ impl Admin {
                 json_response(&services)
             }
             ("/pods", _) if admin => json_response(&self.registry.list()),
+            ("/config_dump", _) if admin => {
+                let snapshot = self.state.snapshot();
+                json_response(&dump::build(&snapshot, &self.registry))
+            }
+            ("/connections", _) if admin => json_response(&dump::connections(&self.registry)),
             ("/policies", _) if admin => {
                 // Selections among this node's wired pods.
                 let snapshot = self.state.snapshot();

@@ -17,7 +17,7 @@ use prometheus_client::registry::Registry;
 
 use crate::identity::Id;
 use crate::policy;
-use crate::state::{ServicePort, Workload};
+use crate::state::{CLUSTER_ID, ServicePort, Workload};
 use crate::tls::HandshakeFailure;
 
 /// The node's metrics and the registry that encodes them.
@@ -651,9 +651,6 @@ pub struct Peer<'a> {
     pub principal: Option<&'a Id>,
 }
 
-/// The name Istio gives every workload's cluster when it runs in one.
-const CLUSTER: &str = "Kubernetes";
-
 impl TrafficLabels {
     pub fn new(
         reporter: Reporter,
@@ -667,7 +664,7 @@ impl TrafficLabels {
         let canonical = |p: &Peer<'_>| p.workload.map(|w| Value::of(w.canonical_service()));
         let revision = |p: &Peer<'_>| p.workload.map(|w| Value::of(w.canonical_revision()));
         let principal = |p: &Peer<'_>| p.principal.map(|id| Value::of(id.as_str()));
-        let cluster = |p: &Peer<'_>| p.workload.map(|_| Value::of(CLUSTER));
+        let cluster = |p: &Peer<'_>| p.workload.map(|_| Value::of(CLUSTER_ID));
         let (canonical_source, revision_source) = (canonical(&source), revision(&source));
         let (canonical_destination, revision_destination) =
             (canonical(&destination), revision(&destination));

@@ -9,7 +9,7 @@ pub mod istio;
 
 use std::sync::Arc;
 
-pub use compiled::{Authz, Connection, L7Deny, Policies, Settings, Verdict};
+pub use compiled::{Authz, Connection, Dumped, L7Deny, Policies, Settings, Verdict};
 
 use crate::state::{PeerAuthentication, Snapshot, Workload};
 

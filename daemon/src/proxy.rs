@@ -5,12 +5,13 @@
 //! waits on the control plane and never touches netfilter: sockets come from
 //! [`crate::redirect::Sockets`].
 
+pub mod carried;
 mod conn;
 mod inbound;
 mod open;
 mod outbound;
 
-pub use conn::Outcome;
+pub use conn::{Direction, Outcome, Transport};
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -96,6 +97,8 @@ pub struct Proxy {
     streams: Arc<Peers>,
     /// Inbound connections carried now, for policy changes to decide again.
     open: Arc<open::Open>,
+    /// Every connection carried now, for the admin API.
+    carried: Arc<carried::Carried>,
     /// Istio's TCP metrics, which every connection counts in.
     tcp: Arc<metrics::Tcp>,
     /// When a handshake failure of each side and cause was last logged.
@@ -240,6 +243,7 @@ impl Proxy {
                 held: Default::default(),
             }),
             open: Arc::default(),
+            carried: Arc::default(),
             tcp,
             handshakes_logged: Default::default(),
         }
@@ -298,6 +302,11 @@ impl Proxy {
                 revoked, "policies changed: open connections decided again"
             );
         }
+    }
+
+    /// Every connection carried now, oldest first.
+    pub fn connections(&self) -> Vec<carried::Connection> {
+        self.carried.list()
     }
 
     /// HBONE connections and streams held now: `(outbound, inbound)` pairs of

@@ -206,6 +206,9 @@ impl Interner {
     }
 }
 
+/// The name Istio gives a workload's cluster when the mesh has one.
+pub const CLUSTER_ID: &str = "Kubernetes";
+
 /// One port of a Service VIP and the endpoints behind it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServicePort {

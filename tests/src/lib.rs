@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 pub mod inproc;
 pub mod kube;
 pub mod scrape;
+pub mod ztunnel_dump;
 
 /// The `culvert` binary built from this workspace: `$CULVERT_BIN`, or next to the test binary.
 pub fn culvert_bin() -> PathBuf {

@@ -796,12 +796,12 @@ fn label(pod: &PodRef) -> String {
 }
 
 impl Registry {
-    /// The wired pods, by container id.
     /// How many pods are wired.
     pub fn wired_count(&self) -> usize {
         self.wired.lock().expect("pods lock poisoned").len()
     }
 
+    /// The wired pods, by container id.
     pub fn list(&self) -> Vec<PodStatus> {
         let wired = self.wired.lock().expect("pods lock poisoned");
         let mut pods: Vec<_> = wired

@@ -25,18 +25,23 @@ const FILE_POLL: Duration = Duration::from_secs(2);
 
 /// The current roots, swapped whole when the bundle changes; readers keep the store they took.
 pub struct Roots {
-    store: RwLock<Arc<RootCertStore>>,
+    store: RwLock<(Arc<RootCertStore>, Arc<[CertificateDer<'static>]>)>,
 }
 
 impl Roots {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
-            store: RwLock::new(Arc::new(RootCertStore::empty())),
+            store: RwLock::new((Arc::new(RootCertStore::empty()), Arc::new([]))),
         })
     }
 
     pub fn get(&self) -> Arc<RootCertStore> {
-        self.store.read().expect("roots lock poisoned").clone()
+        self.store.read().expect("roots lock poisoned").0.clone()
+    }
+
+    /// The roots as they were set, for the admin API to show.
+    pub fn certificates(&self) -> Arc<[CertificateDer<'static>]> {
+        self.store.read().expect("roots lock poisoned").1.clone()
     }
 
     /// Replaces the roots; refuses an empty set or a certificate rustls cannot use, keeping the
@@ -49,7 +54,7 @@ impl Roots {
         if store.is_empty() {
             return Err(rustls::Error::General("an empty trust bundle".into()));
         }
-        *self.store.write().expect("roots lock poisoned") = Arc::new(store);
+        *self.store.write().expect("roots lock poisoned") = (Arc::new(store), certs.into());
         Ok(())
     }
 }

@@ -5,6 +5,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
 use rustls::sign::CertifiedKey;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
@@ -108,6 +109,20 @@ impl Cache {
             .iter()
             .map(|(id, c)| (id.clone(), c.not_after))
             .collect()
+    }
+
+    /// Every held identity with its certificate chain (leaf first), expired or not.
+    pub fn chains(&self) -> Vec<(Id, Arc<CertifiedKey>)> {
+        let certs = self.certs.read().expect("cert cache lock poisoned");
+        certs
+            .iter()
+            .map(|(id, c)| (id.clone(), c.key.clone()))
+            .collect()
+    }
+
+    /// The trust bundle's certificates.
+    pub fn root_certificates(&self) -> Arc<[CertificateDer<'static>]> {
+        self.roots.certificates()
     }
 
     /// The current certificate for `id`, if one has been fetched and has not expired.

@@ -103,27 +103,69 @@ pub struct Authz {
 type Clause = Vec<Match>;
 
 /// Every field set must match; within a field any value (or, for a `not_` field, none).
-#[derive(Debug, Default, Clone)]
+///
+/// Serializes as ztunnel's config dump spells a match (fields left empty are left out, so a
+/// match of everything is `{}`).
+#[derive(Debug, Default, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 struct Match {
     /// Matches every connection (a DENY match left with nothing enforceable, broadened).
+    #[serde(skip)]
     all: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     principals: Vec<StrMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     not_principals: Vec<StrMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     namespaces: Vec<StrMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     not_namespaces: Vec<StrMatch>,
+    #[serde(
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "service_accounts"
+    )]
     service_accounts: Vec<(String, String)>,
+    #[serde(
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "service_accounts"
+    )]
     not_service_accounts: Vec<(String, String)>,
+    #[serde(rename = "sourceIps", skip_serializing_if = "Vec::is_empty")]
     src_ips: Vec<IpNet>,
+    #[serde(rename = "notSourceIps", skip_serializing_if = "Vec::is_empty")]
     not_src_ips: Vec<IpNet>,
+    #[serde(rename = "destinationIps", skip_serializing_if = "Vec::is_empty")]
     dst_ips: Vec<IpNet>,
+    #[serde(rename = "notDestinationIps", skip_serializing_if = "Vec::is_empty")]
     not_dst_ips: Vec<IpNet>,
+    #[serde(rename = "destinationPorts", skip_serializing_if = "Vec::is_empty")]
     ports: Vec<u16>,
+    #[serde(rename = "notDestinationPorts", skip_serializing_if = "Vec::is_empty")]
     not_ports: Vec<u16>,
 }
 
-/// Istio's string match: `*` (any non-empty value), `prefix*`, `*suffix`, or exact.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `(namespace, service account)` pairs as the config dump's objects.
+fn service_accounts<S: serde::Serializer>(
+    pairs: &[(String, String)],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct ServiceAccount<'a> {
+        namespace: &'a str,
+        service_account: &'a str,
+    }
+    serializer.collect_seq(pairs.iter().map(|(namespace, sa)| ServiceAccount {
+        namespace,
+        service_account: sa,
+    }))
+}
+
+/// Istio's string match: `*` (any non-empty value), `prefix*`, `*suffix`, or exact. Serializes
+/// as ztunnel's config dump spells one: `{"Exact": "…"}`, `{"Presence": {}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 enum StrMatch {
+    #[serde(serialize_with = "presence")]
     Presence,
     Prefix(String),
     Suffix(String),
@@ -156,6 +198,24 @@ impl StrMatch {
             Self::Exact(e) => value == e,
         }
     }
+}
+
+fn presence<S: serde::Serializer>(serializer: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap as _;
+    serializer.serialize_map(Some(0))?.end()
+}
+
+/// An enforced AuthorizationPolicy as ztunnel's config dump spells it.
+#[derive(Debug, Serialize)]
+pub struct Dumped<'a> {
+    pub name: &'a str,
+    pub namespace: &'a str,
+    /// `Global` (the root namespace, no selector), `Namespace` or `WorkloadSelector`.
+    pub scope: &'static str,
+    /// `Allow` or `Deny`.
+    pub action: &'static str,
+    /// Each rule's clauses, all of which must match, each any of its matches.
+    rules: &'a [Vec<Clause>],
 }
 
 /// Why a connection was refused by an AuthorizationPolicy.
@@ -664,6 +724,29 @@ impl Policies {
         peer.chain(authz)
     }
 
+    /// The AuthorizationPolicies this node enforces, as the config dump lists them, oldest
+    /// first.
+    pub fn dump(&self) -> Vec<Dumped<'_>> {
+        self.authz
+            .iter()
+            .filter(|a| a.ignored.is_none())
+            .map(|a| Dumped {
+                name: a.key.split_once('/').map_or(&*a.key, |(_, name)| name),
+                namespace: &a.namespace,
+                scope: match (&a.selector, a.namespace == self.root_namespace) {
+                    (Some(_), _) => "WorkloadSelector",
+                    (None, true) => "Global",
+                    (None, false) => "Namespace",
+                },
+                action: match a.action {
+                    Action::Deny => "Deny",
+                    _ => "Allow",
+                },
+                rules: &a.rules,
+            })
+            .collect()
+    }
+
     /// The admin API's `/policies`: every policy, the workloads among `workloads` (a node's
     /// wired pods) it selects, and what it does not enforce as written.
     pub fn describe<'a>(
@@ -764,6 +847,36 @@ mod tests {
             Verdict::Denied(_) => Want::Denied,
             Verdict::NotAllowed => Want::NotAllowed,
         }
+    }
+
+    #[test]
+    fn the_dump_spells_matches_as_ztunnel_and_leaves_out_what_is_not_enforced() {
+        let yaml = [
+            deny(
+                "d",
+                "[{ from: [{ source: { principals: ['*', 'cluster.local/*', '*/sa/web'], \
+                 notNamespaces: [ops] } }], to: [{ operation: { notPorts: ['22'] } }] }]",
+            ),
+            allow("everyone", "[{}]"),
+            policy("audited", "AUDIT", "[{}]"),
+        ]
+        .concat();
+        let p = policies(&yaml, L7Deny::Broaden);
+        let dumped = serde_json::to_value(p.dump()).unwrap();
+        assert_eq!(
+            dumped,
+            serde_json::json!([
+                { "name": "d", "namespace": "shop", "scope": "Namespace", "action": "Deny",
+                  "rules": [[
+                      [{ "principals": [{ "Presence": {} }, { "Prefix": "cluster.local/" },
+                                        { "Suffix": "/sa/web" }],
+                         "notNamespaces": [{ "Exact": "ops" }] }],
+                      [{ "notDestinationPorts": [22] }],
+                  ]] },
+                { "name": "everyone", "namespace": "shop", "scope": "Namespace",
+                  "action": "Allow", "rules": [[]] },
+            ])
+        );
     }
 
     #[test]

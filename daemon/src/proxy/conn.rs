@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::Pod;
+use super::{Pod, Proxy, carried};
 use crate::hbone::{self, Transfer};
 use crate::identity::Id;
 use crate::metrics::{self, Peer, Reporter, ResponseFlag, SecurityPolicy, TrafficLabels};
@@ -86,14 +86,14 @@ struct Revoked(policy::Denial);
 
 /// Which way the connection goes, from the pod's point of view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Direction {
+pub enum Direction {
     Outbound,
     Inbound,
 }
 
 /// How the bytes travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Transport {
+pub enum Transport {
     /// Inside an HBONE tunnel (mTLS).
     Hbone,
     /// Plain TCP to a destination outside the mesh.
@@ -106,7 +106,7 @@ pub(super) enum Transport {
 }
 
 impl Direction {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Outbound => "outbound",
             Self::Inbound => "inbound",
@@ -115,7 +115,7 @@ impl Direction {
 }
 
 impl Transport {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Hbone => "hbone",
             Self::Passthrough => "passthrough",
@@ -141,6 +141,8 @@ pub(super) struct Record {
     ends: Ends,
     /// The connection's share of the TCP metrics, once it is counted.
     metrics: Option<metrics::Connection>,
+    /// Its entry in the node's table of open connections, once it is counted.
+    carried: Option<carried::Held>,
     start: Instant,
 }
 
@@ -167,14 +169,16 @@ impl Record {
             hbone_addr: None,
             ends: Ends::default(),
             metrics: None,
+            carried: None,
             start: Instant::now(),
         }
     }
 
-    /// Counts the connection in the TCP metrics from now until it ends, between `ends`. Its
-    /// transport and identities must be set: only over HBONE are they principals (the tunnel
-    /// carries nothing unless each side proved its own).
-    pub(super) fn count(&mut self, tcp: &Arc<metrics::Tcp>, ends: Ends) {
+    /// Counts the connection in the TCP metrics, and lists it among the node's open
+    /// connections, from now until it ends, between `ends`. Its transport and identities must
+    /// be set: only over HBONE are they principals (the tunnel carries nothing unless each side
+    /// proved its own).
+    pub(super) fn count(&mut self, proxy: &Proxy, ends: Ends) {
         let mtls = self.transport == Transport::Hbone;
         let reporter = match self.direction {
             Direction::Outbound => Reporter::Source,
@@ -201,8 +205,22 @@ impl Record {
             ends.service.as_deref(),
             security,
         );
-        self.metrics = Some(tcp.open(labels));
+        self.metrics = Some(proxy.tcp.open(labels));
         self.ends = ends;
+        let peer = match self.direction {
+            Direction::Outbound => &self.dst_id,
+            Direction::Inbound => &self.src_id,
+        };
+        self.carried = Some(proxy.carried.hold(carried::Connection {
+            pod: self.pod.clone(),
+            direction: self.direction,
+            transport: self.transport,
+            src: self.src,
+            dst: self.dst,
+            actual: self.hbone_addr.unwrap_or(self.dst),
+            peer: peer.clone().filter(|_| mtls),
+            opened: std::time::SystemTime::now(),
+        }));
     }
 
     /// Writes the access-log line for a connection that carried `transfer`: INFO when it

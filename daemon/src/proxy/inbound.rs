@@ -82,7 +82,7 @@ pub(super) async fn plaintext(
             Transport::Plaintext
         };
         record.dst_id = Some(pod.identity.clone());
-        record.count(&proxy.tcp, proxy.inbound_ends(&pod, src, None));
+        record.count(&proxy, proxy.inbound_ends(&pod, src, None));
         // Held before the decision, so a policy change from now on decides it again. Probes
         // pass whatever the policy, so they are not held.
         let held = (!probe).then(|| proxy.open.hold(&pod, None, src, dst));
@@ -201,7 +201,7 @@ impl hbone::Handler for Hbone {
             let ends = self
                 .proxy
                 .inbound_ends(&self.pod, src, Some(&incoming.peer_id));
-            record.count(&self.proxy.tcp, ends);
+            record.count(&self.proxy, ends);
             // Held before the decision, so a policy change from now on decides it again.
             let held = self
                 .proxy

@@ -121,7 +121,7 @@ pub(super) async fn handle(
             record.dst_id = Some(workload.identity.clone());
             record.hbone_addr = Some(SocketAddr::new(target.ip(), proxy.ports.hbone));
         }
-        record.count(&proxy.tcp, ends(&snapshot, &pod, dst, &route));
+        record.count(&proxy, ends(&snapshot, &pod, dst, &route));
         drop(snapshot);
         match route {
             Route::Mesh { target, workload } => {
