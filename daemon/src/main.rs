@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use culvert::cli;
 use culvert::config::{self, NodeArgs};
 use culvert::telemetry;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
@@ -51,6 +52,19 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// The workloads a node knows (`istioctl ztunnel-config workloads`' columns).
+    Workloads(cli::ViewArgs),
+    /// The Services a node knows, with their VIPs and endpoints.
+    Services(cli::ViewArgs),
+    /// The AuthorizationPolicies a node enforces.
+    Policies(cli::ViewArgs),
+    /// The certificates a node holds for its pods: leaf, intermediates, roots.
+    #[command(alias = "certificates")]
+    Certs(cli::ViewArgs),
+    /// The connections a node carries now.
+    Connections(cli::ViewArgs),
+    /// A node's log filter; `--level` or `--reset` changes it.
+    Log(cli::LogArgs),
     /// Remove culvert-cni from the host's CNI configuration and plugin directory (undoing
     /// `culvert node --install-cni`).
     CniUninstall {
@@ -94,6 +108,12 @@ fn main() -> ExitCode {
         } => culvert::cni::install::uninstall(&cni_conf_dir, &cni_bin_dir)
             .map(|changed| info!(files = ?changed, "culvert-cni uninstalled"))
             .map_err(Into::into),
+        Command::Workloads(args) => print(cli::view(cli::View::Workloads, &args)),
+        Command::Services(args) => print(cli::view(cli::View::Services, &args)),
+        Command::Policies(args) => print(cli::view(cli::View::Policies, &args)),
+        Command::Certs(args) => print(cli::view(cli::View::Certificates, &args)),
+        Command::Connections(args) => print(cli::view(cli::View::Connections, &args)),
+        Command::Log(args) => print(cli::log(&args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -102,6 +122,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs a command that reads a node's admin API and prints its answer on stdout.
+#[allow(clippy::print_stdout)]
+fn print(command: impl Future<Output = anyhow::Result<String>>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    print!("{}", rt.block_on(command)?);
+    Ok(())
 }
 
 /// The signals `culvert node` handles.

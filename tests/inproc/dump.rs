@@ -31,6 +31,22 @@ fn check_cert(cert: &Cert) -> Vec<u8> {
     der
 }
 
+/// Runs the `culvert` binary with `args`; its stdout, once it succeeded.
+async fn culvert(args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(culvert_tests::culvert_bin())
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "culvert failed: {stderr}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
 async fn dump(addr: SocketAddr) -> ZtunnelDump {
     let (status, body) = get(addr, "/config_dump").await;
     assert_eq!(status, 200, "{body}");
@@ -186,6 +202,76 @@ async fn the_config_dump_is_what_istioctl_parses_and_lists_the_nodes_state_and_c
         inbound[0]["identity"],
         format!("spiffe://cluster.local/ns/{ns}/sa/client")
     );
+
+    // The CLI reads the same, live and from a saved dump.
+    let admin = a.node.admin_addr.to_string();
+    let workloads = culvert(&["workloads", "--admin", &admin]).await;
+    let header = workloads.lines().next().unwrap();
+    assert_eq!(
+        header.split_whitespace().collect::<Vec<_>>(),
+        [
+            "NAMESPACE",
+            "POD",
+            "NAME",
+            "ADDRESS",
+            "NODE",
+            "WAYPOINT",
+            "PROTOCOL"
+        ]
+    );
+    let row = workloads.lines().find(|l| l.contains("client")).unwrap();
+    assert_eq!(
+        row.split_whitespace().collect::<Vec<_>>(),
+        [
+            &*ns,
+            "client",
+            &t.ip("client").to_string(),
+            "node-0",
+            "None",
+            "HBONE"
+        ]
+    );
+    let certs = culvert(&["certs", "--admin", &admin]).await;
+    let kinds: Vec<(&str, &str, &str)> = certs
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let cells: Vec<&str> = l.split_whitespace().collect();
+            (cells[1], cells[2], cells[3])
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [("Leaf", "Available", "true"), ("Root", "Available", "true")],
+        "{certs}"
+    );
+    let connections = culvert(&["connections", "--admin", &admin, "-n", &ns]).await;
+    let row: Vec<&str> = connections
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        row,
+        [
+            &*format!("{ns}/client"),
+            "outbound",
+            &app.to_string(),
+            &format!("{}:15008", t.ip("server")),
+            &server.to_string(),
+            "HBONE",
+            &format!("spiffe://cluster.local/ns/{ns}/sa/server"),
+        ]
+    );
+    let saved = t.dir.path().join("dump.json");
+    std::fs::write(&saved, get(a.node.admin_addr, "/config_dump").await.1).unwrap();
+    let saved = saved.to_str().unwrap();
+    let policies = culvert(&["policies", "-f", saved, "-o", "json", "-n", &ns]).await;
+    let policies: Vec<serde_json::Value> = serde_json::from_str(&policies).unwrap();
+    assert_eq!(policies.len(), 2);
+    let elsewhere = culvert(&["workloads", "-f", saved, "--node", "node-9"]).await;
+    assert_eq!(elsewhere.lines().count(), 1, "{elsewhere}");
 
     // Closed connections leave both lists.
     drop(held);

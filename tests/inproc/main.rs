@@ -893,6 +893,31 @@ async fn the_log_filter_is_read_and_changed_through_the_admin_api() {
     let changed = next("a line after the reset", &|_| true).await;
     assert_eq!(changed["message"], "log filter changed", "{changed}");
     assert_eq!(changed["filter"], "info");
+    // `culvert log` does the same from the command line.
+    let admin = admin.to_string();
+    let log = |args: &[&str]| {
+        std::process::Command::new(culvert_tests::culvert_bin())
+            .args(["log", "--admin", &admin])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let stdout = |out: std::process::Output| {
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(stdout(log(&[])), "info\n");
+    assert_eq!(
+        stdout(log(&["--level", "warn,access=info"])),
+        "warn,access=info\n"
+    );
+    let refused = log(&["--level", "culvert=loud"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("400"),
+        "{refused:?}"
+    );
+    assert_eq!(stdout(log(&["--reset"])), "info\n");
     daemon.kill().unwrap();
     daemon.wait().unwrap();
 }
