@@ -4,7 +4,8 @@
 //! Admin (`--admin-addr`, 127.0.0.1:15000): `GET /workloads` (every workload the node knows,
 //! with its enrollment), `GET /services` (VIPs and their ready endpoints), `GET /pods` (pods
 //! wired on this node), `GET /policies`, `GET /config_dump` (the node's state in the schema
-//! `istioctl ztunnel-config` reads), `GET /connections` (every connection carried now). Probes (`--readiness-addr`, :15021): `GET /healthz/ready` answers 200
+//! `istioctl ztunnel-config` reads), `GET /connections` (every connection carried now),
+//! `GET /check` (what `culvert check` reports). Probes (`--readiness-addr`, :15021): `GET /healthz/ready` answers 200
 //! once the daemon serves (discovery synced, running pods rewired) and 503 before that and while
 //! draining; `GET /healthz/live` answers 200 while the runtime runs. Metrics
 //! (`--metrics-addr`, :15020): `GET /metrics` and `/stats/prometheus`, in the Prometheus text
@@ -25,6 +26,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+mod check;
 mod dump;
 
 use crate::cni::Registry;
@@ -38,6 +40,8 @@ pub struct Admin {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     ready: AtomicBool,
+    /// The CNI configuration directory the daemon keeps culvert-cni in, if it does.
+    cni_conf_dir: Option<std::path::PathBuf>,
 }
 
 /// Which endpoints a listener serves.
@@ -65,14 +69,33 @@ impl Surface {
 const OPENMETRICS: &str = "application/openmetrics-text";
 
 impl Admin {
-    /// Not ready until [`Self::set_ready`].
-    pub fn new(state: Arc<Store>, registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
+    /// Not ready until [`Self::set_ready`]. `cni_conf_dir`: where the daemon keeps
+    /// culvert-cni in the CNI configuration, if it does (`--install-cni`).
+    pub fn new(
+        state: Arc<Store>,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        cni_conf_dir: Option<std::path::PathBuf>,
+    ) -> Self {
         Self {
             state,
             registry,
             metrics,
             ready: AtomicBool::new(false),
+            cni_conf_dir,
         }
+    }
+
+    /// `GET /check` on the admin address is answered here (its checks wait on the pods'
+    /// namespaces); everything else by [`Self::answer`].
+    async fn respond(&self, req: Request<Incoming>, surface: Surface) -> Response<Full<Bytes>> {
+        if surface == Surface::Admin && req.uri().path() == "/check" && req.method() == Method::GET
+        {
+            let ready = self.ready.load(Ordering::Relaxed);
+            let checks = check::run(ready, &self.registry, self.cni_conf_dir.as_deref()).await;
+            return json_response(&checks);
+        }
+        self.answer(&req, surface)
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -210,8 +233,8 @@ pub async fn serve(
             };
             let admin = admin.clone();
             let service = hyper::service::service_fn(move |req| {
-                let response = admin.answer(&req, surface);
-                async move { Ok::<_, Infallible>(response) }
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(admin.respond(req, surface).await) }
             });
             tokio::spawn(async move {
                 let conn = hyper::server::conn::http1::Builder::new()

@@ -142,7 +142,13 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
         state_dir: args.state_dir.clone(),
         metrics: metrics.pods.clone(),
     }));
-    let admin = Arc::new(Admin::new(state.clone(), registry.clone(), metrics.clone()));
+    let cni_conf_dir = args.cni.install.then(|| args.cni.cni_conf_dir.clone());
+    let admin = Arc::new(Admin::new(
+        state.clone(),
+        registry.clone(),
+        metrics.clone(),
+        cni_conf_dir,
+    ));
     let admin_addr = admin::serve(admin.clone(), args.admin_addr, Surface::Admin, stop.clone())
         .await
         .with_context(|| format!("binding the admin API on {}", args.admin_addr))?;

@@ -87,6 +87,50 @@ pub async fn view(view: View, args: &ViewArgs) -> anyhow::Result<String> {
     render(view, &dump, connections.as_ref(), args)
 }
 
+/// `culvert check`'s flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CheckArgs {
+    #[arg(long, env = "CULVERT_ADMIN", default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+    /// `short` names each failure and its fix; `json` prints the node's findings as they are.
+    #[arg(short, long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+/// Runs `culvert check` against one node: what to print, and whether every check passed.
+pub async fn check(args: &CheckArgs) -> anyhow::Result<(String, bool)> {
+    let checks = get_json(args.admin, "/check").await?;
+    let checks = checks.as_array().cloned().unwrap_or_default();
+    let passed = !checks.is_empty() && checks.iter().all(|c| c["ok"] == true);
+    let out = match args.output {
+        Output::Json => format!("{}\n", serde_json::to_string_pretty(&checks)?),
+        Output::Yaml => serde_yaml::to_string(&checks)?,
+        Output::Short => render_checks(&checks),
+    };
+    Ok((out, passed))
+}
+
+fn render_checks(checks: &[Value]) -> String {
+    let mut out = String::new();
+    for c in checks {
+        let mark = if c["ok"] == true { "ok  " } else { "FAIL" };
+        out.push_str(&format!(
+            "{mark} {:<13}{}\n",
+            str_of(c, "check"),
+            str_of(c, "detail")
+        ));
+        if let Some(fix) = c.get("fix").and_then(Value::as_str) {
+            out.push_str(&format!("     {:<13}fix: {fix}\n", ""));
+        }
+    }
+    let failed = checks.iter().filter(|c| c["ok"] != true).count();
+    out.push_str(&match failed {
+        0 => "all checks passed\n".to_owned(),
+        n => format!("{n} of {} checks failed\n", checks.len()),
+    });
+    out
+}
+
 /// Runs `culvert log`: the node's log filter, after changing it if asked.
 pub async fn log(args: &LogArgs) -> anyhow::Result<String> {
     let (method, path) = match (&args.level, args.reset) {

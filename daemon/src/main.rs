@@ -65,6 +65,9 @@ enum Command {
     Connections(cli::ViewArgs),
     /// A node's log filter; `--level` or `--reset` changes it.
     Log(cli::LogArgs),
+    /// Is this node's traffic encrypted? Checks the daemon, the CNI chain, every enrolled pod's
+    /// wiring and every certificate; exits non-zero on any failure.
+    Check(cli::CheckArgs),
     /// Remove culvert-cni from the host's CNI configuration and plugin directory (undoing
     /// `culvert node --install-cni`).
     CniUninstall {
@@ -114,6 +117,7 @@ fn main() -> ExitCode {
         Command::Certs(args) => print(cli::view(cli::View::Certificates, &args)),
         Command::Connections(args) => print(cli::view(cli::View::Connections, &args)),
         Command::Log(args) => print(cli::log(&args)),
+        Command::Check(args) => check(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -131,6 +135,18 @@ fn print(command: impl Future<Output = anyhow::Result<String>>) -> anyhow::Resul
         .enable_all()
         .build()?;
     print!("{}", rt.block_on(command)?);
+    Ok(())
+}
+
+/// Runs `culvert check`: prints the findings, and fails when any check did.
+#[allow(clippy::print_stdout)]
+fn check(args: &cli::CheckArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (out, passed) = rt.block_on(cli::check(args))?;
+    print!("{out}");
+    anyhow::ensure!(passed, "some checks failed");
     Ok(())
 }
 

@@ -337,6 +337,22 @@ struct SameTrustDomain {
     trust_domain: String,
 }
 
+/// Whether `chain` (leaf first) is one a peer would accept now: it chains to `roots` and is
+/// within its validity.
+pub fn chains_to(
+    roots: Arc<rustls::RootCertStore>,
+    chain: &[CertificateDer<'_>],
+) -> Result<(), rustls::Error> {
+    let (leaf, intermediates) = chain
+        .split_first()
+        .ok_or_else(|| rustls::Error::General("an empty chain".into()))?;
+    WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| rustls::Error::General(format!("client verifier: {e}")))?
+        .verify_client_cert(leaf, intermediates, UnixTime::now())
+        .map(|_| ())
+}
+
 /// A webpki client verifier and the roots it was built from.
 type BuiltVerifier = (Arc<rustls::RootCertStore>, Arc<dyn ClientCertVerifier>);
 

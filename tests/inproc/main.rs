@@ -17,6 +17,7 @@ use culvert_tests::inproc::{APP, Topology, access, get, logs};
 use culvert_tests::scrape::{sample, samples};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+mod check;
 mod dump;
 
 /// Waits until `check` holds, for up to five seconds.

@@ -55,6 +55,8 @@ pub struct Topology {
     pub hbone_limits: (usize, usize),
     /// `(per node, per peer)` caps on inbound HBONE streams.
     pub stream_limits: (usize, usize),
+    /// How often a node puts back pod rules someone removed.
+    pub heal_interval: Duration,
 }
 
 /// A running in-process node.
@@ -95,6 +97,7 @@ impl Topology {
             drain_timeout: Duration::from_secs(5),
             hbone_limits: (16384, 256),
             stream_limits: (65536, 4096),
+            heal_interval: Duration::from_secs(3),
         }
     }
 
@@ -166,7 +169,7 @@ impl Topology {
             cni_socket: socket.clone(),
             redirect: RedirectChoice::Auto,
             drain_timeout: self.drain_timeout,
-            heal_interval: Duration::from_secs(3),
+            heal_interval: self.heal_interval,
             probe_snat: true,
             state_dir: self.dir.path().join(format!("state{i}")),
             netns_dirs: vec![],

@@ -796,6 +796,42 @@ fn label(pod: &PodRef) -> String {
 }
 
 impl Registry {
+    /// Each enrolled pod of this node, `namespace/name`, with what is wrong with its wiring
+    /// (`None`: wired, rules present, listeners listening), sorted: what `culvert check` reports.
+    pub async fn audit(&self) -> Vec<(String, Option<String>)> {
+        let pods: Vec<Arc<Pod>> = {
+            let wired = self.wired.lock().expect("pods lock poisoned");
+            wired.values().map(|w| w.pod.clone()).collect()
+        };
+        let mut found: Vec<(String, Option<String>)> = self
+            .local_enrollment()
+            .into_iter()
+            .map(|(namespace, name, _)| format!("{namespace}/{name}"))
+            .filter(|label| !pods.iter().any(|p| p.label() == label))
+            .map(|label| (label, Some("enrolled but not wired".to_owned())))
+            .collect();
+        let (capture, ports) = (self.deps.capture.clone(), self.deps.ports);
+        let checked = tokio::task::spawn_blocking(move || {
+            pods.iter()
+                .map(|pod| {
+                    let problem = capture.check(&pod.sockets, ports).err().map(|e| {
+                        let e: &dyn std::error::Error = &e;
+                        std::iter::successors(Some(e), |e| e.source())
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(": ")
+                    });
+                    (pod.label().to_owned(), problem)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        found.extend(checked);
+        found.sort();
+        found
+    }
+
     /// How many pods are wired.
     pub fn wired_count(&self) -> usize {
         self.wired.lock().expect("pods lock poisoned").len()

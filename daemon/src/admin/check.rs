@@ -1,0 +1,215 @@
+//! `GET /check`: what `culvert check` reports for this node, each finding with its fix.
+
+use std::path::Path;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::cni::{Registry, install};
+
+/// One finding.
+#[derive(Debug, Serialize)]
+pub(super) struct Check {
+    /// `ready`, `cni`, `pods` or `certificates`.
+    check: &'static str,
+    ok: bool,
+    /// What was found.
+    detail: String,
+    /// What to do about it; only on a failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fix: Option<&'static str>,
+}
+
+impl Check {
+    fn pass(check: &'static str, detail: String) -> Self {
+        Self {
+            check,
+            ok: true,
+            detail,
+            fix: None,
+        }
+    }
+
+    fn fail(check: &'static str, detail: String, fix: &'static str) -> Self {
+        Self {
+            check,
+            ok: false,
+            detail,
+            fix: Some(fix),
+        }
+    }
+}
+
+/// A certificate with less than this share of its lifetime left has missed several renewals
+/// (they start at half of it).
+const NEAR_EXPIRY: u32 = 4;
+
+/// Every check, in the order `culvert check` prints them.
+pub(super) async fn run(
+    ready: bool,
+    registry: &Registry,
+    cni_conf_dir: Option<&Path>,
+) -> Vec<Check> {
+    let mut checks = vec![if ready {
+        Check::pass("ready", "the daemon serves".into())
+    } else {
+        Check::fail(
+            "ready",
+            "the daemon is not ready: still starting (discovery not synced) or draining".into(),
+            "wait for it to start; if it does not, read its log",
+        )
+    }];
+    checks.push(cni(cni_conf_dir));
+    let audit = registry.audit().await;
+    let bad: Vec<String> = audit
+        .iter()
+        .filter_map(|(pod, problem)| problem.as_ref().map(|p| format!("{pod}: {p}")))
+        .collect();
+    checks.push(if bad.is_empty() {
+        Check::pass("pods", format!("{} enrolled pods wired", audit.len()))
+    } else {
+        Check::fail(
+            "pods",
+            bad.join("; "),
+            "a pod still starting is wired once its sandbox exists; otherwise restart the pod, \
+             or the daemon if its rules keep disappearing",
+        )
+    });
+    checks.push(certificates(registry));
+    checks
+}
+
+fn cni(conf_dir: Option<&Path>) -> Check {
+    let Some(dir) = conf_dir else {
+        return Check::pass(
+            "cni",
+            "not managed by this daemon (--install-cni is off)".into(),
+        );
+    };
+    let fix = "check the daemon's --cni-conf-dir and that the primary CNI plugin wrote its \
+               configuration there; the daemon puts culvert-cni back within a second";
+    match install::primary(dir) {
+        Ok(Some((path, config))) => {
+            let chained = config
+                .get("plugins")
+                .and_then(serde_json::Value::as_array)
+                .into_iter()
+                .flatten()
+                .any(|p| {
+                    p.get("type").and_then(serde_json::Value::as_str) == Some(install::PLUGIN)
+                });
+            if chained {
+                Check::pass("cni", format!("culvert-cni is in {}", path.display()))
+            } else {
+                Check::fail(
+                    "cni",
+                    format!("culvert-cni is not in {}", path.display()),
+                    fix,
+                )
+            }
+        }
+        Ok(None) => Check::fail(
+            "cni",
+            format!("no CNI configuration in {}", dir.display()),
+            fix,
+        ),
+        Err(e) => Check::fail("cni", format!("{e:#}"), fix),
+    }
+}
+
+fn certificates(registry: &Registry) -> Check {
+    let cache = registry.certificates();
+    let roots = cache.roots();
+    let now = SystemTime::now();
+    let mut wanted: Vec<_> = registry
+        .list()
+        .into_iter()
+        .filter_map(|p| registry.pod(&p.pod.namespace, &p.pod.name))
+        .map(|p| p.identity.clone())
+        .collect();
+    wanted.sort();
+    wanted.dedup();
+    let chains = cache.chains();
+    let mut bad = Vec::new();
+    for id in &wanted {
+        let Some((_, key)) = chains.iter().find(|(held, _)| held == id) else {
+            bad.push(format!("{id}: no certificate"));
+            continue;
+        };
+        if let Err(e) = crate::tls::chains_to(roots.clone(), &key.cert) {
+            bad.push(format!(
+                "{id}: not accepted by the current trust bundle: {e}"
+            ));
+            continue;
+        }
+        let validity = key.end_entity_cert().ok().and_then(|leaf| {
+            let (_, x509) = x509_parser::parse_x509_certificate(leaf).ok()?;
+            let v = x509.validity();
+            Some((v.not_before.timestamp(), v.not_after.timestamp()))
+        });
+        let secs = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        match validity {
+            Some((from, to)) if (to - secs) * i64::from(NEAR_EXPIRY) < to - from => {
+                bad.push(format!(
+                    "{id}: expires in {} s; renewal is failing",
+                    to - secs
+                ));
+            }
+            Some(_) => {}
+            None => bad.push(format!("{id}: the certificate does not parse")),
+        }
+    }
+    if bad.is_empty() {
+        Check::pass(
+            "certificates",
+            format!("{} identities hold valid certificates", wanted.len()),
+        )
+    } else {
+        Check::fail(
+            "certificates",
+            bad.join("; "),
+            "read the daemon's log for the CA's answer; check that the CA is reachable and \
+             that the trust bundle the node follows is the CA's",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::TempDir;
+
+    #[test]
+    fn the_cni_check_fails_until_culvert_cni_is_in_the_primary_configuration() {
+        assert!(
+            cni(None).ok,
+            "a daemon that does not manage the CNI chain has nothing to check"
+        );
+        let dir = TempDir::new("check-cni");
+        let none = cni(Some(dir.path()));
+        assert!(
+            !none.ok && none.detail.starts_with("no CNI configuration"),
+            "{none:?}"
+        );
+        let conflist = dir.path().join("10-bridge.conflist");
+        let write = |plugins: &str| {
+            std::fs::write(
+                &conflist,
+                format!(r#"{{"cniVersion": "1.0.0", "name": "pods", "plugins": [{plugins}]}}"#),
+            )
+            .unwrap();
+        };
+        write(r#"{"type": "bridge"}"#);
+        let missing = cni(Some(dir.path()));
+        assert!(
+            !missing.ok && missing.detail.contains("is not in"),
+            "{missing:?}"
+        );
+        assert!(missing.fix.is_some());
+        write(r#"{"type": "bridge"}, {"type": "culvert-cni"}"#);
+        let chained = cni(Some(dir.path()));
+        assert!(chained.ok, "{chained:?}");
+    }
+}
