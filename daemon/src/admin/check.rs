@@ -132,33 +132,26 @@ fn certificates(registry: &Registry) -> Check {
     let chains = cache.chains();
     let mut bad = Vec::new();
     for id in &wanted {
-        let Some((_, key)) = chains.iter().find(|(held, _)| held == id) else {
+        let Some(held) = chains.iter().find(|held| held.id == *id) else {
             bad.push(format!("{id}: no certificate"));
             continue;
         };
-        if let Err(e) = crate::tls::chains_to(roots.clone(), &key.cert) {
+        if let Err(e) = crate::tls::chains_to(roots.clone(), &held.key.cert) {
             bad.push(format!(
                 "{id}: not accepted by the current trust bundle: {e}"
             ));
             continue;
         }
-        let validity = key.end_entity_cert().ok().and_then(|leaf| {
-            let (_, x509) = x509_parser::parse_x509_certificate(leaf).ok()?;
-            let v = x509.validity();
-            Some((v.not_before.timestamp(), v.not_after.timestamp()))
-        });
-        let secs = now
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        match validity {
-            Some((from, to)) if (to - secs) * i64::from(NEAR_EXPIRY) < to - from => {
-                bad.push(format!(
-                    "{id}: expires in {} s; renewal is failing",
-                    to - secs
-                ));
-            }
-            Some(_) => {}
-            None => bad.push(format!("{id}: the certificate does not parse")),
+        let lifetime = held
+            .not_after
+            .duration_since(held.not_before)
+            .unwrap_or_default();
+        let left = held.not_after.duration_since(now).unwrap_or_default();
+        if left * NEAR_EXPIRY < lifetime {
+            bad.push(format!(
+                "{id}: expires in {} s; renewal is failing",
+                left.as_secs()
+            ));
         }
     }
     if bad.is_empty() {

@@ -245,34 +245,20 @@ fn certificates(registry: &Registry) -> Vec<Certificates> {
     let cache = registry.certificates();
     let roots: Vec<Cert> = cache.root_certificates().iter().map(cert).collect();
     let now = SystemTime::now();
-    let mut held: Vec<Certificates> = cache
+    cache
         .chains()
         .into_iter()
-        .map(|(id, key)| {
-            let expired = key
-                .end_entity_cert()
-                .ok()
-                .and_then(not_after)
-                .is_none_or(|t| t <= now);
-            Certificates {
-                identity: id.to_string(),
-                state: if expired {
-                    "Unavailable: expired"
-                } else {
-                    "Available"
-                },
-                cert_chain: key.cert.iter().map(cert).collect(),
-                root_certs: roots.clone(),
-            }
+        .map(|held| Certificates {
+            identity: held.id.to_string(),
+            state: if held.not_after <= now {
+                "Unavailable: expired"
+            } else {
+                "Available"
+            },
+            cert_chain: held.key.cert.iter().map(cert).collect(),
+            root_certs: roots.clone(),
         })
-        .collect();
-    held.sort_by(|a, b| a.identity.cmp(&b.identity));
-    held
-}
-
-fn not_after(der: &CertificateDer<'_>) -> Option<SystemTime> {
-    let (_, x509) = x509_parser::parse_x509_certificate(der).ok()?;
-    Some(system_time(x509.validity().not_after))
+        .collect()
 }
 
 fn system_time(t: x509_parser::time::ASN1Time) -> SystemTime {

@@ -814,13 +814,10 @@ impl Registry {
         let checked = tokio::task::spawn_blocking(move || {
             pods.iter()
                 .map(|pod| {
-                    let problem = capture.check(&pod.sockets, ports).err().map(|e| {
-                        let e: &dyn std::error::Error = &e;
-                        std::iter::successors(Some(e), |e| e.source())
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join(": ")
-                    });
+                    let problem = capture
+                        .check(&pod.sockets, ports)
+                        .err()
+                        .map(|e| format!("{:#}", anyhow::Error::new(e)));
                     (pod.label().to_owned(), problem)
                 })
                 .collect::<Vec<_>>()

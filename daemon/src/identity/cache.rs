@@ -36,6 +36,15 @@ pub struct Cache {
     metrics: std::sync::OnceLock<Arc<crate::metrics::Certificates>>,
 }
 
+/// A held certificate, as the admin API shows it.
+pub struct Held {
+    pub id: Id,
+    /// The chain, leaf first, and its key.
+    pub key: Arc<CertifiedKey>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
 /// Whether a fetched certificate replaces a held one only, or may be the first.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Install {
@@ -111,13 +120,20 @@ impl Cache {
             .collect()
     }
 
-    /// Every held identity with its certificate chain (leaf first), expired or not.
-    pub fn chains(&self) -> Vec<(Id, Arc<CertifiedKey>)> {
+    /// Every held certificate, expired or not, sorted by identity.
+    pub fn chains(&self) -> Vec<Held> {
         let certs = self.certs.read().expect("cert cache lock poisoned");
-        certs
+        let mut held: Vec<Held> = certs
             .iter()
-            .map(|(id, c)| (id.clone(), c.key.clone()))
-            .collect()
+            .map(|(id, c)| Held {
+                id: id.clone(),
+                key: c.key.clone(),
+                not_before: c.not_before,
+                not_after: c.not_after,
+            })
+            .collect();
+        held.sort_by(|a, b| a.id.cmp(&b.id));
+        held
     }
 
     /// The trust bundle's certificates.
