@@ -9,6 +9,7 @@
 mod hostile;
 mod lifecycle;
 mod policy;
+mod prometheus;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
