@@ -10,6 +10,7 @@ mod conn;
 mod inbound;
 mod open;
 mod outbound;
+pub mod tally;
 
 pub use conn::{Direction, Outcome, Transport};
 
@@ -99,6 +100,8 @@ pub struct Proxy {
     open: Arc<open::Open>,
     /// Every connection carried now, for the admin API.
     carried: Arc<carried::Carried>,
+    /// How inbound connections arrived over the last minutes, for `culvert check`.
+    arrivals: Arc<tally::Tally>,
     /// Istio's TCP metrics, which every connection counts in.
     tcp: Arc<metrics::Tcp>,
     /// When a handshake failure of each side and cause was last logged.
@@ -244,6 +247,7 @@ impl Proxy {
             }),
             open: Arc::default(),
             carried: Arc::default(),
+            arrivals: Arc::default(),
             tcp,
             handshakes_logged: Default::default(),
         }
@@ -302,6 +306,11 @@ impl Proxy {
                 revoked, "policies changed: open connections decided again"
             );
         }
+    }
+
+    /// How inbound connections arrived over the last minutes.
+    pub fn arrivals(&self) -> tally::Summary {
+        self.arrivals.summary()
     }
 
     /// Every connection carried now, oldest first.

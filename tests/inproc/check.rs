@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use culvert_tests::inproc::{Topology, get};
+use culvert::test_util::{echo_server, exchange};
+use culvert_tests::inproc::{APP, Topology, get};
 
 /// Runs `culvert check` with `args`: whether it succeeded, and its stdout.
 async fn check(args: &[&str]) -> (bool, String) {
@@ -32,7 +33,7 @@ async fn check_passes_on_a_healthy_node_and_names_each_unwired_pod_with_its_fix(
     let mut t = Topology::new("check", &[("client", 0), ("late", 0), ("server", 1)]);
     // No self-healing during the test: a flushed pod stays bare until checked.
     t.heal_interval = Duration::from_secs(3600);
-    let (a, _b) = t.start_pair().await;
+    let (a, b) = t.start_pair().await;
     let ns = t.namespace.clone();
     let admin = a.node.admin_addr.to_string();
 
@@ -50,7 +51,7 @@ async fn check_passes_on_a_healthy_node_and_names_each_unwired_pod_with_its_fix(
     );
     assert!(!pods.contains("client"), "{out}");
     assert!(out.contains("fix: a pod still starting"), "{out}");
-    assert!(out.ends_with("1 of 4 checks failed\n"), "{out}");
+    assert!(out.ends_with("1 of 5 checks failed\n"), "{out}");
 
     // Wired, every check passes.
     t.register(&a, "late").await;
@@ -65,6 +66,27 @@ async fn check_passes_on_a_healthy_node_and_names_each_unwired_pod_with_its_fix(
         "{out}"
     );
     assert!(out.ends_with("all checks passed\n"), "{out}");
+    assert!(
+        line(&out, "traffic")
+            .contains("no inbound connections to enrolled pods in the last 10 minutes"),
+        "{out}"
+    );
+
+    // The server's node saw one tunnel: all its inbound traffic is mTLS.
+    let server = std::net::SocketAddr::new(t.ip("server"), APP);
+    echo_server(server).await;
+    let app = a.connect_from(&ns, "client", server).await;
+    assert_eq!(exchange(app, b"sealed").await.unwrap(), b"sealed");
+    let (ok, out) = check(&["--admin", &b.node.admin_addr.to_string(), "-o", "json"]).await;
+    assert!(ok, "{out}");
+    let checks: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let traffic = checks.iter().find(|c| c["check"] == "traffic").unwrap();
+    assert_eq!(
+        traffic["detail"], "1 inbound connections in the last 10 minutes, all over mTLS",
+        "{out}"
+    );
+    assert_eq!(traffic["inbound"]["mtls"], 1, "{out}");
+    assert_eq!(traffic["inbound"]["plaintext"], 0, "{out}");
 
     // A pod whose rules someone removed is named, with why.
     a.capture.flush(&format!("/run/netns/{ns}-client"));

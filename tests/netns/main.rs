@@ -263,6 +263,31 @@ fn plaintext_is_refused_by_strict_and_allowed_by_permissive() {
         !scrape.contains("connection_security_policy=\"mutual_tls\""),
         "no HBONE was carried here:\n{scrape}"
     );
+
+    // `culvert check` on the destination's node names the plaintext source and fails.
+    let checks = lab.admin(1, "/check").unwrap();
+    let traffic = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "traffic")
+        .unwrap();
+    assert_eq!(traffic["ok"], false, "{traffic}");
+    assert_eq!(
+        traffic["detail"],
+        "1 of 1 inbound connections in the last 10 minutes were plaintext (0.0 % over mTLS), \
+         from demo/legacy to demo/open (1); 1 plaintext connections refused by policy",
+    );
+    assert!(traffic["fix"].as_str().unwrap().contains("STRICT"));
+    let inbound = &traffic["inbound"];
+    assert_eq!(
+        (&inbound["mtls"], &inbound["plaintext"], &inbound["refused"]),
+        (&0.into(), &1.into(), &1.into())
+    );
+    assert_eq!(
+        inbound["plaintext_sources"],
+        serde_json::json!([{"from": "demo/legacy", "to": "demo/open", "connections": 1}])
+    );
 }
 
 #[test]

@@ -6,11 +6,12 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::cni::{Registry, install};
+use crate::proxy::tally;
 
 /// One finding.
 #[derive(Debug, Serialize)]
 pub(super) struct Check {
-    /// `ready`, `cni`, `pods` or `certificates`.
+    /// `ready`, `cni`, `pods`, `certificates` or `traffic`.
     check: &'static str,
     ok: bool,
     /// What was found.
@@ -18,6 +19,9 @@ pub(super) struct Check {
     /// What to do about it; only on a failure.
     #[serde(skip_serializing_if = "Option::is_none")]
     fix: Option<&'static str>,
+    /// The `traffic` check's counts and plaintext sources.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inbound: Option<tally::Summary>,
 }
 
 impl Check {
@@ -27,6 +31,7 @@ impl Check {
             ok: true,
             detail,
             fix: None,
+            inbound: None,
         }
     }
 
@@ -36,6 +41,7 @@ impl Check {
             ok: false,
             detail,
             fix: Some(fix),
+            inbound: None,
         }
     }
 }
@@ -76,7 +82,49 @@ pub(super) async fn run(
         )
     });
     checks.push(certificates(registry));
+    checks.push(traffic(registry.proxy().arrivals()));
     checks
+}
+
+/// Whether every inbound connection to an enrolled pod came over mTLS lately: plaintext a
+/// PERMISSIVE pod accepted fails it, naming where it came from; plaintext refused does not.
+fn traffic(inbound: tally::Summary) -> Check {
+    let minutes = inbound.minutes;
+    let total = inbound.mtls + inbound.plaintext;
+    let refused = match inbound.refused {
+        0 => String::new(),
+        n => format!("; {n} plaintext connections refused by policy"),
+    };
+    let mut check = if inbound.plaintext == 0 {
+        let detail = match total {
+            0 => format!("no inbound connections to enrolled pods in the last {minutes} minutes"),
+            n => format!("{n} inbound connections in the last {minutes} minutes, all over mTLS"),
+        };
+        Check::pass("traffic", detail + &refused)
+    } else {
+        let mut sources: Vec<String> = inbound
+            .plaintext_sources
+            .iter()
+            .map(|s| format!("{} to {} ({})", s.from, s.to, s.connections))
+            .collect();
+        if inbound.plaintext_unnamed > 0 {
+            sources.push(format!("{} more", inbound.plaintext_unnamed));
+        }
+        let share = inbound.mtls as f64 * 100.0 / total as f64;
+        Check::fail(
+            "traffic",
+            format!(
+                "{} of {total} inbound connections in the last {minutes} minutes were plaintext \
+                 ({share:.1} % over mTLS), from {}{refused}",
+                inbound.plaintext,
+                sources.join(", ")
+            ),
+            "enroll the sources (label their namespace, or run them on a node with Culvert); \
+             once every client is enrolled, a STRICT PeerAuthentication refuses plaintext",
+        )
+    };
+    check.inbound = Some(inbound);
+    check
 }
 
 fn cni(conf_dir: Option<&Path>) -> Check {

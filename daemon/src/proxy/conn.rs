@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
+use super::tally::{Arrival, Tally};
 use super::{Pod, Proxy, carried};
 use crate::hbone::{self, Transfer};
 use crate::identity::Id;
@@ -143,6 +144,9 @@ pub(super) struct Record {
     metrics: Option<metrics::Connection>,
     /// Its entry in the node's table of open connections, once it is counted.
     carried: Option<carried::Held>,
+    /// Where an inbound connection's arrival is counted for `culvert check`, once it is
+    /// counted (probes are not).
+    tally: Option<Arc<Tally>>,
     start: Instant,
 }
 
@@ -170,6 +174,7 @@ impl Record {
             ends: Ends::default(),
             metrics: None,
             carried: None,
+            tally: None,
             start: Instant::now(),
         }
     }
@@ -207,6 +212,9 @@ impl Record {
         );
         self.metrics = Some(proxy.tcp.open(labels));
         self.ends = ends;
+        if self.direction == Direction::Inbound && self.transport != Transport::Probe {
+            self.tally = Some(proxy.arrivals.clone());
+        }
         let peer = match self.direction {
             Direction::Outbound => &self.dst_id,
             Direction::Inbound => &self.src_id,
@@ -268,6 +276,19 @@ impl Record {
                 metrics.tcp().denied(reason);
             }
             metrics.close(request, response, outcome.response_flag());
+        }
+        if let Some(tally) = self.tally.take() {
+            let arrival = match (self.transport, outcome) {
+                (Transport::Hbone, _) => Arrival::Mtls,
+                (_, Outcome::Denied(_)) => Arrival::Refused,
+                _ => Arrival::Plaintext,
+            };
+            let (source, src) = (&self.ends.source, self.src);
+            let from = || match source {
+                Some(w) => format!("{}/{}", w.namespace, w.name).into(),
+                None => src.ip().to_string().into(),
+            };
+            tally.note(arrival, from, &self.pod);
         }
         let duration = format!("{}ms", self.start.elapsed().as_millis());
         let (direction, transport) = (self.direction.as_str(), self.transport.as_str());
