@@ -22,7 +22,7 @@ use serde::{Serialize, Serializer};
 
 pub use bundle::{Bundle, Roots, follow as follow_bundle, load as load_bundle};
 pub use ca::{LocalCa, leaf_params, write_root};
-pub use cache::Cache;
+pub use cache::{Cache, Held, LastRequest};
 pub use istio::IstioCa;
 
 /// A SPIFFE identity of the form `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
@@ -236,11 +236,22 @@ pub enum Error {
 /// The future a [`Source`] returns.
 pub type IssueFuture<'a> = Pin<Box<dyn Future<Output = Result<Issued, Error>> + Send + 'a>>;
 
+/// What [`Source::reach`] found: what answered, or why nothing did.
+pub type ReachFuture<'a> = Pin<Box<dyn Future<Output = Result<String, String>> + Send + 'a>>;
+
 /// A certificate authority that can issue a certificate for an identity.
 ///
 /// The node generates the key pair and the authority signs it; keys never leave the node.
 pub trait Source: Send + Sync + 'static {
     fn issue<'a>(&'a self, id: &'a Id) -> IssueFuture<'a>;
+
+    /// Whether the authority answers now, without asking it for anything (`culvert check`).
+    /// One in this process always does.
+    fn reach(&self) -> ReachFuture<'_> {
+        Box::pin(std::future::ready(Ok(
+            "certificates are signed in this daemon, with its own CA key".to_owned(),
+        )))
+    }
 }
 
 #[cfg(test)]

@@ -51,7 +51,7 @@ async fn check_passes_on_a_healthy_node_and_names_each_unwired_pod_with_its_fix(
     );
     assert!(!pods.contains("client"), "{out}");
     assert!(out.contains("fix: a pod still starting"), "{out}");
-    assert!(out.ends_with("1 of 5 checks failed\n"), "{out}");
+    assert!(out.ends_with("1 of 6 checks failed\n"), "{out}");
 
     // Wired, every check passes.
     t.register(&a, "late").await;

@@ -405,6 +405,29 @@ fn certificates_keep_serving_through_a_ca_outage_longer_than_a_renewal_and_renew
         lab.log(0).contains("certificate renewal failed"),
         "no renewal was attempted during the outage"
     );
+    // `culvert check` names the CA and the failed renewal.
+    let ca_check = |lab: &Lab| {
+        let checks = lab.admin(0, "/check").unwrap();
+        checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == "ca")
+            .cloned()
+            .unwrap()
+    };
+    let down = ca_check(&lab);
+    assert_eq!(down["ok"], false, "{down}");
+    let detail = down["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with(&format!("unreachable: the CA at {}", ca.endpoint().addr)),
+        "{down}"
+    );
+    assert!(
+        detail.contains("; the last request, for spiffe://"),
+        "{down}"
+    );
+    assert!(down["fix"].is_string(), "{down}");
     ca.start();
     eventually("renewal to resume", WAIT, || {
         (signed_lines(&ca) > before).then_some(())
@@ -412,6 +435,17 @@ fn certificates_keep_serving_through_a_ca_outage_longer_than_a_renewal_and_renew
     eventually("traffic on renewed certificates", WAIT, || {
         echo_ok_quiet(&lab, "client", "server")
     });
+    // Until the failed renewal is retried (with backoff), the check still names that failure.
+    let up = eventually("the CA check to pass", WAIT, || {
+        let check = ca_check(&lab);
+        (check["ok"] == true).then_some(check)
+    });
+    assert!(
+        up["detail"].as_str().unwrap().contains(
+            "answers TLS with a certificate the mesh's roots accept; it signed spiffe://"
+        ),
+        "{up}"
+    );
 }
 
 #[test]

@@ -322,6 +322,24 @@ fn the_daemon_is_not_ready_and_takes_no_registrations_until_the_api_has_been_lis
         !socket.exists(),
         "registrations served before the API was listed"
     );
+    // `culvert check` says so, with its fix.
+    let ready = |log: &str| {
+        let checks = culvert_lab::admin_get(log, "/check").ok()?;
+        checks
+            .as_array()?
+            .iter()
+            .find(|c| c["check"] == "ready")
+            .cloned()
+    };
+    let before = eventually("the admin API to answer /check", WAIT, || {
+        ready(&daemon.log())
+    });
+    assert_eq!(before["ok"], false, "{before}");
+    assert!(
+        before["detail"].as_str().unwrap().contains("not ready"),
+        "{before}"
+    );
+    assert!(before["fix"].is_string(), "{before}");
 
     cluster.start_apiserver();
     eventually(
@@ -333,6 +351,7 @@ fn the_daemon_is_not_ready_and_takes_no_registrations_until_the_api_has_been_lis
         },
     );
     assert!(socket.exists());
+    assert_eq!(ready(&daemon.log()).unwrap()["ok"], true);
     let workloads = culvert_lab::admin_get(&daemon.log(), "/workloads").unwrap();
     assert_eq!(workloads, serde_json::json!([]));
     let enrollment = std::fs::read_to_string(daemon.dir.join("state/enrollment.json")).unwrap();

@@ -1,17 +1,21 @@
 //! `GET /check`: what `culvert check` reports for this node, each finding with its fix.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::SystemTime;
+
+use rustls::RootCertStore;
 
 use serde::Serialize;
 
 use crate::cni::{Registry, install};
+use crate::identity::{self, Held, Id};
 use crate::proxy::tally;
 
 /// One finding.
 #[derive(Debug, Serialize)]
 pub(super) struct Check {
-    /// `ready`, `cni`, `pods`, `certificates` or `traffic`.
+    /// `ready`, `cni`, `pods`, `certificates`, `ca` or `traffic`.
     check: &'static str,
     ok: bool,
     /// What was found.
@@ -82,6 +86,7 @@ pub(super) async fn run(
         )
     });
     checks.push(certificates(registry));
+    checks.push(ca(registry.certificates()).await);
     checks.push(traffic(registry.proxy().arrivals()));
     checks
 }
@@ -167,8 +172,6 @@ fn cni(conf_dir: Option<&Path>) -> Check {
 
 fn certificates(registry: &Registry) -> Check {
     let cache = registry.certificates();
-    let roots = cache.roots();
-    let now = SystemTime::now();
     let mut wanted: Vec<_> = registry
         .list()
         .into_iter()
@@ -177,10 +180,34 @@ fn certificates(registry: &Registry) -> Check {
         .collect();
     wanted.sort();
     wanted.dedup();
-    let chains = cache.chains();
+    let bad = certificate_problems(&wanted, &cache.chains(), cache.roots(), SystemTime::now());
+    if bad.is_empty() {
+        Check::pass(
+            "certificates",
+            format!("{} identities hold valid certificates", wanted.len()),
+        )
+    } else {
+        Check::fail(
+            "certificates",
+            bad.join("; "),
+            "read the daemon's log for the CA's answer; check that the CA is reachable and \
+             that the trust bundle the node follows is the CA's",
+        )
+    }
+}
+
+/// What is wrong with the certificates `held` for the identities `wanted`, at `now`: one
+/// line per identity with no certificate, one the bundle `roots` does not accept, or one with
+/// less than a quarter of its lifetime left.
+fn certificate_problems(
+    wanted: &[Id],
+    held: &[Held],
+    roots: Arc<RootCertStore>,
+    now: SystemTime,
+) -> Vec<String> {
     let mut bad = Vec::new();
-    for id in &wanted {
-        let Some(held) = chains.iter().find(|held| held.id == *id) else {
+    for id in wanted {
+        let Some(held) = held.iter().find(|held| held.id == *id) else {
             bad.push(format!("{id}: no certificate"));
             continue;
         };
@@ -202,25 +229,113 @@ fn certificates(registry: &Registry) -> Check {
             ));
         }
     }
-    if bad.is_empty() {
-        Check::pass(
-            "certificates",
-            format!("{} identities hold valid certificates", wanted.len()),
-        )
-    } else {
-        Check::fail(
-            "certificates",
-            bad.join("; "),
-            "read the daemon's log for the CA's answer; check that the CA is reachable and \
-             that the trust bundle the node follows is the CA's",
-        )
+    bad
+}
+
+/// Whether the certificate source answers now, and how its last request went.
+async fn ca(cache: &identity::Cache) -> Check {
+    let fix = "check the CA's address (the istio-ca settings) and that this node reaches it \
+               (DNS, network policy); its certificate must chain to the mesh's trust bundle; a \
+               refusal's reason is in the daemon's log and the CA's. Held certificates keep \
+               serving until they expire";
+    let ago = |at: SystemTime| {
+        SystemTime::now()
+            .duration_since(at)
+            .unwrap_or_default()
+            .as_secs()
+    };
+    let last = cache.last_request();
+    let failed = last.as_ref().and_then(|l| {
+        let error = l.error.as_ref()?;
+        Some(format!(
+            "the last request, for {} {} s ago, failed: {error}",
+            l.id,
+            ago(l.at)
+        ))
+    });
+    match (cache.reach().await, failed) {
+        (Err(e), None) => Check::fail("ca", format!("unreachable: {e}"), fix),
+        (Err(e), Some(failed)) => Check::fail("ca", format!("unreachable: {e}; {failed}"), fix),
+        (Ok(what), Some(failed)) => Check::fail("ca", format!("{what}, but {failed}"), fix),
+        (Ok(what), None) => match last {
+            Some(last) => Check::pass(
+                "ca",
+                format!("{what}; it signed {} {} s ago", last.id, ago(last.at)),
+            ),
+            None => Check::pass("ca", what),
+        },
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::TempDir;
+    use crate::test_util::{Ca, TempDir};
+
+    #[tokio::test]
+    async fn certificates_fail_when_missing_from_another_ca_or_near_expiry() {
+        let id = |sa: &str| Id::new("cluster.local", "shop", sa).unwrap();
+        let (ours, theirs) = (
+            Ca::new("check-ours").certs(),
+            Ca::new("check-theirs").certs(),
+        );
+        for sa in ["cart", "pay"] {
+            ours.ensure(&id(sa)).await.unwrap();
+        }
+        theirs.ensure(&id("stray")).await.unwrap();
+        let mut held = ours.chains();
+        held.extend(theirs.chains());
+        let wanted = [id("cart"), id("pay"), id("stray"), id("ghost")];
+        let now = SystemTime::now();
+        let problems = certificate_problems(&wanted, &held, ours.roots(), now);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].starts_with(
+                "spiffe://cluster.local/ns/shop/sa/stray: not accepted by the current trust bundle"
+            ),
+            "{problems:?}"
+        );
+        assert_eq!(
+            problems[1],
+            "spiffe://cluster.local/ns/shop/sa/ghost: no certificate"
+        );
+
+        // One-hour certificates: at 46 minutes a quarter of the lifetime is not left.
+        let later = held[0].not_before + std::time::Duration::from_secs(46 * 60);
+        let problems = certificate_problems(&wanted[..2], &held, ours.roots(), later);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .all(|p| p.ends_with("s; renewal is failing")),
+            "{problems:?}"
+        );
+        let earlier = held[0].not_before + std::time::Duration::from_secs(44 * 60);
+        assert!(certificate_problems(&wanted[..2], &held, ours.roots(), earlier).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_local_ca_is_always_reachable_and_reports_its_last_signature() {
+        let cache = Ca::new("check-ca").certs();
+        let before = ca(&cache).await;
+        assert!(before.ok, "{before:?}");
+        assert_eq!(
+            before.detail,
+            "certificates are signed in this daemon, with its own CA key"
+        );
+        cache
+            .ensure(&Id::new("cluster.local", "shop", "cart").unwrap())
+            .await
+            .unwrap();
+        let after = ca(&cache).await;
+        assert!(after.ok, "{after:?}");
+        assert!(
+            after
+                .detail
+                .contains("; it signed spiffe://cluster.local/ns/shop/sa/cart 0 s ago"),
+            "{after:?}"
+        );
+    }
 
     #[test]
     fn the_cni_check_fails_until_culvert_cni_is_in_the_primary_configuration() {

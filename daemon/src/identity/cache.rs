@@ -34,6 +34,17 @@ pub struct Cache {
     reissued: tokio::sync::Notify,
     /// Where issuances are counted, once the node's metrics exist.
     metrics: std::sync::OnceLock<Arc<crate::metrics::Certificates>>,
+    /// How the last request to the source went.
+    last: std::sync::Mutex<Option<LastRequest>>,
+}
+
+/// A request to the certificate source, as `culvert check` reports it.
+#[derive(Debug, Clone)]
+pub struct LastRequest {
+    pub id: Id,
+    pub at: SystemTime,
+    /// Why it failed (the whole chain of causes); `None` when a certificate was installed.
+    pub error: Option<String>,
 }
 
 /// A held certificate, as the admin API shows it.
@@ -67,6 +78,13 @@ impl Cert {
             .unwrap_or_default();
         self.not_before + lifetime / 2
     }
+}
+
+/// How long a failed renewal waits before the next try: the backoff, but never so long that a
+/// certificate with `left` to live expires first (a quarter of that at most, and no less than
+/// [`MIN_BACKOFF`]).
+fn retry_wait(backoff: Duration, left: Duration) -> Duration {
+    backoff.min((left / 4).max(MIN_BACKOFF))
 }
 
 impl Cache {
@@ -103,7 +121,18 @@ impl Cache {
             fetching: Mutex::default(),
             reissued: tokio::sync::Notify::new(),
             metrics: std::sync::OnceLock::new(),
+            last: std::sync::Mutex::default(),
         })
+    }
+
+    /// How the last request to the certificate source went, if one was made.
+    pub fn last_request(&self) -> Option<LastRequest> {
+        self.last.lock().expect("last request poisoned").clone()
+    }
+
+    /// Whether the certificate source answers now ([`Source::reach`]).
+    pub async fn reach(&self) -> Result<String, String> {
+        self.source.reach().await
     }
 
     /// Counts issuances and renewals in `metrics` from now on (once).
@@ -226,6 +255,14 @@ impl Cache {
         if let Some(metrics) = self.metrics.get() {
             metrics.fetched(when == Install::IfHeld, installed.is_ok());
         }
+        *self.last.lock().expect("last request poisoned") = Some(LastRequest {
+            id: id.clone(),
+            at: SystemTime::now(),
+            error: installed
+                .as_ref()
+                .err()
+                .map(|e| format!("{:#}", anyhow::Error::new(e.clone()))),
+        });
         if let Some(cert) = installed? {
             info!(id = %id, not_after = ?cert.not_after, "certificate issued");
         }
@@ -283,9 +320,14 @@ impl Cache {
                 match self.refresh(&id).await {
                     Ok(()) => break,
                     Err(e) => {
-                        warn!(id = %id, retry_in = ?backoff, error = &e as &dyn std::error::Error,
+                        let left = cert
+                            .not_after
+                            .duration_since(SystemTime::now())
+                            .unwrap_or_default();
+                        let wait = retry_wait(backoff, left);
+                        warn!(id = %id, retry_in = ?wait, error = &e as &dyn std::error::Error,
                             "certificate renewal failed");
-                        tokio::time::sleep(backoff).await;
+                        tokio::time::sleep(wait).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                     }
                 }
@@ -400,6 +442,16 @@ mod tests {
         assert_eq!(source.issued.load(Ordering::SeqCst), 1);
         assert!(cache.get(&id).is_some());
         assert_eq!(cache.roots().len(), 1);
+    }
+
+    #[test]
+    fn a_failed_renewal_is_retried_before_the_certificate_expires() {
+        let secs = Duration::from_secs;
+        assert_eq!(retry_wait(MAX_BACKOFF, secs(12 * 3600)), MAX_BACKOFF);
+        // A one-minute certificate 30 s from expiry: the 16 s backoff would leave 14 s.
+        assert_eq!(retry_wait(secs(16), secs(30)), Duration::from_millis(7500));
+        assert_eq!(retry_wait(secs(16), Duration::ZERO), MIN_BACKOFF);
+        assert_eq!(retry_wait(MIN_BACKOFF, secs(60)), MIN_BACKOFF);
     }
 
     #[tokio::test(start_paused = true)]

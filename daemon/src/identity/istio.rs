@@ -21,7 +21,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use tokio::sync::Semaphore;
 use tonic::transport::Channel;
 
-use super::{Endpoint, Error, Id, IssueFuture, Issued, Roots, Source, bundle};
+use super::{Endpoint, Error, Id, IssueFuture, Issued, ReachFuture, Roots, Source, bundle};
 
 /// Requests in flight to the CA at once, whatever the burst (ztunnel uses the same).
 const MAX_IN_FLIGHT: usize = 8;
@@ -31,6 +31,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The node's client of an Istio CA.
 pub struct IstioCa {
     address: String,
+    /// How a connection to the CA is made, for `reach`; the client's channel dials the same.
+    dialer: Dialer,
     client: IstioCertificateServiceClient<Channel>,
     token_file: PathBuf,
     cluster_id: tonic::metadata::AsciiMetadataValue,
@@ -42,25 +44,17 @@ impl IstioCa {
     /// A client for `ca`, verifying the CA's certificate against `roots` as they are at each
     /// connection (so a root rotation reaches this channel too). Connects lazily.
     pub fn new(ca: &Endpoint, roots: Arc<Roots>, ttl: Duration) -> anyhow::Result<Self> {
-        let server_name = ServerName::try_from(ca.server_name.clone())?;
         let cluster_id = ca.cluster_id.parse()?;
         let address = ca.address.clone();
-        let dial = address.clone();
+        let dialer = Dialer {
+            address: address.clone(),
+            server_name: ServerName::try_from(ca.server_name.clone())?,
+            roots,
+        };
+        let dial = dialer.clone();
         let connector = tower::service_fn(move |_: http::Uri| {
-            let (roots, server_name, dial) = (roots.clone(), server_name.clone(), dial.clone());
-            async move {
-                let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-                    .with_protocol_versions(&[&rustls::version::TLS13])?
-                    .with_root_certificates(roots.get())
-                    .with_no_client_auth();
-                tls.alpn_protocols = vec![crate::tls::ALPN_H2.to_vec()];
-                let tcp = tokio::net::TcpStream::connect(&dial).await?;
-                tcp.set_nodelay(true)?;
-                let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
-                    .connect(server_name, tcp)
-                    .await?;
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(TokioIo::new(tls))
-            }
+            let dial = dial.clone();
+            async move { Ok::<_, BoxError>(TokioIo::new(dial.connect().await?)) }
         });
         // The URI only names the :authority; the connector above decides where to dial.
         let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", ca.address))?
@@ -69,6 +63,7 @@ impl IstioCa {
             .connect_with_connector_lazy(connector);
         Ok(Self {
             address,
+            dialer,
             client: IstioCertificateServiceClient::new(channel),
             token_file: ca.token_file.clone(),
             cluster_id,
@@ -125,6 +120,55 @@ impl IstioCa {
 impl Source for IstioCa {
     fn issue<'a>(&'a self, id: &'a Id) -> IssueFuture<'a> {
         Box::pin(self.request(id))
+    }
+
+    /// A TLS handshake with the CA, its certificate checked against the mesh's roots.
+    fn reach(&self) -> ReachFuture<'_> {
+        Box::pin(async move {
+            match tokio::time::timeout(REACH_TIMEOUT, self.dialer.connect()).await {
+                Ok(Ok(_)) => Ok(format!(
+                    "the CA at {} answers TLS with a certificate the mesh's roots accept",
+                    self.address
+                )),
+                Ok(Err(e)) => Err(format!("the CA at {}: {e}", self.address)),
+                Err(_) => Err(format!(
+                    "the CA at {} did not finish a TLS handshake within {REACH_TIMEOUT:?}",
+                    self.address
+                )),
+            }
+        })
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long `reach` waits for the CA.
+const REACH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Dials the CA: TCP, then TLS 1.3 offering HTTP/2, verified against the mesh's roots as they
+/// are at that moment.
+#[derive(Clone)]
+struct Dialer {
+    address: String,
+    server_name: ServerName<'static>,
+    roots: Arc<Roots>,
+}
+
+impl Dialer {
+    async fn connect(
+        &self,
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, BoxError> {
+        let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(self.roots.get())
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![crate::tls::ALPN_H2.to_vec()];
+        let tcp = tokio::net::TcpStream::connect(&self.address).await?;
+        tcp.set_nodelay(true)?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(self.server_name.clone(), tcp)
+            .await?;
+        Ok(tls)
     }
 }
 
