@@ -3,7 +3,7 @@
 //! traffic encrypted?".
 //!
 //! Bounded whatever the traffic: one bucket per minute for [`MINUTES`], each naming at most
-//! [`SOURCES`] plaintext (source, destination) pairs and counting the rest.
+//! 32 plaintext (source, destination) pairs and counting the rest.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
