@@ -16,12 +16,13 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -31,6 +32,7 @@ mod dump;
 
 use crate::cni::Registry;
 use crate::metrics::Metrics;
+use crate::proxy::Peers;
 use crate::state::Store;
 use crate::telemetry::Filter;
 
@@ -198,6 +200,14 @@ impl Admin {
     }
 }
 
+/// Connections each listener serves at once, and from one address.
+const MAX_CONNECTIONS: usize = 128;
+const MAX_CONNECTIONS_PER_PEER: usize = 8;
+/// A client that has not sent a request's headers by then is closed (slow-loris).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// No connection is kept longer, requests or not: keep-alive cannot hold a place forever.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
 /// Binds `addr` and serves `surface`'s endpoints there until `stop`. Returns the bound address.
 pub async fn serve(
     admin: Arc<Admin>,
@@ -217,19 +227,26 @@ pub async fn serve(
     let listener = socket.listen(64)?;
     let local = listener.local_addr()?;
     info!(addr = %local, what = surface.name(), "listening");
+    let slots = Peers::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER);
     tokio::spawn(async move {
         loop {
-            let (stream, _) = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 () = stop.cancelled() => return,
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
                         // Out of descriptors and the like: back off instead of spinning.
                         debug!(error = %e, "admin accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 },
+            };
+            // Over a cap the connection is closed at once: one address (a pod reaching the
+            // metrics port, say) cannot hold the places the kubelet's probes need.
+            let Some(slot) = slots.admit(peer.ip()) else {
+                debug!(%peer, what = surface.name(), "connection over the cap closed");
+                continue;
             };
             let admin = admin.clone();
             let service = hyper::service::service_fn(move |req| {
@@ -238,10 +255,15 @@ pub async fn serve(
             });
             tokio::spawn(async move {
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service);
-                if let Err(e) = conn.await {
-                    debug!(error = %e, "admin connection failed");
+                match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                    Ok(Err(e)) => debug!(error = %e, "admin connection failed"),
+                    Err(_) => debug!(%peer, "admin connection open too long; closed"),
+                    Ok(Ok(())) => {}
                 }
+                drop(slot);
             });
         }
     });

@@ -136,15 +136,24 @@ pub struct Limits {
 
 /// What is held against one pair of caps, in all and per peer address.
 #[derive(Debug)]
-struct Peers {
+pub(crate) struct Peers {
     total: usize,
     per_peer: usize,
     held: std::sync::Mutex<(usize, HashMap<IpAddr, usize>)>,
 }
 
 impl Peers {
+    /// Caps of `total` in all and `per_peer` from any one address.
+    pub(crate) fn new(total: usize, per_peer: usize) -> Arc<Self> {
+        Arc::new(Self {
+            total,
+            per_peer,
+            held: Default::default(),
+        })
+    }
+
     /// A place for one more connection from `ip`, if the caps allow it.
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<OwnedPeerSlot> {
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<OwnedPeerSlot> {
         let mut held = self.held.lock().expect("peers lock poisoned");
         let (total, per_peer) = &mut *held;
         let from_ip = per_peer.entry(ip).or_default();
@@ -175,8 +184,8 @@ impl Peers {
     }
 }
 
-/// One admitted HBONE connection; gives its place back when dropped.
-struct OwnedPeerSlot {
+/// One admitted connection; gives its place back when dropped.
+pub(crate) struct OwnedPeerSlot {
     peers: Arc<Peers>,
     ip: IpAddr,
 }
@@ -235,16 +244,8 @@ impl Proxy {
             tasks: TaskTracker::new(),
             endpoint_turn: Default::default(),
             refusals: Refusals::default(),
-            peers: Arc::new(Peers {
-                total: limits.connections,
-                per_peer: limits.connections_per_peer,
-                held: Default::default(),
-            }),
-            streams: Arc::new(Peers {
-                total: limits.streams,
-                per_peer: limits.streams_per_peer,
-                held: Default::default(),
-            }),
+            peers: Peers::new(limits.connections, limits.connections_per_peer),
+            streams: Peers::new(limits.streams, limits.streams_per_peer),
             open: Arc::default(),
             carried: Arc::default(),
             arrivals: Arc::default(),

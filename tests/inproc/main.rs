@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use culvert::state::PeerAuthentication;
 use culvert::test_util::{echo_server, exchange};
 use culvert_cni_proto::Response;
-use culvert_tests::inproc::{APP, Topology, access, get, logs};
+use culvert_tests::inproc::{APP, Topology, access, get, get_from, logs};
 use culvert_tests::scrape::{sample, samples};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -921,4 +921,42 @@ async fn the_log_filter_is_read_and_changed_through_the_admin_api() {
     assert_eq!(stdout(log(&["--reset"])), "info\n");
     daemon.kill().unwrap();
     daemon.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_hold_the_probe_listener_and_idle_connections_are_closed() {
+    let t = Topology::new("caps", &[("client", 0)]);
+    let node = t.start(0).await;
+    let probes = node.node.readiness_addr;
+    let flooder: std::net::IpAddr = t.host_ip(0, 200);
+    let connect = || async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(flooder, 0)).unwrap();
+        socket.connect(probes).await.unwrap()
+    };
+    // Eight idle connections from one address take its places; the ninth is closed at once.
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(connect().await);
+    }
+    let mut ninth = connect().await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(2), ninth.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the ninth connection was not closed: {read:?}"
+    );
+    // The kubelet, from another address, still gets its answer.
+    let other = t.host_ip(0, 201);
+    assert_eq!(get_from(other, probes, "/healthz/ready").await.0, 200);
+    // Idle connections that never send a request are closed after the header timeout, and
+    // the address has its places back.
+    for mut conn in idle {
+        let read = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "an idle connection outlived the header timeout: {read:?}"
+        );
+    }
+    assert_eq!(get_from(flooder, probes, "/healthz/ready").await.0, 200);
 }

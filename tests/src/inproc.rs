@@ -265,7 +265,17 @@ pub async fn call(socket: &std::path::Path, request: Request) -> Response {
 
 /// `GET path` on `addr`: status and body.
 pub async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
+    request(TcpStream::connect(addr).await.unwrap(), path).await
+}
+
+/// `GET path` on `addr` from the loopback address `from`.
+pub async fn get_from(from: IpAddr, addr: SocketAddr, path: &str) -> (u16, String) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    request(socket.connect(addr).await.unwrap(), path).await
+}
+
+async fn request(mut stream: TcpStream, path: &str) -> (u16, String) {
     let request = format!("GET {path} HTTP/1.1\r\nHost: culvert\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
