@@ -23,13 +23,23 @@ pub struct Segment {
 impl Capture {
     /// Captures all TCP on `interface` inside `netns` into `file`.
     pub fn start(netns: &str, interface: &str, file: &Path) -> anyhow::Result<Self> {
+        Self::start_filtered(netns, interface, file, "tcp")
+    }
+
+    /// Captures what the pcap `filter` selects on `interface` inside `netns` into `file`.
+    pub fn start_filtered(
+        netns: &str,
+        interface: &str,
+        file: &Path,
+        filter: &str,
+    ) -> anyhow::Result<Self> {
         let _ = std::fs::remove_file(file);
         let mut child = Command::new("ip")
             .args([
                 "netns", "exec", netns, "tcpdump", "-i", interface, "-U", "-n", "-s", "0", "-w",
             ])
             .arg(file)
-            .arg("tcp")
+            .args(filter.split_whitespace())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
