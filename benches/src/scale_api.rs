@@ -432,7 +432,13 @@ pub(crate) fn child(source: &str, arg: &str) -> anyhow::Result<()> {
             let baseline = rss_mib()?;
             let started = Instant::now();
             let metrics = culvert::metrics::Metrics::new();
-            let watches = Watches::start(&client, "cluster.local", &metrics.discovery, &stop);
+            let watches = Watches::start(
+                &client,
+                "cluster.local",
+                culvert::discovery::MODE_LABEL,
+                &metrics.discovery,
+                &stop,
+            );
             watches.synced(&client).await;
             let mut snapshot = watches.snapshot(&settings).await;
             report(baseline, started, snapshot.workload_count())?;

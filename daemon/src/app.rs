@@ -60,6 +60,9 @@ pub async fn start(args: NodeArgs) -> anyhow::Result<Node> {
 /// Starts the node daemon with `capture` doing the in-pod wiring, and returns once it is ready:
 /// discovery synced, running enrolled pods rewired, the registration socket open.
 pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Result<Node> {
+    if let Some(file) = &args.ready_file {
+        remove_ready_file(file);
+    }
     let mut file = NodeFile::load(&args.config, args.node_name.as_deref())?;
     match raise_fd_limit() {
         Ok(limit) => info!(limit, "file descriptor limit"),
@@ -179,7 +182,13 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
         });
         // Until the first full list, the daemon knows no enrollment: registrations wait (the
         // plugin fails closed from the last recorded state) rather than admit pods unwired.
-        let watches = Watches::start(&client, &file.trust_domain, &metrics.discovery, &stop);
+        let watches = Watches::start(
+            &client,
+            &file.trust_domain,
+            &file.enrollment_label,
+            &metrics.discovery,
+            &stop,
+        );
         info!("waiting for the Kubernetes API's first lists");
         watches.synced(&client).await;
         let first = rx.borrow().clone();
@@ -200,7 +209,7 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
     record_enrollment(&args.state_dir, &state)?;
     // Pods that run already (daemon restart, node reboot) are rewired before registrations are
     // served: until then the plugin fails closed for them.
-    registry.reconcile().await;
+    rewire(&registry).await;
 
     let stop_registrations = CancellationToken::new();
     tokio::spawn(
@@ -224,6 +233,10 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
         stop_registrations.clone(),
     ));
     admin.set_ready(true);
+    if let Some(file) = &args.ready_file {
+        std::fs::write(file, b"ready\n")
+            .with_context(|| format!("writing the ready file {}", file.display()))?;
+    }
     info!(socket = %args.cni_socket.display(), "ready");
     Ok(Node {
         admin_addr,
@@ -244,7 +257,7 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
 
 impl Node {
     /// Re-reads the node file and applies it. A broken file, or one that changes what needs a
-    /// restart (node name, trust domain, CA, discovery source), is refused and the running
+    /// restart (node name, trust domain, enrollment label, CA, discovery source), is refused and the running
     /// configuration stays.
     pub async fn reload(&self) -> anyhow::Result<()> {
         let new = NodeFile::load(&self.args.config, self.args.node_name.as_deref())?;
@@ -252,6 +265,10 @@ impl Node {
         let fixed = [
             ("node", new.node != current.node),
             ("trustDomain", new.trust_domain != current.trust_domain),
+            (
+                "enrollmentLabel",
+                new.enrollment_label != current.enrollment_label,
+            ),
             ("ca", new.ca != current.ca),
             ("discovery", new.discovery != current.discovery),
             ("keyExchange", new.key_exchange != current.key_exchange),
@@ -305,6 +322,9 @@ impl Node {
     pub async fn shutdown(self) -> usize {
         info!(timeout = ?self.args.drain_timeout, "draining");
         self.admin.set_ready(false);
+        if let Some(file) = &self.args.ready_file {
+            remove_ready_file(file);
+        }
         self.stop_registrations.cancel();
         self.socket_file.remove(&self.args.cni_socket);
         let left = self.proxy.drain(self.args.drain_timeout).await;
@@ -360,6 +380,33 @@ async fn follow(
     }
 }
 
+/// How long a starting daemon retries pods it could not rewire (the CA not up yet, say) before
+/// it goes ready anyway. In a surge update the old daemon serves them meanwhile; past this, one
+/// pod that cannot be served no longer holds up every new pod of the node. The failed ones are
+/// tried again every heal interval.
+const REWIRE_WAIT: Duration = Duration::from_secs(60);
+
+/// Rewires the node's running enrolled pods, retrying failures for up to [`REWIRE_WAIT`].
+async fn rewire(registry: &Registry) {
+    let deadline = tokio::time::Instant::now() + REWIRE_WAIT;
+    let mut pause = Duration::from_millis(250);
+    loop {
+        let failed = registry.reconcile().await;
+        if failed == 0 {
+            return;
+        }
+        if tokio::time::Instant::now() + pause > deadline {
+            warn!(
+                pods = failed,
+                "going ready with pods not rewired yet; they are retried and fail closed meanwhile"
+            );
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
 fn record_enrollment(state_dir: &std::path::Path, state: &Store) -> anyhow::Result<()> {
     cni::write_enrollment(state_dir, &state.snapshot().enrollment())
         .with_context(|| format!("writing {}", state_dir.join(cni::ENROLLMENT_FILE).display()))
@@ -409,5 +456,16 @@ fn install_cni(args: &NodeArgs, stop: CancellationToken) -> anyhow::Result<()> {
 fn log_policy_notes(policies: &crate::policy::Policies) {
     for (policy, note) in policies.notes() {
         warn!(policy, note, "policy not enforced as written");
+    }
+}
+
+/// Removes the ready file: at start (a restarted container finds its predecessor's in the same
+/// pod's volume) and when draining. Failing to is logged, not fatal: the probe then keeps
+/// saying ready, as the HTTP one would have.
+fn remove_ready_file(file: &std::path::Path) {
+    match std::fs::remove_file(file) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!(file = %file.display(), error = %e, "could not remove the ready file"),
     }
 }

@@ -44,6 +44,12 @@ pub struct NodeArgs {
     /// Readiness (`/healthz/ready`) and liveness (`/healthz/live`) for the kubelet's probes.
     #[arg(long, env = "CULVERT_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
+    /// A file that exists while this daemon is ready and is removed when it drains, for an exec
+    /// readiness probe (`culvert ready --file`). A DaemonSet on the host network needs it:
+    /// during a surge update both daemons hold the probe port (`SO_REUSEPORT`), so the
+    /// kubelet's HTTP probe of the new daemon can be answered by the old one.
+    #[arg(long, env = "CULVERT_READY_FILE")]
+    pub ready_file: Option<PathBuf>,
     /// Prometheus metrics (`/metrics`, and `/stats/prometheus` as Istio's node proxy serves
     /// them).
     #[arg(long, env = "CULVERT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
@@ -239,6 +245,9 @@ pub struct NodeFile {
     pub node: String,
     pub discovery: Discovery,
     pub trust_domain: String,
+    /// With Kubernetes discovery, the label whose value `ambient` enrolls a namespace (or a
+    /// pod) and `none` opts a pod out.
+    pub enrollment_label: String,
     pub ca: CaConfig,
     pub cert_ttl: Duration,
     /// Post-quantum key exchange on HBONE: preferred (default) or required.
@@ -303,6 +312,8 @@ struct RawFile {
     discovery: Discovery,
     #[serde(default)]
     trust_domain: Option<String>,
+    #[serde(default)]
+    enrollment_label: Option<String>,
     ca: RawCa,
     #[serde(default)]
     cert_ttl: Option<String>,
@@ -489,6 +500,11 @@ impl NodeFile {
             .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned());
         Id::new(&trust_domain, "x", "x")
             .map_err(|e| invalid("trustDomain", &trust_domain, e.to_string()))?;
+        let enrollment_label = raw
+            .enrollment_label
+            .unwrap_or_else(|| crate::discovery::MODE_LABEL.to_owned());
+        label_key(&enrollment_label)
+            .map_err(|reason| invalid("enrollmentLabel", &enrollment_label, reason.into()))?;
         let cert_ttl = match raw.cert_ttl {
             None => DEFAULT_CERT_TTL,
             Some(text) => match humantime::parse_duration(&text) {
@@ -581,6 +597,7 @@ impl NodeFile {
             node: raw.node,
             discovery: raw.discovery,
             trust_domain,
+            enrollment_label,
             ca: ca_config(raw.ca, dir)
                 .map_err(|(path, value, reason)| invalid(path, &value, reason))?,
             cert_ttl,
@@ -674,9 +691,75 @@ enum ParseError {
     Invalid(state::Error),
 }
 
+/// A Kubernetes label key: an optional DNS-subdomain prefix and `/`, then a name of at most 63
+/// characters, alphanumeric at both ends, with `-`, `_` and `.` inside.
+fn label_key(key: &str) -> Result<(), &'static str> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    let inner_ok = |s: &str, extra: &[u8]| {
+        let bytes = s.as_bytes();
+        !bytes.is_empty()
+            && bytes[0].is_ascii_alphanumeric()
+            && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || extra.contains(b))
+    };
+    if name.len() > 63 || !inner_ok(name, b"-_.") {
+        return Err(
+            "not a label key: the name (after any prefix/) is 1 to 63 characters, \
+                    alphanumeric at both ends, with -, _ and . inside",
+        );
+    }
+    if let Some(prefix) = prefix {
+        let lowercase = prefix.bytes().all(|b| !b.is_ascii_uppercase());
+        if prefix.len() > 253 || !lowercase || !prefix.split('.').all(|l| inner_ok(l, b"-")) {
+            return Err("not a label key: the prefix before / is a lowercase DNS subdomain");
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_enrollment_label_is_a_label_key_and_defaults_to_culverts() {
+        for good in [
+            "culvert.io/dataplane-mode",
+            "istio.io/dataplane-mode",
+            "mesh",
+            "a.b-c/x_y.z",
+        ] {
+            assert_eq!(label_key(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "/mode",
+            "Istio.io/mode",
+            "io./mode",
+            "-a/mode",
+            "a/",
+            "a/-x",
+            "a/b/c",
+            "m ode",
+        ] {
+            assert!(label_key(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(label_key(&"x".repeat(64)).is_err());
+        assert!(label_key(&format!("{}/x", "a".repeat(254))).is_err());
+        let ca = "ca: { cert: ca.crt, key: ca.key }";
+        let file = parse(&format!(
+            "node: a\n{ca}\nenrollmentLabel: istio.io/dataplane-mode\n"
+        ))
+        .unwrap();
+        assert_eq!(file.enrollment_label, "istio.io/dataplane-mode");
+        let err = parse(&format!("node: a\n{ca}\nenrollmentLabel: Istio/mode\n")).unwrap_err();
+        assert!(err.starts_with("enrollmentLabel"), "{err}");
+    }
 
     const GOOD: &str = r#"
 node: node-a
@@ -759,6 +842,7 @@ services:
         let file = parse(GOOD).unwrap();
         assert_eq!(file.node, "node-a");
         assert_eq!(file.trust_domain, "cluster.local");
+        assert_eq!(file.enrollment_label, "culvert.io/dataplane-mode");
         assert_eq!(file.cert_ttl, DEFAULT_CERT_TTL);
         let CaConfig::Local(ca) = &file.ca else {
             panic!("not a local CA: {:?}", file.ca)

@@ -32,7 +32,8 @@ use istio::Istio;
 use objects::{NamespaceRecord, PodRecord, Record, ServiceRecord, SliceRecord};
 use view::View;
 
-/// The label that enrolls a namespace (value [`ENROLLED`]) or opts a pod out ([`NOT_ENROLLED`]).
+/// The label that enrolls a namespace (value [`ENROLLED`]) or opts a pod out ([`NOT_ENROLLED`]),
+/// unless the node file's `enrollmentLabel` names another (Istio ambient's, say).
 pub const MODE_LABEL: &str = "culvert.io/dataplane-mode";
 pub const ENROLLED: &str = "ambient";
 pub const NOT_ENROLLED: &str = "none";
@@ -53,6 +54,8 @@ pub struct Settings {
 pub struct Known<'a> {
     collections: &'a Collections,
     view: &'a View,
+    /// The enrollment label's key.
+    pub mode_label: &'a str,
 }
 
 impl Known<'_> {
@@ -233,6 +236,7 @@ pub struct Collections {
 #[derive(Debug)]
 pub struct Cluster {
     trust_domain: String,
+    mode_label: String,
     inner: tokio::sync::Mutex<Inner>,
 }
 
@@ -247,8 +251,16 @@ impl Cluster {
     pub fn new(trust_domain: &str) -> Self {
         Self {
             trust_domain: trust_domain.to_owned(),
+            mode_label: MODE_LABEL.to_owned(),
             inner: tokio::sync::Mutex::default(),
         }
+    }
+
+    /// Enrollment by `label` instead of [`MODE_LABEL`].
+    #[must_use]
+    pub fn enrolling_by(mut self, label: &str) -> Self {
+        label.clone_into(&mut self.mode_label);
+        self
     }
 
     /// Applies one watch event.
@@ -294,7 +306,11 @@ impl Cluster {
         let record = if deleted {
             None
         } else {
-            let known = Known { collections, view };
+            let known = Known {
+                collections,
+                view,
+                mode_label: &self.mode_label,
+            };
             R::decode(&object, interner, &self.trust_domain, &known)
         };
         let collection = R::collection(collections);
@@ -386,16 +402,17 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Clie
 
 impl Watches {
     /// Starts one watch per kind, cluster-wide, until `stop`. Pods' identities are in
-    /// `trust_domain`.
+    /// `trust_domain`; `mode_label` enrolls.
     /// Events, relists and watch errors are counted in `metrics`.
     pub fn start(
         client: &Client,
         trust_domain: &str,
+        mode_label: &str,
         metrics: &Arc<metrics::Discovery>,
         stop: &CancellationToken,
     ) -> Self {
         let changed = Arc::new(Notify::new());
-        let cluster = Arc::new(Cluster::new(trust_domain));
+        let cluster = Arc::new(Cluster::new(trust_domain).enrolling_by(mode_label));
         let records = |spawn: Spawn| spawn(client, &cluster, &changed, metrics, stop);
         let listed = [
             records(spawn_records::<PodRecord>),
@@ -668,6 +685,32 @@ status: {{ phase: Running {status} }}"
     fn name_of(snap: &Snapshot, ip: &str) -> Option<String> {
         snap.workload_by_ip(ip.parse().unwrap())
             .map(|w| w.name.to_string())
+    }
+
+    #[test]
+    fn another_enrollment_label_replaces_culverts() {
+        let cluster = Cluster::new("cluster.local").enrolling_by("istio.io/dataplane-mode");
+        apply::<NamespaceRecord>(
+            &cluster,
+            "metadata: { name: shop, labels: { istio.io/dataplane-mode: ambient } }",
+        );
+        apply::<NamespaceRecord>(&cluster, &namespace("other", Some(ENROLLED)));
+        apply::<PodRecord>(&cluster, &pod("web", T0, "", "", ", podIP: 10.244.1.2"));
+        apply::<PodRecord>(
+            &cluster,
+            &pod(
+                "legacy",
+                T0,
+                ", labels: { istio.io/dataplane-mode: none }",
+                "",
+                ", podIP: 10.244.1.3",
+            ),
+        );
+        let snap = snapshot(&cluster);
+        let names: Vec<&str> = snap.enrolled_namespaces.iter().map(|n| &**n).collect();
+        assert_eq!(names, ["shop"], "culvert's own label no longer enrolls");
+        assert!(snap.enrolled(snap.workload("shop", "web").unwrap()));
+        assert!(!snap.enrolled(snap.workload("shop", "legacy").unwrap()));
     }
 
     #[test]

@@ -68,6 +68,12 @@ enum Command {
     /// Is this node's traffic encrypted? Checks the daemon, the CNI chain, every enrolled pod's
     /// wiring and every certificate; exits non-zero on any failure.
     Check(cli::CheckArgs),
+    /// Exit 0 when the daemon that owns `--file` (its `--ready-file`) is ready: the DaemonSet's
+    /// exec readiness probe.
+    Ready {
+        #[arg(long)]
+        file: PathBuf,
+    },
     /// Remove culvert-cni from the host's CNI configuration and plugin directory (undoing
     /// `culvert node --install-cni`).
     CniUninstall {
@@ -118,6 +124,11 @@ fn main() -> ExitCode {
         Command::Connections(args) => print(cli::view(cli::View::Connections, &args)),
         Command::Log(args) => print(cli::log(&args)),
         Command::Check(args) => check(&args),
+        Command::Ready { file } => match file.try_exists() {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(anyhow::anyhow!("not ready: {} is absent", file.display())),
+            Err(e) => Err(anyhow::Error::new(e).context(format!("reading {}", file.display()))),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

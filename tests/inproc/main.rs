@@ -217,8 +217,14 @@ async fn shutdown_waits_for_open_tunnels_until_the_drain_deadline() {
     let mut buf = [0u8; 4];
     held.read_exact(&mut buf).await.unwrap();
 
+    // The exec probe's file: there while ready, gone as soon as draining starts.
+    let ready = t.dir.path().join("ready1");
+    assert!(ready.exists(), "a ready node has written its ready file");
     let started = Instant::now();
-    let left = b.node.shutdown().await;
+    let (left, ()) = tokio::join!(b.node.shutdown(), async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!ready.exists(), "a draining node still has its ready file");
+    });
     assert_eq!(left, 1, "the open tunnel was not waited for");
     assert!(started.elapsed() >= Duration::from_millis(500));
     // With nothing open, a node stops at once.

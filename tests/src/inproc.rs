@@ -165,6 +165,7 @@ impl Topology {
             kubeconfig: None,
             admin_addr: "127.0.0.1:0".parse().unwrap(),
             readiness_addr: "127.0.0.1:0".parse().unwrap(),
+            ready_file: Some(self.dir.path().join(format!("ready{i}"))),
             metrics_addr: "127.0.0.1:0".parse().unwrap(),
             cni_socket: socket.clone(),
             redirect: RedirectChoice::Auto,

@@ -130,6 +130,9 @@ pub struct Registry {
     serial: tokio::sync::Mutex<()>,
     /// Rule sets found missing in a wired pod and put back, since start.
     restored: std::sync::atomic::AtomicU64,
+    /// Enrolled pods running here that the last [`Self::reconcile`] failed to wire (no
+    /// certificate yet, say): [`Self::keep_healed`] tries them again.
+    unwired: std::sync::atomic::AtomicUsize,
     /// The addresses the host's probe rule was last given (`None` before the first time, so
     /// a start clears whatever a previous daemon left).
     probed: Mutex<Option<Vec<IpAddr>>>,
@@ -157,15 +160,17 @@ impl Registry {
             wired: Mutex::default(),
             serial: tokio::sync::Mutex::default(),
             restored: Default::default(),
+            unwired: Default::default(),
             probed: Mutex::default(),
         }
     }
 
     /// Brings the wired pods in line with enrollment: releases pods no longer enrolled, and wires
     /// enrolled pods of this node that run but are not wired (found by IP among the host's
-    /// network namespaces). Run at start, before registrations are served, and after every
-    /// change of state.
-    pub async fn reconcile(&self) {
+    /// network namespaces). Run at start, before registrations are served, after every change
+    /// of state, and again while a pod could not be wired. Returns how many enrolled pods run
+    /// here unwired because wiring them failed.
+    pub async fn reconcile(&self) -> usize {
         let _serial = self.serial.lock().await;
         let snapshot = self.deps.state.snapshot();
         let released: Vec<Wired> = {
@@ -215,6 +220,7 @@ impl Registry {
             })
             .cloned()
             .collect();
+        let mut failed = 0;
         if !wanted.is_empty() {
             let capture = self.deps.capture.clone();
             let found = tokio::task::spawn_blocking(move || capture.scan())
@@ -255,11 +261,15 @@ impl Registry {
                     ips: ips.clone(),
                 };
                 if let Err(e) = self.add_locked(add).await {
+                    failed += 1;
                     warn!(pod = %format!("{}/{}", w.namespace, w.name), error = &e as &dyn std::error::Error, "rewiring failed");
                 }
             }
         }
         self.persist().await;
+        self.unwired
+            .store(failed, std::sync::atomic::Ordering::Relaxed);
+        failed
     }
 
     /// Puts back the redirection rules of every wired pod whose rules have gone (someone ran
@@ -339,7 +349,13 @@ impl Registry {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = ticks.tick() => { self.heal().await; }
+                _ = ticks.tick() => {
+                    self.heal().await;
+                    // Until then such a pod fails closed: its rules lead nowhere.
+                    if self.unwired.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+                        self.reconcile().await;
+                    }
+                }
                 () = stop.cancelled() => return,
             }
         }

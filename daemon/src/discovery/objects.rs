@@ -18,9 +18,7 @@ use serde::{Deserialize, Deserializer};
 use tracing::warn;
 
 use super::view::{Key, View};
-use super::{
-    Collection, Collections, ENROLLED, Known, MODE_LABEL, NOT_ENROLLED, SERVICE_NAME_LABEL,
-};
+use super::{Collection, Collections, ENROLLED, Known, NOT_ENROLLED, SERVICE_NAME_LABEL};
 use crate::state::{Interner, Workload};
 
 /// A watched kind: its lean object and how it becomes a record.
@@ -286,7 +284,7 @@ impl Record for PodRecord {
         let enrollment = if host_network {
             Some(false)
         } else {
-            match label(meta, MODE_LABEL) {
+            match label(meta, known.mode_label) {
                 Some(NOT_ENROLLED) => Some(false),
                 Some(ENROLLED) => Some(true),
                 _ => None,
@@ -345,9 +343,9 @@ pub struct NamespaceRecord {
 impl Record for NamespaceRecord {
     type Object = NamespaceObject;
 
-    fn decode(ns: &NamespaceObject, _: &mut Interner, _: &str, _: &Known<'_>) -> Option<Self> {
+    fn decode(ns: &NamespaceObject, _: &mut Interner, _: &str, known: &Known<'_>) -> Option<Self> {
         Some(Self {
-            enrolled: label(&ns.metadata, MODE_LABEL) == Some(ENROLLED),
+            enrolled: label(&ns.metadata, known.mode_label) == Some(ENROLLED),
         })
     }
 

@@ -567,3 +567,32 @@ async fn the_host_probe_rule_follows_the_wired_pods() {
     f.registry.gc(&[]).await;
     assert!(f.capture.probed().is_empty());
 }
+
+#[tokio::test]
+async fn a_pod_that_could_not_be_rewired_is_tried_again_until_it_is() {
+    let f = Fixture::new(&[("cart", NODE, 2, Some(true))], &[]);
+    f.capture.run_pod(&f.netns("c1"), &[f.ip(2)]);
+    // Something else holds the pod's outbound port: the listener cannot be bound.
+    let squatter = std::net::TcpListener::bind(SocketAddr::new(f.ip(2), 15001)).unwrap();
+    assert_eq!(f.registry.reconcile().await, 1, "counted as unwired");
+    assert!(f.wired().is_empty());
+
+    let registry = Arc::new(f.registry);
+    let stop = CancellationToken::new();
+    tokio::spawn(
+        registry
+            .clone()
+            .keep_healed(Duration::from_millis(20), stop.clone()),
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(registry.list().is_empty(), "still failing");
+    drop(squatter);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while registry.list().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "never rewired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(registry.list()[0].container_id, "reconciled.shop.cart");
+    assert_eq!(registry.reconcile().await, 0);
+    stop.cancel();
+}
