@@ -8,7 +8,9 @@ use anyhow::{Context, bail};
 
 /// A running tcpdump.
 pub struct Capture {
-    child: Child,
+    /// tcpdump; taken by [`Capture::finish`], killed on drop otherwise (a failed test must not
+    /// leave it holding the namespace).
+    child: Option<Child>,
     file: PathBuf,
 }
 
@@ -49,7 +51,7 @@ impl Capture {
         for _ in 0..500 {
             if file.exists() {
                 return Ok(Self {
-                    child,
+                    child: Some(child),
                     file: file.to_owned(),
                 });
             }
@@ -66,7 +68,7 @@ impl Capture {
     /// Fails when the kernel dropped packets. tcpdump can also lag the traffic by a second or
     /// more; this waits until the file has stopped growing, and callers that need to know the
     /// capture is complete compare the bytes seen with the bytes they sent.
-    pub fn finish(self) -> anyhow::Result<Vec<Segment>> {
+    pub fn finish(mut self) -> anyhow::Result<Vec<Segment>> {
         let size = |f: &Path| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
         let (mut last, mut stable) = (size(&self.file), 0);
         for _ in 0..100 {
@@ -78,9 +80,13 @@ impl Capture {
                 break;
             }
         }
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let child = self
+            .child
+            .take()
+            .context("the capture was finished already")?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)?;
-        let output = self.child.wait_with_output()?;
+        let output = child.wait_with_output()?;
         let stderr = String::from_utf8_lossy(&output.stderr);
         let count = |what: &str| {
             stderr
@@ -94,6 +100,15 @@ impl Capture {
         let bytes = std::fs::read(&self.file)
             .with_context(|| format!("reading {}", self.file.display()))?;
         parse_pcap(&bytes)
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 mod ca;
+mod chart;
 mod policy;
 
 use culvert_tests::kube::{self, Cluster, PodObject};
@@ -176,10 +177,21 @@ fn manifests_apply_with_a_server_side_dry_run_and_for_real() {
     assert_eq!(pod["tolerations"][0]["operator"], "Exists");
     assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"], 1);
     let container = &pod["containers"][0];
-    assert_eq!(container["readinessProbe"]["httpGet"]["port"], 15021);
+    // Ready is a file in the pod's own volume: on the shared host network the old daemon of a
+    // surge update would answer an HTTP probe on 15021 for the new one.
     assert_eq!(
-        container["readinessProbe"]["httpGet"]["path"],
-        "/healthz/ready"
+        container["readinessProbe"]["exec"]["command"],
+        serde_json::json!(["culvert", "ready", "--file=/run/culvert-self/ready"])
+    );
+    let args = container["args"].as_array().unwrap();
+    assert!(
+        args.iter()
+            .any(|a| a == "--ready-file=/run/culvert-self/ready"),
+        "{args:?}"
+    );
+    assert!(
+        container.get("ports").is_none(),
+        "a host port would keep the surge daemon from scheduling"
     );
     // The lab runs every daemon with exactly these, so the other layers test that they suffice.
     assert_eq!(

@@ -96,6 +96,29 @@ impl Cluster {
         .map(drop)
     }
 
+    /// Stops node `n`'s kubelet, containerd and every container of it, as a power cut would.
+    pub fn node_stop(&self, n: usize) -> anyhow::Result<()> {
+        run(Command::new(repo().join("scripts/cluster-test-env"))
+            .arg("node-stop")
+            .arg(&self.dir)
+            .arg(n.to_string()))
+        .map(drop)
+    }
+
+    /// Starts node `n` again: its kubelet recreates every pod's sandbox.
+    pub fn node_start(&self, n: usize) -> anyhow::Result<()> {
+        run(Command::new(repo().join("scripts/cluster-test-env"))
+            .arg("node-start")
+            .arg(&self.dir)
+            .arg(n.to_string()))
+        .map(drop)
+    }
+
+    /// Runs helm against the cluster as its admin.
+    pub fn helm(&self, args: &[&str]) -> anyhow::Result<String> {
+        crate::chart::helm(Some(&self.kubeconfig), args)
+    }
+
     /// Runs kubectl against the cluster as its admin.
     pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
         run(Command::new(&self.kubectl)
@@ -135,7 +158,11 @@ impl Cluster {
                  resources: [{base}]\npatches: [{{path: daemonset.yaml}}, {{path: ca-service.yaml}}]\n"
             ),
         )?;
-        let node = "$(CULVERT_NODE_NAME)";
+        let args: String = self
+            .daemon_args()
+            .iter()
+            .map(|a| format!("            - {a}\n"))
+            .collect();
         std::fs::write(
             overlay.join("daemonset.yaml"),
             format!(
@@ -150,15 +177,7 @@ spec:
       containers:
         - name: culvert
           args:
-            - node
-            - --config=/etc/culvert/config/node.yaml
-            - --install-cni
-            - --cni-bin-dir={dir}/{node}/cni/bin
-            - --cni-conf-dir={dir}/{node}/cni/net.d
-            - --cni-socket={dir}/{node}/culvert/run/cni.sock
-            - --state-dir={dir}/{node}/culvert/state
-            - --log-format=json
-          volumeMounts:
+{args}          volumeMounts:
             - {{ name: cluster, mountPath: {dir} }}
       volumes:
         - {{ name: cluster, hostPath: {{ path: {dir} }} }}
@@ -175,6 +194,39 @@ spec:
         Ok(overlay)
     }
 
+    /// The daemon's arguments on these nodes: the shipped ones, with each node's host paths
+    /// under its own directory (the nodes share one filesystem).
+    pub fn daemon_args(&self) -> Vec<String> {
+        let node = format!("{}/$(CULVERT_NODE_NAME)", self.dir.display());
+        [
+            "node".to_owned(),
+            "--config=/etc/culvert/config/node.yaml".to_owned(),
+            "--install-cni".to_owned(),
+            format!("--cni-bin-dir={node}/cni/bin"),
+            format!("--cni-conf-dir={node}/cni/net.d"),
+            format!("--cni-socket={node}/culvert/run/cni.sock"),
+            format!("--state-dir={node}/culvert/state"),
+            "--log-format=json".to_owned(),
+            "--ready-file=/run/culvert-self/ready".to_owned(),
+            "--drain-timeout=10m".to_owned(),
+        ]
+        .into()
+    }
+
+    /// The chart's values for these nodes: what the overlay changes, as values.
+    pub fn chart_values(&self) -> serde_json::Value {
+        let dir = self.dir.display().to_string();
+        serde_json::json!({
+            "node": {
+                "args": self.daemon_args(),
+                "hostAliases": [{ "ip": CA_SERVICE_IP, "hostnames": ["culvert-ca.culvert-system.svc"] }],
+                "volumes": [{ "name": "cluster", "hostPath": { "path": dir } }],
+                "volumeMounts": [{ "name": "cluster", "mountPath": dir }],
+            },
+            "ca": { "clusterIP": CA_SERVICE_IP },
+        })
+    }
+
     /// Applies Culvert as a user would (the CRDs, then `kubectl apply -k` of the overlay) and
     /// waits for the CA and every node's daemon to be ready.
     pub fn install(&self) -> anyhow::Result<()> {
@@ -183,6 +235,11 @@ spec:
         self.kubectl(&["apply", "-f", crds.to_str().unwrap()])?;
         self.kubectl(&["apply", "-k", overlay.to_str().unwrap()])?;
         self.daemons_ready()?;
+        self.ca_ready()
+    }
+
+    /// Waits until the CA's Deployment has rolled out.
+    pub fn ca_ready(&self) -> anyhow::Result<()> {
         self.kubectl(&[
             "-n",
             "culvert-system",
@@ -241,6 +298,17 @@ spec:
         command: &str,
     ) -> anyhow::Result<()> {
         self.apply(&pod_yaml(namespace, name, node, command, ""))
+    }
+
+    /// An echo server `name` on `node` (port 8080) and a Service of the same name for it on
+    /// port 80; returns the Service's cluster IP.
+    pub fn echo_service(&self, namespace: &str, name: &str, node: &str) -> anyhow::Result<String> {
+        self.pod(namespace, name, node, "nc -ll -p 8080 -e cat")?;
+        self.apply(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{ name: {name}, namespace: {namespace} }}\n\
+             spec: {{ selector: {{ app: {name} }}, ports: [{{ port: 80, targetPort: 8080 }}] }}\n"
+        ))?;
+        self.get(namespace, &format!("service/{name}"), "{.spec.clusterIP}")
     }
 
     /// Waits for a pod to run and be ready; returns its IP.

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 pub use culvert_lab::{Lab, PodSpec, Spec, echo, exchange, serve, wire};
 use sha2::{Digest, Sha256};
 
+pub mod chart;
 pub mod cluster;
 pub mod inproc;
 pub mod kube;
