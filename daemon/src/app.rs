@@ -257,8 +257,8 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
 
 impl Node {
     /// Re-reads the node file and applies it. A broken file, or one that changes what needs a
-    /// restart (node name, trust domain, enrollment label, CA, discovery source), is refused and the running
-    /// configuration stays.
+    /// restart (node name, trust domain, enrollment label, CA, discovery source), is refused
+    /// and the running configuration stays.
     pub async fn reload(&self) -> anyhow::Result<()> {
         let new = NodeFile::load(&self.args.config, self.args.node_name.as_deref())?;
         let current = &self.file;
