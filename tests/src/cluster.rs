@@ -65,14 +65,12 @@ impl Cluster {
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {DIR}"))?;
         }
         std::fs::create_dir_all(dir.join("images"))?;
-        let profile = crate::culvert_bin()
-            .parent()
-            .and_then(Path::file_name)
-            .and_then(|p| p.to_str())
-            .unwrap()
-            .to_owned();
+        // The binaries next to the tests, wherever the target directory is.
+        let bins = crate::culvert_bin();
         run(Command::new(repo().join("scripts/image"))
-            .args(["--profile", &profile, "--out"])
+            .arg("--from")
+            .arg(bins.parent().context("the culvert binary has no directory")?)
+            .arg("--out")
             .arg(dir.join("images/culvert.tar")))?;
         run(Command::new(&script).arg("up").arg(&dir))?;
         let env = std::fs::read_to_string(dir.join("env"))?;
