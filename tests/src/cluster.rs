@@ -69,7 +69,10 @@ impl Cluster {
         let bins = crate::culvert_bin();
         run(Command::new(repo().join("scripts/image"))
             .arg("--from")
-            .arg(bins.parent().context("the culvert binary has no directory")?)
+            .arg(
+                bins.parent()
+                    .context("the culvert binary has no directory")?,
+            )
             .arg("--out")
             .arg(dir.join("images/culvert.tar")))?;
         run(Command::new(&script).arg("up").arg(&dir))?;
