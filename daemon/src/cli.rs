@@ -1,6 +1,9 @@
 //! The operator's commands that read a node's admin API: `culvert workloads`, `services`,
 //! `policies`, `certs`, `connections` and `log`. Tables have `istioctl ztunnel-config`'s
-//! columns; `-o json` and `-o yaml` print the selected entries of the dump as they are.
+//! columns; `-o json` and `-o yaml` print the selected entries of the dump as they are. And
+//! `culvert check`, for one node or, through the Kubernetes API, every node.
+
+mod nodes;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,6 +14,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// What a view command prints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,22 +96,48 @@ pub async fn view(view: View, args: &ViewArgs) -> anyhow::Result<String> {
 pub struct CheckArgs {
     #[arg(long, env = "CULVERT_ADMIN", default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
-    /// `short` names each failure and its fix; `json` prints the node's findings as they are.
+    /// Every node's daemon instead, reached through the Kubernetes API (a port-forward to each
+    /// daemon pod's admin port) with the kubeconfig of `$KUBECONFIG` or `~/.kube/config`.
+    #[arg(long, conflicts_with = "admin")]
+    pub all_nodes: bool,
+    /// `--all-nodes` with this kubeconfig.
+    #[arg(long, conflicts_with = "admin")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The namespace Culvert is installed in (`--all-nodes`).
+    #[arg(long, default_value = "culvert-system")]
+    pub culvert_namespace: String,
+    /// `short` names each failure and its fix; `json` prints the node's findings as they are
+    /// (with `--all-nodes`, a list of `{node, pod, checks}`).
     #[arg(short, long, value_enum, default_value_t)]
     pub output: Output,
 }
 
-/// Runs `culvert check` against one node: what to print, and whether every check passed.
+/// Runs `culvert check` against one node, or every node: what to print, and whether every check
+/// passed.
 pub async fn check(args: &CheckArgs) -> anyhow::Result<(String, bool)> {
+    if args.all_nodes || args.kubeconfig.is_some() {
+        let nodes = nodes::check(args).await?;
+        let passed = !nodes.is_empty() && nodes.iter().all(nodes::NodeFindings::passed);
+        let out = match args.output {
+            Output::Json => format!("{}\n", serde_json::to_string_pretty(&nodes)?),
+            Output::Yaml => serde_yaml::to_string(&nodes)?,
+            Output::Short => nodes::render(&nodes),
+        };
+        return Ok((out, passed));
+    }
     let checks = get_json(args.admin, "/check").await?;
     let checks = checks.as_array().cloned().unwrap_or_default();
-    let passed = !checks.is_empty() && checks.iter().all(|c| c["ok"] == true);
     let out = match args.output {
         Output::Json => format!("{}\n", serde_json::to_string_pretty(&checks)?),
         Output::Yaml => serde_yaml::to_string(&checks)?,
         Output::Short => render_checks(&checks),
     };
-    Ok((out, passed))
+    Ok((out, all_passed(&checks)))
+}
+
+/// Whether a node's findings are all passes (none at all is not).
+fn all_passed(checks: &[Value]) -> bool {
+    !checks.is_empty() && checks.iter().all(|c| c["ok"] == true)
 }
 
 fn render_checks(checks: &[Value]) -> String {
@@ -165,12 +195,22 @@ async fn call(admin: SocketAddr, method: Method, path: &str) -> anyhow::Result<B
                 "connecting to the node's admin API at {admin} (is the daemon running? --admin)"
             )
         })?;
+    request(stream, &admin.to_string(), method, path).await
+}
+
+/// One HTTP/1 request over `stream` (a connection, or a port-forward); the body of a 2xx answer.
+async fn request(
+    stream: impl AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    host: &str,
+    method: Method,
+    path: &str,
+) -> anyhow::Result<Bytes> {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let request = Request::builder()
         .method(method)
         .uri(path)
-        .header(http::header::HOST, admin.to_string())
+        .header(http::header::HOST, host)
         .body(Empty::<Bytes>::new())?;
     let response = sender.send_request(request).await?;
     let status = response.status();

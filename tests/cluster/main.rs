@@ -29,6 +29,10 @@ const TESTS: &[(&str, Test)] = &[
         enrolled_pods_are_wired_and_talk_across_nodes_over_tls_only,
     ),
     (
+        "culvert_check_reads_every_node_through_the_api_and_names_accepted_plaintext",
+        culvert_check_reads_every_node_through_the_api_and_names_accepted_plaintext,
+    ),
+    (
         "strict_pods_pass_kubelet_probes_and_refuse_plaintext_from_other_pods",
         strict_pods_pass_kubelet_probes_and_refuse_plaintext_from_other_pods,
     ),
@@ -234,6 +238,62 @@ fn enrolled_pods_are_wired_and_talk_across_nodes_over_tls_only(cluster: &Cluster
         )
         .unwrap();
     assert_eq!(answer.trim(), "culvert-legacy");
+}
+
+/// After the test before: node1 took no inbound connection, node2's PERMISSIVE echo server
+/// accepted one in plaintext from the unenrolled pod.
+fn culvert_check_reads_every_node_through_the_api_and_names_accepted_plaintext(cluster: &Cluster) {
+    let (passed, out) = check_all_nodes(cluster, "short");
+    println!("{out}");
+    assert!(!passed, "plaintext was accepted on node2:\n{out}");
+    assert!(out.ends_with("1 of 2 nodes failed a check\n"), "{out}");
+    let (node1, node2) = out.split_once("node node2 ").unwrap();
+    assert!(node1.starts_with("node node1 (culvert-node-"), "{out}");
+    assert!(node1.contains("all checks passed"), "{out}");
+    assert!(node2.contains("FAIL traffic"), "{out}");
+    assert!(
+        !node2.contains("FAIL ready") && !node2.contains("FAIL pods"),
+        "{out}"
+    );
+
+    let (_, json) = check_all_nodes(cluster, "json");
+    let nodes: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let names: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, NODES, "every node, in order");
+    let traffic = nodes[1]["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "traffic")
+        .unwrap();
+    assert_eq!(traffic["ok"], false);
+    let sources = traffic["inbound"]["plaintext_sources"].as_array().unwrap();
+    assert!(
+        sources.iter().any(|s| s["to"] == "shop/echo"),
+        "the plaintext named its destination: {traffic}"
+    );
+}
+
+/// `culvert check --kubeconfig` from outside the cluster: whether it passed, and its output.
+fn check_all_nodes(cluster: &Cluster, output: &str) -> (bool, String) {
+    let out = std::process::Command::new(culvert_tests::culvert_bin())
+        .arg("check")
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .args(["-o", output])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("some checks failed"), "{stderr}");
+    }
+    (out.status.success(), stdout)
 }
 
 fn strict_pods_pass_kubelet_probes_and_refuse_plaintext_from_other_pods(cluster: &Cluster) {
@@ -501,6 +561,16 @@ fn without_the_daemonset_enrolled_pods_wait_and_start_once_it_is_back(cluster: &
             .ok()?;
         pods.trim().is_empty().then_some(())
     });
+    let (passed, out) = check_all_nodes(cluster, "short");
+    assert!(!passed, "{out}");
+    for node in NODES {
+        assert!(
+            out.contains(&format!(
+                "node {node} (no pod)\nFAIL daemon       no Culvert pod on this node"
+            )),
+            "{out}"
+        );
+    }
     // A known enrolled namespace, and one created and labelled while no daemon could see it.
     cluster.namespace("newshop", true).unwrap();
     let late = [("shop", "late"), ("newshop", "first")];

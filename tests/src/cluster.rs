@@ -50,7 +50,8 @@ fn run(command: &mut Command) -> anyhow::Result<String> {
 /// A running cluster; [`Cluster::down`] stops it.
 pub struct Cluster {
     pub dir: PathBuf,
-    kubeconfig: PathBuf,
+    /// The cluster admin's kubeconfig.
+    pub kubeconfig: PathBuf,
     kubectl: String,
 }
 
