@@ -543,6 +543,7 @@ impl NodeFile {
                     .workload_name
                     .as_deref()
                     .map_or_else(|| name.clone(), |owner| interner.str(owner)),
+                workload_type: state::WorkloadType::Pod,
                 name,
                 namespace,
                 node: interner.str(&w.node),

@@ -710,6 +710,7 @@ mod tests {
             name: name.into(),
             namespace: "shop".into(),
             workload_name: owner.into(),
+            workload_type: crate::state::WorkloadType::Pod,
             node: "n1".into(),
             ips: vec!["10.244.1.2".parse().unwrap()],
             labels: labels.iter().copied().collect::<Labels>(),

@@ -97,6 +97,7 @@ mod tests {
             name: "server".into(),
             namespace: "demo".into(),
             workload_name: "server".into(),
+            workload_type: crate::state::WorkloadType::Pod,
             node: "n1".into(),
             ips: vec!["10.0.0.1".parse().unwrap()],
             labels: [("app", "server")].into_iter().collect(),

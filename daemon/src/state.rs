@@ -27,6 +27,19 @@ pub enum PeerAuthentication {
     Strict,
 }
 
+/// The kind of workload a pod belongs to, as Istio's workload API types it (the config dump's
+/// `workloadType`): a Deployment's (the pods of its ReplicaSets), a CronJob's (of its Jobs), a
+/// Job's; every other pod, whatever owns it (a StatefulSet, a DaemonSet, nothing), is a `pod`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkloadType {
+    Deployment,
+    CronJob,
+    Job,
+    #[default]
+    Pod,
+}
+
 /// A pod, as the node knows it. A large cluster holds one per pod, so the strings its pods
 /// repeat (namespace, service account, node, labels) are shared, through an [`Interner`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -37,6 +50,8 @@ pub struct Workload {
     /// pods of its ReplicaSets, a CronJob's for its Jobs', else the controller's; the pod's
     /// own name when nothing controls it. Metrics label connections with it.
     pub workload_name: Arc<str>,
+    /// What kind of owner [`Self::workload_name`] names, as Istio's workload API types it.
+    pub workload_type: WorkloadType,
     pub node: Arc<str>,
     pub ips: Vec<IpAddr>,
     /// The pod's labels, which policy selectors match.
@@ -596,6 +611,7 @@ mod tests {
             name: name.into(),
             namespace: "demo".into(),
             workload_name: name.into(),
+            workload_type: WorkloadType::Pod,
             node: "n1".into(),
             ips: vec![ip.parse().unwrap()],
             labels: Labels::default(),

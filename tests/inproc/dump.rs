@@ -96,6 +96,10 @@ async fn the_config_dump_is_what_istioctl_parses_and_lists_the_nodes_state_and_c
     assert_eq!(client.node, "node-0");
     assert_eq!(client.namespace, ns);
     assert_eq!(client.service_account, "client");
+    assert_eq!(
+        client.workload_type, "pod",
+        "a node file's workload has no owner"
+    );
     assert_eq!(client.canonical_name, "client");
     assert_eq!(client.canonical_revision, "v1");
     assert_eq!(client.cluster_id, "Kubernetes");

@@ -15,7 +15,7 @@ use crate::identity::Id;
 use crate::policy::Dumped;
 use crate::proxy::carried::Connection;
 use crate::proxy::{Direction, Transport};
-use crate::state::{CLUSTER_ID, Snapshot, Workload};
+use crate::state::{CLUSTER_ID, Snapshot, Workload, WorkloadType};
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -39,6 +39,7 @@ struct DumpedWorkload<'a> {
     namespace: &'a str,
     service_account: &'a str,
     workload_name: &'a str,
+    workload_type: WorkloadType,
     canonical_name: &'a str,
     canonical_revision: &'a str,
     cluster_id: &'static str,
@@ -155,6 +156,7 @@ pub(super) fn build<'a>(snapshot: &'a Snapshot, registry: &Registry) -> ConfigDu
             namespace: &w.namespace,
             service_account: w.service_account(),
             workload_name: &w.workload_name,
+            workload_type: w.workload_type,
             canonical_name: w.canonical_service(),
             canonical_revision: w.canonical_revision(),
             cluster_id: CLUSTER_ID,

@@ -19,7 +19,7 @@ use tracing::warn;
 
 use super::view::{Key, View};
 use super::{Collection, Collections, ENROLLED, Known, NOT_ENROLLED, SERVICE_NAME_LABEL};
-use crate::state::{Interner, Workload};
+use crate::state::{Interner, Workload, WorkloadType};
 
 /// A watched kind: its lean object and how it becomes a record.
 pub trait Record: Sized + PartialEq + Send + 'static {
@@ -157,22 +157,29 @@ fn lean_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D
     })
 }
 
-/// The name Istio's telemetry gives the workload of a pod, if a controller owns it: the
-/// controller's, with a ReplicaSet read as the Deployment (or Argo Rollout) that made it, a
-/// ReplicationController as its DeploymentConfig and a Job as the CronJob that named it.
-fn workload_name(meta: &ObjectMeta) -> Option<&str> {
+/// The name Istio's telemetry gives the workload of a pod, if a controller owns it, and its
+/// type: the controller's name, with a ReplicaSet read as the Deployment (or Argo Rollout) that
+/// made it, a ReplicationController as its DeploymentConfig and a Job as the CronJob that named
+/// it.
+fn workload_of(meta: &ObjectMeta) -> Option<(&str, WorkloadType)> {
     let owner = meta.owner_references.iter().flatten().next()?;
     let strip = |label_key: &str| {
         let hash = label(meta, label_key)?;
         owner.name.strip_suffix(hash)?.strip_suffix('-')
     };
     let derived = match owner.kind.as_str() {
-        "ReplicaSet" => strip("pod-template-hash").or_else(|| strip("rollouts-pod-template-hash")),
-        "ReplicationController" => label(meta, "deploymentconfig"),
-        "Job" => cron_job_of(&owner.name),
+        "ReplicaSet" => strip("pod-template-hash")
+            .map(|d| (d, WorkloadType::Deployment))
+            .or_else(|| strip("rollouts-pod-template-hash").map(|r| (r, WorkloadType::Pod))),
+        "ReplicationController" => label(meta, "deploymentconfig").map(|d| (d, WorkloadType::Pod)),
+        "Job" => Some(
+            cron_job_of(&owner.name).map_or((&*owner.name, WorkloadType::Job), |c| {
+                (c, WorkloadType::CronJob)
+            }),
+        ),
         _ => None,
     };
-    Some(derived.unwrap_or(&owner.name))
+    Some(derived.unwrap_or((&owner.name, WorkloadType::Pod)))
 }
 
 /// The CronJob that made Job `job`, which it names `<cronjob>-<scheduled minute>` (8 to 10
@@ -292,11 +299,15 @@ impl Record for PodRecord {
         };
         let labels = meta.labels.iter().flatten();
         let name = known.pod_name(&namespace, name);
-        let workload_name = workload_name(meta).map_or_else(|| name.clone(), |n| interner.str(n));
+        let (workload_name, workload_type) = match workload_of(meta) {
+            Some((owner, kind)) => (interner.str(owner), kind),
+            None => (name.clone(), WorkloadType::Pod),
+        };
         Some(Self {
             workload: Arc::new(Workload {
                 name,
                 workload_name,
+                workload_type,
                 node: interner.str(node),
                 labels: interner.labels(labels.map(|(k, v)| (k.as_str(), v.as_str()))),
                 namespace,
@@ -574,44 +585,61 @@ mod tests {
     }
 
     #[test]
-    fn workloads_are_named_by_the_controller_that_made_their_owner() {
+    fn workloads_are_named_and_typed_by_the_controller_that_made_their_owner() {
+        use WorkloadType::{CronJob, Deployment, Job, Pod};
         let hash = [("pod-template-hash", "5d8f9c")];
         for (owner, labels, want) in [
-            (Some(("ReplicaSet", "web-5d8f9c")), &hash[..], Some("web")),
+            (
+                Some(("ReplicaSet", "web-5d8f9c")),
+                &hash[..],
+                Some(("web", Deployment)),
+            ),
             // A ReplicaSet of its own, or one whose hash is not its suffix, is the workload.
             (
                 Some(("ReplicaSet", "web-5d8f9c")),
                 &[][..],
-                Some("web-5d8f9c"),
+                Some(("web-5d8f9c", Pod)),
             ),
             (
                 Some(("ReplicaSet", "web5d8f9c")),
                 &hash[..],
-                Some("web5d8f9c"),
+                Some(("web5d8f9c", Pod)),
             ),
             (
                 Some(("ReplicaSet", "canary-77b4")),
                 &[("rollouts-pod-template-hash", "77b4")][..],
-                Some("canary"),
+                Some(("canary", Pod)),
             ),
             (
                 Some(("ReplicationController", "legacy-3")),
                 &[("deploymentconfig", "legacy")][..],
-                Some("legacy"),
+                Some(("legacy", Pod)),
             ),
-            (Some(("Job", "backup-29001234")), &[][..], Some("backup")),
-            (Some(("Job", "backup-1234")), &[][..], Some("backup-1234")),
+            (
+                Some(("Job", "backup-29001234")),
+                &[][..],
+                Some(("backup", CronJob)),
+            ),
+            (
+                Some(("Job", "backup-1234")),
+                &[][..],
+                Some(("backup-1234", Job)),
+            ),
             (
                 Some(("Job", "backup-29001234x")),
                 &[][..],
-                Some("backup-29001234x"),
+                Some(("backup-29001234x", Job)),
             ),
-            (Some(("Job", "-29001234")), &[][..], Some("-29001234")),
-            (Some(("StatefulSet", "db")), &[][..], Some("db")),
+            (
+                Some(("Job", "-29001234")),
+                &[][..],
+                Some(("-29001234", Job)),
+            ),
+            (Some(("StatefulSet", "db")), &[][..], Some(("db", Pod))),
             (None, &hash[..], None),
         ] {
             assert_eq!(
-                workload_name(&meta(owner, labels)),
+                workload_of(&meta(owner, labels)),
                 want,
                 "{owner:?} {labels:?}"
             );

@@ -176,6 +176,7 @@ mod tests {
             name: name.into(),
             namespace: "shop".into(),
             workload_name: name.into(),
+            workload_type: crate::state::WorkloadType::Pod,
             node: "n1".into(),
             ips: vec![ip.parse().unwrap()],
             labels: Default::default(),
