@@ -172,6 +172,9 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
     .await
     .with_context(|| format!("binding the metrics on {}", args.metrics_addr))?;
 
+    // Cancelled when the daemon starts draining: registrations, healing and wiring stop, so a
+    // draining daemon never wires a pod its successor has taken over.
+    let stop_registrations = CancellationToken::new();
     let mut settings = None;
     if let Some(client) = client {
         let (tx, rx) = watch::channel(Settings {
@@ -203,6 +206,7 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
             state.clone(),
             registry.clone(),
             args.state_dir.clone(),
+            stop_registrations.clone(),
         ));
         settings = Some(tx);
     }
@@ -211,7 +215,6 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
     // served: until then the plugin fails closed for them.
     rewire(&registry).await;
 
-    let stop_registrations = CancellationToken::new();
     tokio::spawn(
         registry
             .clone()
@@ -341,13 +344,16 @@ impl Node {
 }
 
 /// Rebuilds the state whenever the API's objects or the node file's settings change, and
-/// rewires when this node's set of enrolled pods changes.
+/// rewires when this node's set of enrolled pods changes. Once `draining` is cancelled it only
+/// rebuilds the state (policy changes still reach the connections it carries): the enrollment
+/// file and the pods' wiring belong to the daemon that replaces it.
 async fn follow(
     watches: Watches,
     mut settings: watch::Receiver<Settings>,
     state: Arc<Store>,
     registry: Arc<Registry>,
     state_dir: PathBuf,
+    draining: CancellationToken,
 ) {
     let mut last = registry.local_enrollment();
     let mut recorded = state.snapshot().enrollment();
@@ -360,6 +366,9 @@ async fn follow(
         tokio::time::sleep(Duration::from_millis(50)).await;
         let current = settings.borrow_and_update().clone();
         state.replace(watches.snapshot(&current).await);
+        if draining.is_cancelled() {
+            continue;
+        }
         // Most events (IPs, endpoints) leave enrollment as it was: rewrite the file only when
         // it changed.
         let enrollment = state.snapshot().enrollment();

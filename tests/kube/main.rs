@@ -457,6 +457,94 @@ fn labelling_a_namespace_enrolls_its_pods_and_removing_the_label_releases_them()
     assert_no_403(&lab.log(1));
 }
 
+/// A draining daemon wires nothing: in an update its successor owns the node's pods, and a pod
+/// wired by the old daemon would lose its listeners when that one exits.
+#[test]
+#[ignore = "needs root and the test apiserver"]
+fn a_draining_daemon_wires_no_pod_of_a_namespace_labelled_meanwhile() {
+    use std::io::{Read, Write};
+    let cluster = Cluster::with_shop("drainwire", false);
+    cluster.namespace("held", true);
+    let mut spec = spec(vec![
+        PodSpec::in_namespace("client", 0, "shop"),
+        PodSpec::in_namespace("server", 1, "shop"),
+        PodSpec::in_namespace("holder", 0, "held"),
+        PodSpec::in_namespace("holdee", 1, "held"),
+    ]);
+    spec.node_flags = vec!["--drain-timeout".into(), "60s".into()];
+    let lab = kube::lab("kbdrainwire", &cluster, spec);
+    cluster.attach_lab_pods(&lab);
+    lab.pod("server").serve_echo(ECHO).unwrap();
+    lab.pod("holdee").serve_echo(ECHO).unwrap();
+    for (node, pod) in [(0, "held/holder"), (1, "held/holdee")] {
+        eventually(&format!("node {node} to wire {pod}"), WAIT, || {
+            (wired(&lab, node) == [pod]).then_some(())
+        });
+    }
+    wait_known(&lab, 0, "holdee");
+    // A connection that keeps node 0's daemon draining.
+    let mut held = lab
+        .pod("holder")
+        .connect(addr(&lab, "holdee", ECHO))
+        .unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let ping = |held: &mut std::net::TcpStream| {
+        held.write_all(b"ping").unwrap();
+        let mut back = [0u8; 4];
+        held.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"ping");
+    };
+    ping(&mut held);
+
+    lab.signal_node(0, nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    eventually("node 0 to start draining", WAIT, || {
+        lab.log(0).contains("\"draining\"").then_some(())
+    });
+    cluster.kubectl(&[
+        "label",
+        "namespace",
+        "shop",
+        "culvert.io/dataplane-mode=ambient",
+    ]);
+    eventually("node 1 to wire shop/server", WAIT, || {
+        (wired(&lab, 1) == ["held/holdee", "shop/server"]).then_some(())
+    });
+    // Node 0's daemon saw the same event (it still follows the API, for the policies of what
+    // it carries); give it time to act on it, then check that it did not.
+    std::thread::sleep(Duration::from_secs(2));
+    let log = lab.log(0);
+    let (_, since) = log.split_once("\"draining\"").unwrap();
+    assert!(
+        !since.contains("pod wired"),
+        "the draining daemon wired a pod:\n{since}"
+    );
+    ping(&mut held);
+
+    drop(held);
+    let status = lab.wait_node(0).unwrap().unwrap();
+    assert!(status.success(), "node 0's daemon: {status}");
+    // Its successor wires the newly enrolled pod at start, and it talks over HBONE.
+    lab.start_node(0).unwrap();
+    eventually("the new daemon to wire shop/client", WAIT, || {
+        (wired(&lab, 0) == ["held/holder", "shop/client"]).then_some(())
+    });
+    wait_known(&lab, 0, "server");
+    echo_ok(
+        &lab,
+        "client",
+        addr(&lab, "server", ECHO),
+        b"after the drain",
+    );
+    let line = access_line(&lab, 1, |v| {
+        v["direction"] == "inbound" && v["transport"] == "hbone" && v["pod"] == "shop/server"
+    });
+    assert_eq!(
+        line["src.identity"],
+        "spiffe://cluster.local/ns/shop/sa/client"
+    );
+}
+
 #[test]
 #[ignore = "needs root and the test apiserver"]
 fn a_service_vip_resolves_to_its_ready_endpoint_and_a_removed_endpoint_is_not_used() {
