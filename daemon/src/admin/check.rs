@@ -76,7 +76,13 @@ pub(super) async fn run(
         .filter_map(|(pod, problem)| problem.as_ref().map(|p| format!("{pod}: {p}")))
         .collect();
     checks.push(if bad.is_empty() {
-        Check::pass("pods", format!("{} enrolled pods wired", audit.len()))
+        Check::pass(
+            "pods",
+            match audit.len() {
+                1 => "the enrolled pod is wired".into(),
+                n => format!("{n} enrolled pods wired"),
+            },
+        )
     } else {
         Check::fail(
             "pods",
