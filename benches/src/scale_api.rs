@@ -436,6 +436,7 @@ pub(crate) fn child(source: &str, arg: &str) -> anyhow::Result<()> {
                 &client,
                 "cluster.local",
                 culvert::discovery::MODE_LABEL,
+                "node-0",
                 &metrics.discovery,
                 &stop,
             );

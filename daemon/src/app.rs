@@ -189,6 +189,7 @@ pub async fn start_with(args: NodeArgs, capture: Arc<dyn Capture>) -> anyhow::Re
             &client,
             &file.trust_domain,
             &file.enrollment_label,
+            &file.node,
             &metrics.discovery,
             &stop,
         );

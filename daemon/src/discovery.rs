@@ -56,6 +56,8 @@ pub struct Known<'a> {
     view: &'a View,
     /// The enrollment label's key.
     pub mode_label: &'a str,
+    /// This node's name, if known: endpoints on it are indexed by address.
+    pub node: &'a str,
 }
 
 impl Known<'_> {
@@ -237,6 +239,7 @@ pub struct Collections {
 pub struct Cluster {
     trust_domain: String,
     mode_label: String,
+    node: String,
     inner: tokio::sync::Mutex<Inner>,
 }
 
@@ -252,8 +255,17 @@ impl Cluster {
         Self {
             trust_domain: trust_domain.to_owned(),
             mode_label: MODE_LABEL.to_owned(),
+            node: String::new(),
             inner: tokio::sync::Mutex::default(),
         }
+    }
+
+    /// This node is `node`: the Service ports its endpoints serve are indexed by endpoint
+    /// ([`crate::state::Index::endpoint_service`]).
+    #[must_use]
+    pub fn on_node(mut self, node: &str) -> Self {
+        node.clone_into(&mut self.node);
+        self
     }
 
     /// Enrollment by `label` instead of [`MODE_LABEL`].
@@ -310,6 +322,7 @@ impl Cluster {
                 collections,
                 view,
                 mode_label: &self.mode_label,
+                node: &self.node,
             };
             R::decode(&object, interner, &self.trust_domain, &known)
         };
@@ -401,18 +414,23 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Clie
 }
 
 impl Watches {
-    /// Starts one watch per kind, cluster-wide, until `stop`. Pods' identities are in
-    /// `trust_domain`; `mode_label` enrolls.
+    /// Starts one watch per kind, cluster-wide, until `stop`, for node `node`. Pods'
+    /// identities are in `trust_domain`; `mode_label` enrolls.
     /// Events, relists and watch errors are counted in `metrics`.
     pub fn start(
         client: &Client,
         trust_domain: &str,
         mode_label: &str,
+        node: &str,
         metrics: &Arc<metrics::Discovery>,
         stop: &CancellationToken,
     ) -> Self {
         let changed = Arc::new(Notify::new());
-        let cluster = Arc::new(Cluster::new(trust_domain).enrolling_by(mode_label));
+        let cluster = Arc::new(
+            Cluster::new(trust_domain)
+                .enrolling_by(mode_label)
+                .on_node(node),
+        );
         let records = |spawn: Spawn| spawn(client, &cluster, &changed, metrics, stop);
         let listed = [
             records(spawn_records::<PodRecord>),
@@ -938,6 +956,72 @@ endpoints: [{{ addresses: [10.244.3.3] }}]"
             [0, 0, 1, 3],
             "the headless Service is left out"
         );
+    }
+
+    #[test]
+    fn this_nodes_ready_endpoints_name_their_service_port_until_it_goes() {
+        let cluster = Cluster::new("cluster.local").on_node("node-a");
+        apply::<ServiceRecord>(
+            &cluster,
+            "metadata: { name: echo, namespace: shop }
+spec:
+  clusterIPs: [10.96.0.10, fd00::10]
+  ports: [{ name: http, port: 80, targetPort: 8080 }, { name: raw, port: 81, targetPort: 9000 }]",
+        );
+        let slice = |endpoints: &str| {
+            format!(
+                "metadata: {{ name: echo-x, namespace: shop, labels: {{ {SERVICE_NAME_LABEL}: echo }} }}
+addressType: IPv4
+ports: [{{ name: http, port: 8080 }}, {{ name: raw, port: 9000 }}]
+endpoints: {endpoints}"
+            )
+        };
+        apply::<SliceRecord>(
+            &cluster,
+            &slice(
+                "
+  - { addresses: [10.244.1.2], nodeName: node-a }
+  - { addresses: [10.244.1.3], nodeName: node-a, conditions: { ready: false } }
+  - { addresses: [10.244.2.2], nodeName: node-b }
+  - { addresses: [10.244.1.4] }",
+            ),
+        );
+        let serves = |snap: &Snapshot, endpoint: &str| {
+            snap.endpoint_service(endpoint.parse().unwrap())
+                .map(|p| (p.hostname(), p.endpoints.len()))
+        };
+        let snap = snapshot(&cluster);
+        let echo = Some(("echo.shop.svc.cluster.local".to_owned(), 3));
+        assert_eq!(serves(&snap, "10.244.1.2:8080"), echo);
+        assert_eq!(serves(&snap, "10.244.1.2:9000"), echo);
+        assert_eq!(serves(&snap, "10.244.1.2:9999"), None, "not a target port");
+        assert_eq!(serves(&snap, "10.244.1.3:8080"), None, "not ready");
+        assert_eq!(serves(&snap, "10.244.2.2:8080"), None, "another node's");
+        assert_eq!(serves(&snap, "10.244.1.4:8080"), None, "no node named");
+        // Both VIPs and the endpoint share one entry per port.
+        let v4 = snap.service("10.96.0.10:80".parse().unwrap()).unwrap();
+        let v6 = snap.service("[fd00::10]:80".parse().unwrap()).unwrap();
+        let local = snap
+            .endpoint_service("10.244.1.2:8080".parse().unwrap())
+            .unwrap();
+        assert!(Arc::ptr_eq(v4, v6) && Arc::ptr_eq(v4, local));
+
+        // The endpoint leaves the slice: it names no Service any more.
+        apply::<SliceRecord>(
+            &cluster,
+            &slice("[{ addresses: [10.244.2.2], nodeName: node-b }]"),
+        );
+        assert_eq!(serves(&snapshot(&cluster), "10.244.1.2:8080"), None);
+        apply::<SliceRecord>(
+            &cluster,
+            &slice("[{ addresses: [10.244.1.2], nodeName: node-a }]"),
+        );
+        assert!(serves(&snapshot(&cluster), "10.244.1.2:8080").is_some());
+        // And the Service goes.
+        cluster.apply_blocking::<ServiceRecord>(watcher::Event::Delete(object(
+            "metadata: { name: echo, namespace: shop }\nspec: { clusterIP: 10.96.0.10 }",
+        )));
+        assert_eq!(serves(&snapshot(&cluster), "10.244.1.2:8080"), None);
     }
 
     #[test]

@@ -270,10 +270,17 @@ impl Proxy {
         }
     }
 
-    /// The workloads at both ends of an inbound connection to `pod` from `src`: the source is
-    /// the workload the cluster view has at that address, provided it is the identity the
-    /// source proved (when it proved one).
-    fn inbound_ends(&self, pod: &Pod, src: SocketAddr, peer: Option<&Id>) -> conn::Ends {
+    /// The workloads at both ends of an inbound connection to `pod` from `src` for `dst`: the
+    /// source is the workload the cluster view has at that address, provided it is the
+    /// identity the source proved (when it proved one); the Service is one that `dst` is an
+    /// endpoint of, as Istio's node proxy guesses it.
+    fn inbound_ends(
+        &self,
+        pod: &Pod,
+        src: SocketAddr,
+        dst: SocketAddr,
+        peer: Option<&Id>,
+    ) -> conn::Ends {
         let snapshot = self.state.snapshot();
         let source = snapshot
             .workload_by_ip(src.ip())
@@ -281,7 +288,7 @@ impl Proxy {
         conn::Ends {
             source: source.cloned(),
             destination: snapshot.workload(&pod.namespace, &pod.name).cloned(),
-            service: None,
+            service: snapshot.endpoint_service(dst).cloned(),
         }
     }
 

@@ -271,6 +271,11 @@ pub struct Index {
     workloads: Table<Arc<Workload>>,
     by_ip: Table<(IpAddr, Arc<Workload>)>,
     services: Table<(SocketAddr, Arc<ServicePort>)>,
+    /// Endpoints on this node (address and target port) and the Service port each serves:
+    /// what the destination's side names as the connection's Service, which the source's side
+    /// knows by the VIP dialled. Only this node's endpoints, so it grows with the node, not
+    /// the cluster.
+    endpoints: Table<(SocketAddr, Arc<ServicePort>)>,
 }
 
 impl Keyed for Arc<Workload> {
@@ -331,6 +336,27 @@ impl Index {
     pub fn remove_service(&mut self, vip: SocketAddr) -> Option<Arc<ServicePort>> {
         let hash = self.services.hash(&vip);
         Some(self.services.remove(hash, |e| e.0 == vip)?.1)
+    }
+
+    /// The Service port that endpoint `address` on this node serves. Should two Services
+    /// select one pod on one target port, it is one of them (Istio's node proxy also picks
+    /// one).
+    pub fn endpoint_service(&self, address: SocketAddr) -> Option<&Arc<ServicePort>> {
+        let hash = self.endpoints.hash(&address);
+        Some(&self.endpoints.find(hash, |e| e.0 == address)?.1)
+    }
+
+    pub fn put_endpoint(&mut self, address: SocketAddr, port: Arc<ServicePort>) {
+        self.endpoints.insert((address, port), |e| e.0 == address);
+    }
+
+    /// Removes endpoint `address` if it names a port of Service `namespace/name`, not when
+    /// another Service's port has replaced it.
+    pub fn remove_endpoint(&mut self, address: SocketAddr, namespace: &str, name: &str) {
+        let hash = self.endpoints.hash(&address);
+        self.endpoints.remove(hash, |e| {
+            e.0 == address && *e.1.namespace == *namespace && *e.1.service == *name
+        });
     }
 
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
@@ -434,6 +460,10 @@ impl Snapshot {
                     namespace: s.namespace.clone(),
                     endpoints,
                 });
+                // A node file is small: every endpoint is indexed, this node's among them.
+                for &endpoint in &entry.endpoints {
+                    index.put_endpoint(endpoint, entry.clone());
+                }
                 let vip = SocketAddr::new(s.vip, port);
                 if index.put_service(vip, entry).is_some() {
                     let reason = "VIP and port used by another service".to_owned();
@@ -488,6 +518,10 @@ impl Snapshot {
 
     pub fn service(&self, vip: SocketAddr) -> Option<&Arc<ServicePort>> {
         self.index.service(vip)
+    }
+
+    pub fn endpoint_service(&self, address: SocketAddr) -> Option<&Arc<ServicePort>> {
+        self.index.endpoint_service(address)
     }
 
     pub fn workload_count(&self) -> usize {

@@ -9,7 +9,8 @@ use culvert::test_util::cluster::Step;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let cluster = Cluster::new("cluster.local");
+    // The seeds' pods and endpoints are on n1: its endpoints are indexed too.
+    let cluster = Cluster::new("cluster.local").on_node("n1");
     for line in data.split(|&b| b == b'\n').take(64) {
         let [kind, change, json @ ..] = line else { continue };
         Step::from_parts(*kind, *change, json).try_apply(&cluster);
@@ -27,6 +28,14 @@ fuzz_target!(|data: &[u8]| {
         for ip in &w.ips {
             let owner = snapshot.workload_by_ip(*ip).expect("every address is indexed");
             assert!(std::sync::Arc::ptr_eq(owner, w), "{ip} names two workloads");
+        }
+    }
+    // An endpoint names only a Service port that lists it.
+    for service in snapshot.services() {
+        for &endpoint in &service.1.endpoints {
+            if let Some(port) = snapshot.endpoint_service(endpoint) {
+                assert!(port.endpoints.contains(&endpoint), "{endpoint} misindexed");
+            }
         }
     }
 });

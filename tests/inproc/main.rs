@@ -649,14 +649,25 @@ async fn both_nodes_count_a_known_transfer_under_istio_metric_names() {
     let (_, scrape) = get(b.node.metrics_addr, "/metrics").await;
     let inbound = ["direction=\"inbound\""];
     assert_eq!(sample(&scrape, "culvert_hbone_connections", &inbound), 1.0);
-    // Only the source knows the Service the app dialled.
-    let (_, scrape) = get(a.node.metrics_addr, "/stats/prometheus").await;
+    // The source knows the Service by the VIP the app dialled; the destination by the
+    // endpoint it serves.
     let service = format!("destination_service=\"echo.{ns}.svc.cluster.local\"");
     let name = "destination_service_name=\"echo\"";
-    assert_eq!(
-        sample(&scrape, "istio_tcp_received_bytes_total", &[&service, name]),
-        300_000.0
-    );
+    for (node, reporter) in [
+        (&a, "reporter=\"source\""),
+        (&b, "reporter=\"destination\""),
+    ] {
+        let (_, scrape) = get(node.node.metrics_addr, "/stats/prometheus").await;
+        assert_eq!(
+            sample(
+                &scrape,
+                "istio_tcp_received_bytes_total",
+                &[reporter, &service, name]
+            ),
+            300_000.0,
+            "{reporter}"
+        );
+    }
     // The admin and probe addresses serve no metrics, and the scrape address nothing else.
     assert_eq!(get(a.node.admin_addr, "/metrics").await.0, 404);
     assert_eq!(get(a.node.readiness_addr, "/metrics").await.0, 404);

@@ -644,6 +644,7 @@ fn an_endpoint_whose_pod_has_not_published_its_ip_is_still_reached_over_hbone() 
     cluster.attach_lab_pods_publishing(&lab, |name| name != "server");
     lab.pod("server").serve_echo(ECHO).unwrap();
     let server = lab.pod("server").ip;
+    let node = &lab.nodes[1].name;
     cluster.apply(&format!(
         "apiVersion: v1
 kind: Service
@@ -655,7 +656,8 @@ kind: EndpointSlice
 metadata: {{ name: api-1, namespace: shop, labels: {{ kubernetes.io/service-name: api }} }}
 addressType: IPv4
 ports: [{{ port: {ECHO} }}]
-endpoints: [{{ addresses: [{server}], targetRef: {{ kind: Pod, name: server, namespace: shop }} }}]
+endpoints:
+  - {{ addresses: [{server}], nodeName: {node}, targetRef: {{ kind: Pod, name: server, namespace: shop }} }}
 "
     ));
     wait_known(&lab, 0, "server");
@@ -677,6 +679,18 @@ endpoints: [{{ addresses: [{server}], targetRef: {{ kind: Pod, name: server, nam
         line["src.identity"],
         "spiffe://cluster.local/ns/shop/sa/client"
     );
+    // The server's node names the Service by the endpoint its slice puts on that node.
+    assert_eq!(line["dst.service"], "api.shop.svc.cluster.local");
+    let scrape = lab.metrics(1).unwrap();
+    let received = scrape
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_tcp_received_bytes_total{reporter=\"destination\"")
+                && l.contains("destination_service=\"api.shop.svc.cluster.local\"")
+                && l.contains("destination_service_name=\"api\"")
+        })
+        .unwrap_or_else(|| panic!("no destination-side series for the Service:\n{scrape}"));
+    assert!(received.ends_with(" 17"), "{received}");
 }
 
 #[test]

@@ -470,6 +470,7 @@ pub struct SliceEndpoint {
     pub addresses: Vec<String>,
     pub conditions: Option<Conditions>,
     pub target_ref: Option<TargetRef>,
+    pub node_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -500,6 +501,8 @@ pub struct EndpointRecord {
     pub address: IpAddr,
     /// Endpoints count as ready unless their `ready` condition is false, as the API advises.
     pub ready: bool,
+    /// Whether its `nodeName` is this node.
+    pub local: bool,
     /// The pod it names (`targetRef`): namespace and name (shared with the pod's record when
     /// the pod is known first).
     pub pod: Option<(Arc<str>, Arc<str>)>,
@@ -531,6 +534,7 @@ impl Record for SliceRecord {
                 Some(EndpointRecord {
                     address: e.addresses.first()?.parse().ok()?,
                     ready: e.conditions.as_ref().and_then(|c| c.ready) != Some(false),
+                    local: !known.node.is_empty() && e.node_name.as_deref() == Some(known.node),
                     pod: e.target_ref.as_ref().and_then(|t| {
                         let name = t
                             .name

@@ -34,6 +34,8 @@ pub struct View {
     slices_of: HashMap<Key, Vec<Arc<str>>>,
     /// The VIP and ports each Service has in the index, and the Service holding each VIP.
     published: HashMap<Key, Vec<SocketAddr>>,
+    /// The endpoints on this node each Service has in the index.
+    serving: HashMap<Key, Vec<SocketAddr>>,
     vips: HashMap<IpAddr, Key>,
     /// Services with a VIP left out because a pod or another Service holds it: tried again
     /// when an address is freed.
@@ -332,6 +334,9 @@ impl View {
     /// Removes `key`'s VIP entries; whether that freed a VIP.
     fn withdraw(&mut self, key: &Key) -> bool {
         self.left_out.remove(key);
+        for endpoint in self.serving.remove(key).into_iter().flatten() {
+            self.index.remove_endpoint(endpoint, &key.0, &key.1);
+        }
         let Some(addresses) = self.published.remove(key) else {
             return false;
         };
@@ -353,7 +358,24 @@ impl View {
             .flatten()
             .filter_map(|name| c.slices.get(&key.0, name))
             .collect();
-        let ports = ports(svc, &slices);
+        // One entry per port, shared by the Service's VIPs and its endpoints on this node.
+        let ports: Vec<(u16, Arc<ServicePort>)> = ports(svc, &slices)
+            .into_iter()
+            .map(|(port, endpoints, local)| {
+                let entry = Arc::new(ServicePort {
+                    service: key.1.clone(),
+                    namespace: key.0.clone(),
+                    endpoints,
+                });
+                for &endpoint in &local {
+                    self.index.put_endpoint(endpoint, entry.clone());
+                }
+                if !local.is_empty() {
+                    self.serving.entry(key.clone()).or_default().extend(local);
+                }
+                (port, entry)
+            })
+            .collect();
         let mut published = Vec::new();
         for &vip in &svc.vips {
             // The apiserver's allocators keep VIPs apart from pod IPs and from each other;
@@ -365,14 +387,9 @@ impl View {
                 continue;
             }
             self.vips.insert(vip, key.clone());
-            for (port, endpoints) in &ports {
+            for (port, entry) in &ports {
                 let address = SocketAddr::new(vip, *port);
-                let entry = Arc::new(ServicePort {
-                    service: key.1.clone(),
-                    namespace: key.0.clone(),
-                    endpoints: endpoints.clone(),
-                });
-                self.index.put_service(address, entry);
+                self.index.put_service(address, entry.clone());
                 published.push(address);
             }
         }
@@ -398,15 +415,18 @@ fn shrink<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
     }
 }
 
-/// A Service's ports with the ready endpoints behind each. Each EndpointSlice's port of the
-/// same name gives the target port of that slice's endpoints (the endpoint controller groups
-/// endpoints by the number a named port resolves to); a slice without that port adds no
-/// endpoint to it, as with kube-proxy.
-fn ports(svc: &ServiceRecord, slices: &[&SliceRecord]) -> Vec<(u16, Vec<SocketAddr>)> {
+/// A Service's ports with the ready endpoints behind each, and those of them on this node.
+/// Each EndpointSlice's port of the same name gives the target port of that slice's
+/// endpoints (the endpoint controller groups endpoints by the number a named port resolves
+/// to); a slice without that port adds no endpoint to it, as with kube-proxy.
+fn ports(
+    svc: &ServiceRecord,
+    slices: &[&SliceRecord],
+) -> Vec<(u16, Vec<SocketAddr>, Vec<SocketAddr>)> {
     svc.ports
         .iter()
         .map(|(port_name, port)| {
-            let endpoints = slices
+            let ready: BTreeSet<(SocketAddr, bool)> = slices
                 .iter()
                 .filter_map(|s| {
                     let (_, target) = s.ports.iter().find(|(n, _)| n == port_name)?;
@@ -416,12 +436,17 @@ fn ports(svc: &ServiceRecord, slices: &[&SliceRecord]) -> Vec<(u16, Vec<SocketAd
                     s.endpoints
                         .iter()
                         .filter(|e| e.ready)
-                        .map(move |e| SocketAddr::new(e.address, target))
+                        .map(move |e| (SocketAddr::new(e.address, target), e.local))
                 })
-                .collect::<BTreeSet<_>>()
-                .into_iter()
                 .collect();
-            (*port, endpoints)
+            let mut endpoints: Vec<SocketAddr> = ready.iter().map(|(e, _)| *e).collect();
+            endpoints.dedup();
+            let local = ready
+                .iter()
+                .filter(|(_, local)| *local)
+                .map(|(e, _)| *e)
+                .collect();
+            (*port, endpoints, local)
         })
         .collect()
 }

@@ -151,7 +151,7 @@ pub(super) struct Record {
 }
 
 /// The workloads at a connection's two ends as the cluster view knows them, and the Service
-/// the app dialled (known on the source's side only).
+/// the app dialled (on the destination's side, one the destination is an endpoint of).
 #[derive(Debug, Default)]
 pub(super) struct Ends {
     pub(super) source: Option<Arc<Workload>>,

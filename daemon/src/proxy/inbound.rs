@@ -82,7 +82,7 @@ pub(super) async fn plaintext(
             Transport::Plaintext
         };
         record.dst_id = Some(pod.identity.clone());
-        record.count(&proxy, proxy.inbound_ends(&pod, src, None));
+        record.count(&proxy, proxy.inbound_ends(&pod, src, dst, None));
         // Held before the decision, so a policy change from now on decides it again. Probes
         // pass whatever the policy, so they are not held.
         let held = (!probe).then(|| proxy.open.hold(&pod, None, src, dst));
@@ -200,7 +200,7 @@ impl hbone::Handler for Hbone {
             record.dst_id = Some(self.pod.identity.clone());
             let ends = self
                 .proxy
-                .inbound_ends(&self.pod, src, Some(&incoming.peer_id));
+                .inbound_ends(&self.pod, src, dst, Some(&incoming.peer_id));
             record.count(&self.proxy, ends);
             // Held before the decision, so a policy change from now on decides it again.
             let held = self
