@@ -421,20 +421,7 @@ fn labelling_a_namespace_enrolls_its_pods_and_removing_the_label_releases_them()
         ["shop/agent", "shop/legacy"],
         "the opted-out pod and the host-network pod stay out"
     );
-    wait_known(&lab, 0, "server");
-    echo_ok(
-        &lab,
-        "client",
-        addr(&lab, "server", ECHO),
-        b"enrolled by label",
-    );
-    let line = access_line(&lab, 1, |v| {
-        v["direction"] == "inbound" && v["transport"] == "hbone" && v["pod"] == "shop/server"
-    });
-    assert_eq!(
-        line["src.identity"],
-        "spiffe://cluster.local/ns/shop/sa/client"
-    );
+    client_reaches_server_over_hbone(&lab, b"enrolled by label");
 
     cluster.kubectl(&["label", "namespace", "shop", "culvert.io/dataplane-mode-"]);
     for node in [0, 1] {
@@ -455,6 +442,20 @@ fn labelling_a_namespace_enrolls_its_pods_and_removing_the_label_releases_them()
     assert!(wire::contains(&segments, b"RELEASED-MARKER-5e1b"));
     assert_no_403(&lab.log(0));
     assert_no_403(&lab.log(1));
+}
+
+/// Node 0's `shop/client` echoes `payload` through node 1's `shop/server`, which logs it as
+/// inbound HBONE from the client's identity.
+fn client_reaches_server_over_hbone(lab: &Lab, payload: &[u8]) {
+    wait_known(lab, 0, "server");
+    echo_ok(lab, "client", addr(lab, "server", ECHO), payload);
+    let line = access_line(lab, 1, |v| {
+        v["direction"] == "inbound" && v["transport"] == "hbone" && v["pod"] == "shop/server"
+    });
+    assert_eq!(
+        line["src.identity"],
+        "spiffe://cluster.local/ns/shop/sa/client"
+    );
 }
 
 /// A draining daemon wires nothing: in an update its successor owns the node's pods, and a pod
@@ -529,20 +530,7 @@ fn a_draining_daemon_wires_no_pod_of_a_namespace_labelled_meanwhile() {
     eventually("the new daemon to wire shop/client", WAIT, || {
         (wired(&lab, 0) == ["held/holder", "shop/client"]).then_some(())
     });
-    wait_known(&lab, 0, "server");
-    echo_ok(
-        &lab,
-        "client",
-        addr(&lab, "server", ECHO),
-        b"after the drain",
-    );
-    let line = access_line(&lab, 1, |v| {
-        v["direction"] == "inbound" && v["transport"] == "hbone" && v["pod"] == "shop/server"
-    });
-    assert_eq!(
-        line["src.identity"],
-        "spiffe://cluster.local/ns/shop/sa/client"
-    );
+    client_reaches_server_over_hbone(&lab, b"after the drain");
 }
 
 #[test]

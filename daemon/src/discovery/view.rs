@@ -331,7 +331,7 @@ impl View {
         }
     }
 
-    /// Removes `key`'s VIP entries; whether that freed a VIP.
+    /// Removes `key`'s VIP entries and its endpoints on this node; whether that freed a VIP.
     fn withdraw(&mut self, key: &Key) -> bool {
         self.left_out.remove(key);
         for endpoint in self.serving.remove(key).into_iter().flatten() {
