@@ -327,6 +327,9 @@ struct RawFile {
     workloads: Vec<RawWorkload>,
     #[serde(default)]
     services: Vec<RawService>,
+    /// Nodes' localities (with Kubernetes discovery, from the Node objects' labels).
+    #[serde(default)]
+    nodes: Vec<RawNode>,
     #[serde(default)]
     policy: RawPolicy,
     /// PeerAuthentication and AuthorizationPolicy objects, as Istio's YAML writes them.
@@ -400,6 +403,18 @@ struct RawWorkload {
     peer_authentication: Option<PeerAuthentication>,
     #[serde(default)]
     labels: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: String,
+    #[serde(default)]
+    region: String,
+    #[serde(default)]
+    zone: String,
+    #[serde(default)]
+    subzone: String,
 }
 
 #[derive(Deserialize)]
@@ -486,6 +501,7 @@ impl NodeFile {
                 ("workloads", raw.workloads.is_empty()),
                 ("services", raw.services.is_empty()),
                 ("enrolledNamespaces", raw.enrolled_namespaces.is_empty()),
+                ("nodes", raw.nodes.is_empty()),
             ];
             if let Some((field, _)) = listed.iter().find(|(_, empty)| !empty) {
                 return Err(invalid(
@@ -585,7 +601,7 @@ impl NodeFile {
             objects.peer.clone(),
             objects.authz.clone(),
         ));
-        let snapshot = Snapshot::build(
+        let mut snapshot = Snapshot::build(
             &trust_domain,
             raw.peer_authentication,
             raw.enrolled_namespaces,
@@ -594,6 +610,19 @@ impl NodeFile {
         )
         .map_err(ParseError::Invalid)?
         .with_policies(policies);
+        let mut named = std::collections::HashSet::new();
+        for (i, node) in raw.nodes.into_iter().enumerate() {
+            if node.name.is_empty() || !named.insert(node.name.clone()) {
+                let reason = "a name is required, once per node".to_owned();
+                return Err(invalid(&format!("nodes[{i}].name"), &node.name, reason));
+            }
+            let locality = state::Locality {
+                region: interner.str(&node.region),
+                zone: interner.str(&node.zone),
+                subzone: interner.str(&node.subzone),
+            };
+            snapshot.set_locality(interner.str(&node.name), locality);
+        }
         Ok(Self {
             node: raw.node,
             discovery: raw.discovery,
@@ -775,6 +804,8 @@ services:
     vip: 10.96.0.10
     ports: [{ port: 80, targetPort: 8080 }]
     endpoints: [{ ip: 10.244.2.9 }, { ip: 10.244.2.10, ready: false }]
+nodes:
+  - { name: node-b, region: eu-west, zone: eu-west-1b }
 "#;
 
     fn parse(text: &str) -> Result<NodeFile, String> {
@@ -869,6 +900,13 @@ services:
             .service("10.96.0.10:80".parse().unwrap())
             .unwrap();
         assert_eq!(port.endpoints, ["10.244.2.9:8080".parse().unwrap()]);
+        let locality = file.snapshot.locality(&legacy.node).unwrap();
+        assert_eq!(
+            (&*locality.region, &*locality.zone),
+            ("eu-west", "eu-west-1b")
+        );
+        assert_eq!(&*locality.subzone, "");
+        assert_eq!(file.snapshot.locality(&client.node), None);
     }
 
     #[test]
@@ -962,8 +1000,12 @@ services:
                 "workloads[1].ips[0] = 10.244.1.2: already used by demo/client",
             ),
             (
-                GOOD.replace("node: node-a\n", "node: node-a\nnodes: 2\n"),
-                "unknown field `nodes`",
+                GOOD.replace("node: node-a\n", "node: node-a\nnods: 2\n"),
+                "unknown field `nods`",
+            ),
+            (
+                format!("{GOOD}  - {{ name: node-b, zone: z }}\n"),
+                "nodes[1].name = node-b: a name is required, once per node",
             ),
             (
                 GOOD.replace("port: 80,", "port: 0,"),

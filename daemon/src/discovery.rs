@@ -1,5 +1,6 @@
-//! Kubernetes discovery: watches Pods, Namespaces, Services, EndpointSlices and Istio's
-//! PeerAuthentication and AuthorizationPolicy, and turns them into state snapshots.
+//! Kubernetes discovery: watches Pods, Namespaces, Services, EndpointSlices, Nodes (their
+//! metadata, for the locality) and Istio's PeerAuthentication and AuthorizationPolicy, and
+//! turns them into state snapshots.
 //!
 //! Owns the watches and the node's lean view of the cluster ([`Cluster`]): each object is
 //! decoded into a small record ([`objects`]) with its repeated strings interned, and no API
@@ -29,7 +30,7 @@ use crate::metrics;
 use crate::policy::{self, Policies};
 use crate::state::{Interner, PeerAuthentication, Snapshot};
 use istio::Istio;
-use objects::{NamespaceRecord, PodRecord, Record, ServiceRecord, SliceRecord};
+use objects::{NamespaceRecord, NodeRecord, PodRecord, Record, ServiceRecord, SliceRecord};
 use view::View;
 
 /// The label that enrolls a namespace (value [`ENROLLED`]) or opts a pod out ([`NOT_ENROLLED`]),
@@ -231,6 +232,7 @@ pub struct Collections {
     pub namespaces: Collection<NamespaceRecord>,
     pub services: Collection<ServiceRecord>,
     pub slices: Collection<SliceRecord>,
+    pub nodes: Collection<NodeRecord>,
 }
 
 /// The node's view of the cluster: records of every watched object, the interner they share
@@ -374,8 +376,9 @@ impl Cluster {
 /// The watches; each kind is kept current by its own task.
 pub struct Watches {
     cluster: Arc<Cluster>,
-    /// Whether each of the four kinds has been listed once.
-    listed: [watch::Receiver<bool>; 4],
+    /// Whether each kind has been listed once: pods, namespaces, Services, EndpointSlices,
+    /// nodes.
+    listed: [watch::Receiver<bool>; 5],
     peer: Store<Istio<policy::istio::PeerAuthenticationSpec>>,
     authz: Store<Istio<policy::istio::AuthorizationPolicySpec>>,
     /// The last compiled policies and what they were compiled from, so a rebuild for a pod
@@ -437,6 +440,7 @@ impl Watches {
             records(spawn_records::<NamespaceRecord>),
             records(spawn_records::<ServiceRecord>),
             records(spawn_records::<SliceRecord>),
+            records(spawn_records::<NodeRecord>),
         ];
         Self {
             listed,
@@ -465,11 +469,32 @@ impl Watches {
         served
     }
 
-    /// Waits until every collection has been listed once (the policy kinds only if the
-    /// cluster serves them: a DENY must be known before the first connection is admitted).
+    /// Finds out whether nodes may be listed: a ClusterRole of an earlier release grants no
+    /// access to them, and their locality only labels metrics, so the first sync does not
+    /// wait for a list that cannot succeed (the watch keeps retrying).
+    async fn nodes_listable(&self, client: &Client) -> bool {
+        let api = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
+        let listed = api
+            .list_metadata(&kube::api::ListParams::default().limit(1))
+            .await;
+        let forbidden = matches!(listed, Err(kube::Error::Api(status)) if status.code == 403);
+        if forbidden {
+            warn!("nodes may not be listed (RBAC): connections are labelled with no locality");
+        }
+        !forbidden
+    }
+
+    /// Waits until every collection has been listed once (nodes only if they may be listed,
+    /// the policy kinds only if the cluster serves them: a DENY must be known before the first
+    /// connection is admitted).
     pub async fn synced(&self, client: &Client) {
+        let [kinds @ .., nodes] = &self.listed;
+        let mut waits: Vec<_> = kinds.iter().collect();
+        if self.nodes_listable(client).await {
+            waits.push(nodes);
+        }
         // An error means the writer is gone, i.e. we are stopping: nothing left to wait for.
-        for listed in &self.listed {
+        for listed in waits {
             let _ = listed.clone().wait_for(|listed| *listed).await;
         }
         if self.policy_kinds_served(client).await {
@@ -959,6 +984,70 @@ endpoints: [{{ addresses: [10.244.3.3] }}]"
     }
 
     #[test]
+    fn a_nodes_topology_labels_are_its_pods_locality_until_they_go() {
+        let cluster = Cluster::new("cluster.local");
+        apply::<PodRecord>(&cluster, &pod("web", T0, "", "", ", podIP: 10.244.1.2"));
+        let node = |name: &str, labels: &str| {
+            format!(
+                "apiVersion: meta.k8s.io/v1
+kind: PartialObjectMetadata
+metadata: {{ name: {name}, labels: {{ {labels} }} }}"
+            )
+        };
+        let locality = |snap: &Snapshot| {
+            let web = snap.workload("shop", "web").unwrap();
+            let l = snap.locality(&web.node)?;
+            Some(format!("{}/{}/{}", l.region, l.zone, l.subzone))
+        };
+        assert_eq!(locality(&snapshot(&cluster)), None);
+        apply::<NodeRecord>(&cluster, &node("node-a", "kubernetes.io/hostname: node-a"));
+        assert_eq!(locality(&snapshot(&cluster)), None, "no topology labels");
+        assert_eq!(cluster.inner.blocking_lock().collections.nodes.len(), 0);
+        apply::<NodeRecord>(
+            &cluster,
+            &node(
+                "node-a",
+                "topology.kubernetes.io/region: eu-west, topology.kubernetes.io/zone: eu-west-1a, \
+                 topology.istio.io/subzone: rack-4",
+            ),
+        );
+        apply::<NodeRecord>(
+            &cluster,
+            &node("node-b", "topology.kubernetes.io/zone: eu-west-1b"),
+        );
+        let before = snapshot(&cluster);
+        assert_eq!(
+            locality(&before).as_deref(),
+            Some("eu-west/eu-west-1a/rack-4")
+        );
+
+        // Relabelled: later snapshots have the new zone, one cut before keeps the old.
+        apply::<NodeRecord>(
+            &cluster,
+            &node("node-a", "topology.kubernetes.io/zone: eu-west-1c"),
+        );
+        assert_eq!(
+            locality(&snapshot(&cluster)).as_deref(),
+            Some("/eu-west-1c/")
+        );
+        assert_eq!(
+            locality(&before).as_deref(),
+            Some("eu-west/eu-west-1a/rack-4")
+        );
+        // The labels go, then come back and the node goes.
+        apply::<NodeRecord>(&cluster, &node("node-a", ""));
+        assert_eq!(locality(&snapshot(&cluster)), None);
+        apply::<NodeRecord>(
+            &cluster,
+            &node("node-a", "topology.kubernetes.io/zone: eu-west-1c"),
+        );
+        cluster.apply_blocking::<NodeRecord>(watcher::Event::Delete(object(&node("node-a", ""))));
+        assert_eq!(locality(&snapshot(&cluster)), None);
+        let b = snapshot(&cluster);
+        assert_eq!(&*b.locality("node-b").unwrap().zone, "eu-west-1b");
+    }
+
+    #[test]
     fn this_nodes_ready_endpoints_name_their_service_port_until_it_goes() {
         let cluster = Cluster::new("cluster.local").on_node("node-a");
         apply::<ServiceRecord>(
@@ -1022,6 +1111,48 @@ endpoints: {endpoints}"
             "metadata: { name: echo, namespace: shop }\nspec: { clusterIP: 10.96.0.10 }",
         )));
         assert_eq!(serves(&snapshot(&cluster), "10.244.1.2:8080"), None);
+    }
+
+    #[test]
+    fn an_endpoint_two_services_select_names_the_other_once_one_goes() {
+        let cluster = Cluster::new("cluster.local").on_node("node-a");
+        let service = |name: &str, vip: u8| {
+            format!(
+                "metadata: {{ name: {name}, namespace: shop }}
+spec: {{ clusterIP: 10.96.0.{vip}, ports: [{{ name: http, port: 80, targetPort: 8080 }}] }}"
+            )
+        };
+        for (name, vip) in [("api", 10), ("web", 11)] {
+            apply::<ServiceRecord>(&cluster, &service(name, vip));
+            apply::<SliceRecord>(
+                &cluster,
+                &format!(
+                    "metadata: {{ name: {name}-x, namespace: shop, labels: {{ {SERVICE_NAME_LABEL}: {name} }} }}
+addressType: IPv4
+ports: [{{ name: http, port: 8080 }}]
+endpoints: [{{ addresses: [10.244.1.2], nodeName: node-a }}]"
+                ),
+            );
+        }
+        let named = |cluster: &Cluster| {
+            let snap = snapshot(cluster);
+            let port = snap.endpoint_service("10.244.1.2:8080".parse().unwrap())?;
+            Some(port.service.to_string())
+        };
+        let first = named(&cluster).unwrap();
+        let (gone, other) = match &*first {
+            "api" => (("api", 10), "web"),
+            _ => (("web", 11), "api"),
+        };
+        let delete = |(name, vip): (&str, u8)| {
+            cluster.apply_blocking::<ServiceRecord>(watcher::Event::Delete(object(&service(
+                name, vip,
+            ))));
+        };
+        delete(gone);
+        assert_eq!(named(&cluster).as_deref(), Some(other));
+        delete((other, if other == "api" { 10 } else { 11 }));
+        assert_eq!(named(&cluster), None);
     }
 
     #[test]

@@ -9,7 +9,9 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::encoding::{
+    EncodeLabel as _, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -17,7 +19,7 @@ use prometheus_client::registry::Registry;
 
 use crate::identity::Id;
 use crate::policy;
-use crate::state::{CLUSTER_ID, ServicePort, Workload};
+use crate::state::{CLUSTER_ID, Locality, ServicePort, Workload};
 use crate::tls::HandshakeFailure;
 
 /// The node's metrics and the registry that encodes them.
@@ -640,6 +642,45 @@ pub struct TrafficLabels {
     request_protocol: &'static str,
     response_flags: ResponseFlag,
     connection_security_policy: SecurityPolicy,
+    #[prometheus(flatten)]
+    locality: LocalityLabels,
+}
+
+/// `source_region`, `source_zone`, `destination_region`, `destination_zone`: each written only
+/// when known, as Istio's node proxy writes them.
+#[derive(Debug, Clone, Default, Hash, PartialEq, Eq)]
+struct LocalityLabels([Option<Arc<str>>; 4]);
+
+impl LocalityLabels {
+    const NAMES: [&str; 4] = [
+        "source_region",
+        "source_zone",
+        "destination_region",
+        "destination_zone",
+    ];
+
+    fn new(source: Option<&Locality>, destination: Option<&Locality>) -> Self {
+        let known = |s: &Arc<str>| (!s.is_empty()).then(|| s.clone());
+        let region = |l: Option<&Locality>| l.and_then(|l| known(&l.region));
+        let zone = |l: Option<&Locality>| l.and_then(|l| known(&l.zone));
+        Self([
+            region(source),
+            zone(source),
+            region(destination),
+            zone(destination),
+        ])
+    }
+}
+
+impl EncodeLabelSet for LocalityLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> std::fmt::Result {
+        for (name, value) in Self::NAMES.iter().zip(&self.0) {
+            if let Some(value) = value {
+                (*name, &**value).encode(encoder.encode_label())?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One end of a connection, as the labels describe it.
@@ -649,6 +690,8 @@ pub struct Peer<'a> {
     pub workload: Option<&'a Workload>,
     /// The identity the end proved in mutual TLS; only a proven one becomes a principal.
     pub principal: Option<&'a Id>,
+    /// The locality of the workload's node, if known.
+    pub locality: Option<&'a Locality>,
 }
 
 impl TrafficLabels {
@@ -696,6 +739,7 @@ impl TrafficLabels {
             request_protocol: "tcp",
             response_flags: ResponseFlag::None,
             connection_security_policy: security,
+            locality: LocalityLabels::new(source.locality, destination.locality),
         }
     }
 }
@@ -742,15 +786,23 @@ mod tests {
                 ("app", "db"),
             ],
         );
+        // The client's node has a region and a zone; the server's has no topology labels.
+        let client_locality = Locality {
+            region: "eu-west".into(),
+            zone: "eu-west-1a".into(),
+            subzone: "".into(),
+        };
         let labels = TrafficLabels::new(
             Reporter::Source,
             Peer {
                 workload: Some(&client),
                 principal: Some(&client.identity),
+                locality: Some(&client_locality),
             },
             Peer {
                 workload: Some(&server),
                 principal: Some(&server.identity),
+                locality: None,
             },
             Some(&ServicePort {
                 service: "db".into(),
@@ -781,7 +833,8 @@ mod tests {
             destination_principal=\"spiffe://cluster.local/ns/shop/sa/db-0\",\
             destination_app=\"postgres\",destination_version=\"latest\",\
             destination_cluster=\"Kubernetes\",request_protocol=\"tcp\",response_flags=\"-\",\
-            connection_security_policy=\"mutual_tls\"} 2000";
+            connection_security_policy=\"mutual_tls\",source_region=\"eu-west\",\
+            source_zone=\"eu-west-1a\"} 2000";
         assert_eq!(sent[0], want);
         assert!(series(&text, "istio_tcp_received_bytes_total")[0].ends_with("} 100"));
         assert!(series(&text, "istio_tcp_connections_opened_total")[0].ends_with("} 1"));
@@ -812,6 +865,8 @@ mod tests {
         assert!(failed[0].contains("destination_workload=\"unknown\""));
         assert!(failed[0].contains("response_flags=\"DENY\""));
         assert!(failed[0].contains("connection_security_policy=\"unknown\""));
+        // No locality known: none of its labels, not even `unknown`.
+        assert!(!failed[0].contains("_region") && !failed[0].contains("_zone"));
         // Opened before the outcome was known; closed with it.
         assert!(
             series(&text, "istio_tcp_connections_opened_total")[0].contains("response_flags=\"-\"")

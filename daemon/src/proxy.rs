@@ -285,11 +285,12 @@ impl Proxy {
         let source = snapshot
             .workload_by_ip(src.ip())
             .filter(|w| peer.is_none_or(|id| w.identity == *id));
-        conn::Ends {
-            source: source.cloned(),
-            destination: snapshot.workload(&pod.namespace, &pod.name).cloned(),
-            service: snapshot.endpoint_service(dst).cloned(),
-        }
+        conn::Ends::new(
+            &snapshot,
+            source,
+            snapshot.workload(&pod.namespace, &pod.name),
+            snapshot.endpoint_service(dst),
+        )
     }
 
     /// Until `stop`: whenever the snapshot's policies change, decides every open inbound

@@ -102,6 +102,19 @@ impl Workload {
     }
 }
 
+/// Where a node is, from its topology labels (Istio's locality): metrics label connections with
+/// each end's, and the config dump shows each workload's. Empty where a label is absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct Locality {
+    pub region: Arc<str>,
+    pub zone: Arc<str>,
+    pub subzone: Arc<str>,
+}
+
+/// Nodes' localities by node name, for the nodes that have one. A cluster has a few thousand
+/// nodes at most: a snapshot shares the map, and a change to one node copies it.
+pub type Localities = Arc<HashMap<Arc<str>, Arc<Locality>>>;
+
 /// A set of labels, sorted by key. Pods of one ReplicaSet carry the same set, and share it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Labels(Arc<[(Arc<str>, Arc<str>)]>);
@@ -276,6 +289,7 @@ pub struct Index {
     /// knows by the VIP dialled. Only this node's endpoints, so it grows with the node, not
     /// the cluster.
     endpoints: Table<(SocketAddr, Arc<ServicePort>)>,
+    localities: Localities,
 }
 
 impl Keyed for Arc<Workload> {
@@ -361,6 +375,24 @@ impl Index {
 
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
         self.workloads.iter()
+    }
+
+    /// Node `node`'s locality, if its labels give one.
+    pub fn locality(&self, node: &str) -> Option<&Arc<Locality>> {
+        self.localities.get(node)
+    }
+
+    /// Sets node `node`'s locality, or removes it (`None`).
+    pub fn set_locality(&mut self, node: Arc<str>, locality: Option<Arc<Locality>>) {
+        let held = self.localities.get(&node);
+        if held == locality.as_ref() {
+            return;
+        }
+        let localities = Arc::make_mut(&mut self.localities);
+        match locality {
+            Some(locality) => localities.insert(node, locality),
+            None => localities.remove(&node),
+        };
     }
 
     pub fn workload_count(&self) -> usize {
@@ -522,6 +554,16 @@ impl Snapshot {
 
     pub fn endpoint_service(&self, address: SocketAddr) -> Option<&Arc<ServicePort>> {
         self.index.endpoint_service(address)
+    }
+
+    /// Sets node `node`'s locality (a source that builds whole snapshots: the node file).
+    pub fn set_locality(&mut self, node: Arc<str>, locality: Locality) {
+        self.index.set_locality(node, Some(Arc::new(locality)));
+    }
+
+    /// Node `node`'s locality, if known.
+    pub fn locality(&self, node: &str) -> Option<&Arc<Locality>> {
+        self.index.locality(node)
     }
 
     pub fn workload_count(&self) -> usize {

@@ -1,5 +1,6 @@
-//! Watch events from the Kubernetes API: Namespaces, Pods, Services and EndpointSlices as JSON,
-//! decoded lean into the node's view of the cluster, from which a snapshot is then cut.
+//! Watch events from the Kubernetes API: Namespaces, Pods, Services, EndpointSlices and Nodes'
+//! metadata as JSON, decoded lean into the node's view of the cluster, from which a snapshot is
+//! then cut.
 //! Input: events, one per line, each a kind byte, a change byte (list start, listed, list
 //! done, applied, deleted) and the object.
 #![no_main]
@@ -28,6 +29,12 @@ fuzz_target!(|data: &[u8]| {
         for ip in &w.ips {
             let owner = snapshot.workload_by_ip(*ip).expect("every address is indexed");
             assert!(std::sync::Arc::ptr_eq(owner, w), "{ip} names two workloads");
+        }
+    }
+    // A locality is kept only for a node whose labels give one.
+    for w in snapshot.workloads() {
+        if let Some(l) = snapshot.locality(&w.node) {
+            assert!(!(l.region.is_empty() && l.zone.is_empty() && l.subzone.is_empty()));
         }
     }
     // An endpoint names only a Service port that lists it.

@@ -59,7 +59,8 @@ async fn the_config_dump_is_what_istioctl_parses_and_lists_the_nodes_state_and_c
     let mut t = Topology::new("dump", &[("client", 0), ("server", 1)]);
     let ns = t.namespace.clone();
     t.extra = format!(
-        "policies:
+        "nodes: [{{ name: node-1, region: eu-west, zone: eu-west-1b }}]
+policies:
   - apiVersion: security.istio.io/v1
     kind: AuthorizationPolicy
     metadata: {{ name: from-client, namespace: {ns} }}
@@ -105,6 +106,14 @@ async fn the_config_dump_is_what_istioctl_parses_and_lists_the_nodes_state_and_c
     assert_eq!(client.cluster_id, "Kubernetes");
     assert_eq!(client.trust_domain, "cluster.local");
     assert_eq!(client.status, "Healthy");
+    // The server's node has a locality, the client's none.
+    assert!(client.locality.is_none());
+    let server_workload = d.workloads.iter().find(|w| w.name == "server").unwrap();
+    let locality = server_workload.locality.as_ref().unwrap();
+    assert_eq!(
+        (&*locality.region, &*locality.zone, &*locality.subzone),
+        ("eu-west", "eu-west-1b", "")
+    );
 
     // Services: one per Service, its endpoints by workload uid.
     assert_eq!(d.services.len(), 1);

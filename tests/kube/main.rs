@@ -275,6 +275,7 @@ endpoints: [{ addresses: [10.244.1.2] }]
         "pods",
         "namespaces",
         "services",
+        "nodes",
         "endpointslices.discovery.k8s.io",
         "peerauthentications.security.istio.io",
         "authorizationpolicies.security.istio.io",
@@ -681,6 +682,87 @@ endpoints:
     assert!(received.ends_with(" 17"), "{received}");
 }
 
+/// The metrics label a connection with each end's node locality, from the Nodes' topology
+/// labels, and the config dump shows it; a relabelled node's new zone labels the connections
+/// that follow.
+#[test]
+#[ignore = "needs root and the test apiserver"]
+fn connections_carry_each_ends_node_locality_and_a_relabelled_nodes_new_zone() {
+    let cluster = Cluster::with_shop("locality", true);
+    let lab = kube::lab(
+        "kblocal",
+        &cluster,
+        spec(vec![
+            PodSpec::in_namespace("client", 0, "shop"),
+            PodSpec::in_namespace("server", 1, "shop"),
+        ]),
+    );
+    cluster.attach_lab_pods(&lab);
+    lab.pod("server").serve_echo(ECHO).unwrap();
+    let label_node = |i: usize, zone: &str| {
+        cluster.apply(&format!(
+            "apiVersion: v1
+kind: Node
+metadata:
+  name: {}
+  labels: {{ topology.kubernetes.io/region: eu-west, topology.kubernetes.io/zone: {zone} }}
+",
+            lab.nodes[i].name
+        ));
+    };
+    let zones_known = |node: usize, client: &str, server: &str| {
+        eventually(
+            &format!("node {node} to know the zones {client} and {server}"),
+            WAIT,
+            || {
+                let dump = lab.admin(node, "/config_dump").ok()?;
+                let zone = |name: &str| {
+                    let workloads = dump["workloads"].as_array()?;
+                    let w = workloads.iter().find(|w| w["name"] == name)?;
+                    w["locality"]["zone"].as_str().map(str::to_owned)
+                };
+                (zone("client")? == client && zone("server")? == server).then_some(())
+            },
+        );
+    };
+    label_node(0, "eu-west-1a");
+    label_node(1, "eu-west-1b");
+    for node in 0..2 {
+        zones_known(node, "eu-west-1a", "eu-west-1b");
+    }
+    client_reaches_server_over_hbone(&lab, b"ZONE-ONE");
+    let opened = |node: usize, reporter: &str, zone: &str| {
+        let scrape = lab.metrics(node).unwrap();
+        let localities = format!(
+            "source_region=\"eu-west\",source_zone=\"eu-west-1a\",\
+             destination_region=\"eu-west\",destination_zone=\"{zone}\"}}"
+        );
+        scrape
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "istio_tcp_connections_opened_total{{reporter=\"{reporter}\""
+                )) && l.contains(&localities)
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+            .unwrap_or_else(|| panic!("no {reporter} series with {localities}:\n{scrape}"))
+    };
+    assert_eq!(opened(0, "source", "eu-west-1b"), "1");
+    assert_eq!(opened(1, "destination", "eu-west-1b"), "1");
+
+    // Node 1 moves zone: the next connection is labelled with the new one, the first keeps
+    // its series.
+    label_node(1, "eu-west-1c");
+    zones_known(0, "eu-west-1a", "eu-west-1c");
+    echo_ok(&lab, "client", addr(&lab, "server", ECHO), b"ZONE-TWO");
+    assert_eq!(opened(0, "source", "eu-west-1c"), "1");
+    assert_eq!(opened(0, "source", "eu-west-1b"), "1");
+    assert_no_403(&lab.log(0));
+    // Kept with the lab's files: `culvert workloads -f` and istioctl read it.
+    let dump = lab.admin(0, "/config_dump").unwrap();
+    std::fs::write(lab.dir.join("config_dump.json"), dump.to_string()).unwrap();
+}
+
 #[test]
 #[ignore = "needs root and the test apiserver"]
 fn traffic_keeps_flowing_while_the_apiserver_is_down_and_expired_watches_relist_without_loss() {
@@ -736,7 +818,7 @@ fn traffic_keeps_flowing_while_the_apiserver_is_down_and_expired_watches_relist_
     cluster.start_apiserver();
     for node in 0..2 {
         eventually(
-            &format!("node {node} to relist all six kinds"),
+            &format!("node {node} to relist all seven kinds"),
             WAIT,
             || {
                 let relisted: BTreeSet<String> = culvert_tests::log_lines(&lab, node)
@@ -744,13 +826,13 @@ fn traffic_keeps_flowing_while_the_apiserver_is_down_and_expired_watches_relist_
                     .filter(|v| v["message"] == "relisted")
                     .filter_map(|v| v["kind"].as_str().map(str::to_owned))
                     .collect();
-                (relisted.len() == 6).then_some(())
+                (relisted.len() == 7).then_some(())
             },
         );
     }
     let relisted_at = lab.log(0).len();
     // The metrics count the outage and the relists, per kind, and the objects received
-    // (this cluster has no EndpointSlice: no controller runs).
+    // (this cluster has no EndpointSlice and no Node: no controller or kubelet runs).
     let scrape = lab.metrics(0).unwrap();
     let count = |metric: &str, kind: &str| {
         let (metric, kind) = (
@@ -759,7 +841,7 @@ fn traffic_keeps_flowing_while_the_apiserver_is_down_and_expired_watches_relist_
         );
         culvert_tests::scrape::sample(&scrape, &metric, &[&kind])
     };
-    for kind in ["Pod", "Namespace", "Service", "EndpointSlice"] {
+    for kind in ["Pod", "Namespace", "Service", "EndpointSlice", "Node"] {
         assert!(count("relists", kind) >= 1.0, "{kind} relists");
         assert!(count("watch_errors", kind) >= 1.0, "{kind} watch errors");
     }
@@ -767,6 +849,7 @@ fn traffic_keeps_flowing_while_the_apiserver_is_down_and_expired_watches_relist_
         assert!(count("events", kind) >= 1.0, "{kind} events");
     }
     assert_eq!(count("events", "EndpointSlice"), 0.0);
+    assert_eq!(count("events", "Node"), 0.0);
     // The relist dropped what went and nothing else: no store was emptied on the way.
     eventually("node 1 to release the deleted pod", WAIT, || {
         (wired(&lab, 1) == ["shop/server"]).then_some(())

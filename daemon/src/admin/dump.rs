@@ -15,7 +15,7 @@ use crate::identity::Id;
 use crate::policy::Dumped;
 use crate::proxy::carried::Connection;
 use crate::proxy::{Direction, Transport};
-use crate::state::{CLUSTER_ID, Snapshot, Workload, WorkloadType};
+use crate::state::{CLUSTER_ID, Locality, Snapshot, Workload, WorkloadType};
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -44,6 +44,9 @@ struct DumpedWorkload<'a> {
     canonical_revision: &'a str,
     cluster_id: &'static str,
     trust_domain: &'a str,
+    /// The locality of the workload's node, when its labels give one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    locality: Option<&'a Locality>,
     node: &'a str,
     status: &'static str,
     hostname: &'static str,
@@ -161,6 +164,7 @@ pub(super) fn build<'a>(snapshot: &'a Snapshot, registry: &Registry) -> ConfigDu
             canonical_revision: w.canonical_revision(),
             cluster_id: CLUSTER_ID,
             trust_domain: w.identity.trust_domain(),
+            locality: snapshot.locality(&w.node).map(|l| &**l),
             node: &w.node,
             status: "Healthy",
             hostname: "",

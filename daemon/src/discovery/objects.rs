@@ -13,13 +13,14 @@ use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use kube::Resource;
+use kube::core::PartialObjectMeta;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use tracing::warn;
 
 use super::view::{Key, View};
 use super::{Collection, Collections, ENROLLED, Known, NOT_ENROLLED, SERVICE_NAME_LABEL};
-use crate::state::{Interner, Workload, WorkloadType};
+use crate::state::{Interner, Locality, Workload, WorkloadType};
 
 /// A watched kind: its lean object and how it becomes a record.
 pub trait Record: Sized + PartialEq + Send + 'static {
@@ -366,6 +367,53 @@ impl Record for NamespaceRecord {
 
     fn changed(view: &mut View, _: &Collections, _: Key, _: Option<&Self>) {
         view.namespace_changed();
+    }
+}
+
+// Nodes.
+
+/// The labels a node's locality is read from, as Istio reads them.
+const REGION_LABEL: &str = "topology.kubernetes.io/region";
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+const SUBZONE_LABEL: &str = "topology.istio.io/subzone";
+
+/// A node, watched as metadata only (kube-rs asks for `PartialObjectMetadata` for this type):
+/// the API sends no status (images, conditions), and the record keeps only where the node is.
+pub type NodeObject = PartialObjectMeta<k8s_openapi::api::core::v1::Node>;
+
+/// A node with a locality (a node without topology labels has no record).
+#[derive(Debug, PartialEq)]
+pub struct NodeRecord {
+    pub locality: Arc<Locality>,
+}
+
+impl Record for NodeRecord {
+    type Object = NodeObject;
+
+    fn decode(node: &NodeObject, interner: &mut Interner, _: &str, _: &Known<'_>) -> Option<Self> {
+        let meta = &node.metadata;
+        let [region, zone, subzone] = [REGION_LABEL, ZONE_LABEL, SUBZONE_LABEL]
+            .map(|key| label(meta, key).filter(|value| !value.is_empty()));
+        if [region, zone, subzone].iter().all(Option::is_none) {
+            return None;
+        }
+        let mut read = |value: Option<&str>| interner.str(value.unwrap_or_default());
+        Some(Self {
+            locality: Arc::new(Locality {
+                region: read(region),
+                zone: read(zone),
+                subzone: read(subzone),
+            }),
+        })
+    }
+
+    fn collection(collections: &mut Collections) -> &mut Collection<Self> {
+        &mut collections.nodes
+    }
+
+    fn changed(view: &mut View, c: &Collections, key: Key, _: Option<&Self>) {
+        let locality = c.nodes.get(&key.0, &key.1).map(|n| n.locality.clone());
+        view.index.set_locality(key.1, locality);
     }
 }
 

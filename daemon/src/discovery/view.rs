@@ -34,8 +34,11 @@ pub struct View {
     slices_of: HashMap<Key, Vec<Arc<str>>>,
     /// The VIP and ports each Service has in the index, and the Service holding each VIP.
     published: HashMap<Key, Vec<SocketAddr>>,
-    /// The endpoints on this node each Service has in the index.
-    serving: HashMap<Key, Vec<SocketAddr>>,
+    /// The endpoints on this node each Service serves, with its port's entry, and the
+    /// Services serving each (two may select one pod on one port: the index names one, and
+    /// the other once that one goes).
+    serving: HashMap<Key, Vec<(SocketAddr, Arc<ServicePort>)>>,
+    served_by: HashMap<SocketAddr, Vec<Key>>,
     vips: HashMap<IpAddr, Key>,
     /// Services with a VIP left out because a pod or another Service holds it: tried again
     /// when an address is freed.
@@ -334,8 +337,22 @@ impl View {
     /// Removes `key`'s VIP entries and its endpoints on this node; whether that freed a VIP.
     fn withdraw(&mut self, key: &Key) -> bool {
         self.left_out.remove(key);
-        for endpoint in self.serving.remove(key).into_iter().flatten() {
+        for (endpoint, _) in self.serving.remove(key).into_iter().flatten() {
             self.index.remove_endpoint(endpoint, &key.0, &key.1);
+            let Entry::Occupied(mut others) = self.served_by.entry(endpoint) else {
+                continue;
+            };
+            others.get_mut().retain(|other| other != key);
+            let Some(other) = others.get().first() else {
+                others.remove();
+                continue;
+            };
+            if self.index.endpoint_service(endpoint).is_none() {
+                let serving = self.serving.get(other).into_iter().flatten();
+                if let Some((_, entry)) = serving.into_iter().find(|(e, _)| *e == endpoint) {
+                    self.index.put_endpoint(endpoint, entry.clone());
+                }
+            }
         }
         let Some(addresses) = self.published.remove(key) else {
             return false;
@@ -369,9 +386,12 @@ impl View {
                 });
                 for &endpoint in &local {
                     self.index.put_endpoint(endpoint, entry.clone());
-                }
-                if !local.is_empty() {
-                    self.serving.entry(key.clone()).or_default().extend(local);
+                    let serving = self.serving.entry(key.clone()).or_default();
+                    serving.push((endpoint, entry.clone()));
+                    let by = self.served_by.entry(endpoint).or_default();
+                    if !by.contains(key) {
+                        by.push(key.clone());
+                    }
                 }
                 (port, entry)
             })

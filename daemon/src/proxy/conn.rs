@@ -11,7 +11,7 @@ use crate::hbone::{self, Transfer};
 use crate::identity::Id;
 use crate::metrics::{self, Peer, Reporter, ResponseFlag, SecurityPolicy, TrafficLabels};
 use crate::policy;
-use crate::state::{ServicePort, Workload};
+use crate::state::{Locality, ServicePort, Snapshot, Workload};
 
 /// How a proxied connection ended: a closed set, so a log field or metric label made from it
 /// has bounded values. Built from the typed errors of the layer that decided
@@ -157,6 +157,26 @@ pub(super) struct Ends {
     pub(super) source: Option<Arc<Workload>>,
     pub(super) destination: Option<Arc<Workload>>,
     pub(super) service: Option<Arc<ServicePort>>,
+    /// The localities of the two workloads' nodes, where known.
+    pub(super) localities: [Option<Arc<Locality>>; 2],
+}
+
+impl Ends {
+    pub(super) fn new(
+        snapshot: &Snapshot,
+        source: Option<&Arc<Workload>>,
+        destination: Option<&Arc<Workload>>,
+        service: Option<&Arc<ServicePort>>,
+    ) -> Self {
+        let locality =
+            |w: Option<&Arc<Workload>>| w.and_then(|w| snapshot.locality(&w.node)).cloned();
+        Self {
+            localities: [locality(source), locality(destination)],
+            source: source.cloned(),
+            destination: destination.cloned(),
+            service: service.cloned(),
+        }
+    }
 }
 
 impl Record {
@@ -192,11 +212,13 @@ impl Record {
         fn peer<'a>(
             workload: &'a Option<Arc<Workload>>,
             id: &'a Option<Id>,
+            locality: &'a Option<Arc<Locality>>,
             mtls: bool,
         ) -> Peer<'a> {
             Peer {
                 workload: workload.as_deref(),
                 principal: id.as_ref().filter(|_| mtls),
+                locality: locality.as_deref(),
             }
         }
         let security = match mtls {
@@ -205,8 +227,8 @@ impl Record {
         };
         let labels = TrafficLabels::new(
             reporter,
-            peer(&ends.source, &self.src_id, mtls),
-            peer(&ends.destination, &self.dst_id, mtls),
+            peer(&ends.source, &self.src_id, &ends.localities[0], mtls),
+            peer(&ends.destination, &self.dst_id, &ends.localities[1], mtls),
             ends.service.as_deref(),
             security,
         );

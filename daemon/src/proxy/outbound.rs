@@ -49,14 +49,15 @@ fn route(snapshot: &Snapshot, dst: SocketAddr, turn: &AtomicUsize) -> Route {
 /// The workloads at both ends of `pod`'s connection to `dst`, routed as `route`.
 fn ends(snapshot: &Snapshot, pod: &Pod, dst: SocketAddr, route: &Route) -> Ends {
     let destination = match route {
-        Route::Mesh { workload, .. } => Some(workload.clone()),
-        Route::Passthrough { target } => snapshot.workload_by_ip(target.ip()).cloned(),
+        Route::Mesh { workload, .. } => Some(workload),
+        Route::Passthrough { target } => snapshot.workload_by_ip(target.ip()),
     };
-    Ends {
-        source: snapshot.workload(&pod.namespace, &pod.name).cloned(),
+    Ends::new(
+        snapshot,
+        snapshot.workload(&pod.namespace, &pod.name),
         destination,
-        service: snapshot.service(dst).cloned(),
-    }
+        snapshot.service(dst),
+    )
 }
 
 /// A connection accepted on the pod's outbound listener: where it was going is its original

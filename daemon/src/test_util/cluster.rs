@@ -8,7 +8,9 @@ use std::net::Ipv4Addr;
 use kube::runtime::watcher::Event;
 use serde_json::{Value, json};
 
-use crate::discovery::objects::{NamespaceRecord, PodRecord, Record, ServiceRecord, SliceRecord};
+use crate::discovery::objects::{
+    NamespaceRecord, NodeRecord, PodRecord, Record, ServiceRecord, SliceRecord,
+};
 use crate::discovery::{Cluster, ENROLLED, MODE_LABEL};
 
 /// The shape of a synthetic cluster.
@@ -270,6 +272,7 @@ enum Kind {
     Pod,
     Service,
     Slice,
+    Node,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -304,10 +307,17 @@ impl Step {
         }
     }
 
-    /// Any event, for the fuzz target: `kind` picks the kind (by its value modulo 4) and
-    /// `change` what happened (modulo 5), `json` is the object.
+    /// Any event, for the fuzz target: `kind` picks the kind (by its value modulo 5:
+    /// Namespace, Pod, Service, EndpointSlice, Node's metadata) and `change` what happened
+    /// (modulo 5), `json` is the object.
     pub fn from_parts(kind: u8, change: u8, json: &[u8]) -> Self {
-        let kinds = [Kind::Namespace, Kind::Pod, Kind::Service, Kind::Slice];
+        let kinds = [
+            Kind::Namespace,
+            Kind::Pod,
+            Kind::Service,
+            Kind::Slice,
+            Kind::Node,
+        ];
         let changes = [
             Change::Init,
             Change::InitApply,
@@ -333,6 +343,7 @@ impl Step {
             Kind::Pod => self.apply_as::<PodRecord>(cluster),
             Kind::Service => self.apply_as::<ServiceRecord>(cluster),
             Kind::Slice => self.apply_as::<SliceRecord>(cluster),
+            Kind::Node => self.apply_as::<NodeRecord>(cluster),
         }
     }
 
