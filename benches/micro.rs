@@ -24,7 +24,7 @@ fn snapshot(n: u32) -> Snapshot {
             workload_name: format!("deploy{}", i % 50).into(),
             workload_type: culvert::state::WorkloadType::Pod,
             node: format!("n{}", i % 20).into(),
-            ips: vec![std::net::Ipv4Addr::from(0x0af4_0000 + i).into()],
+            ips: culvert::state::Ips::One(std::net::Ipv4Addr::from(0x0af4_0000 + i).into()),
             labels: Default::default(),
             enrollment: Some(true),
             peer_authentication: None,

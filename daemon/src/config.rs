@@ -563,7 +563,7 @@ impl NodeFile {
                 name,
                 namespace,
                 node: interner.str(&w.node),
-                ips: w.ips,
+                ips: w.ips.into(),
                 labels: interner.labels(w.labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
                 enrollment: w.enrolled,
                 peer_authentication: w.peer_authentication,

@@ -1201,6 +1201,17 @@ endpoints:
   - {{ addresses: [10.244.1.9], targetRef: {{ kind: Pod, name: gone }} }}"
             ),
         );
+        // A slice can name only a pod of its own namespace: whoever may write slices in one
+        // namespace cannot give an address to another namespace's pod.
+        apply::<SliceRecord>(
+            &cluster,
+            &format!(
+                "metadata: {{ name: lure, namespace: other, labels: {{ {SERVICE_NAME_LABEL}: lure }} }}
+addressType: IPv4
+endpoints:
+  - {{ addresses: [10.244.1.10], targetRef: {{ kind: Pod, name: api, namespace: shop }} }}"
+            ),
+        );
         let snap = snapshot(&cluster);
         let by_ip = |ip| name_of(&snap, ip);
         assert_eq!(
@@ -1219,6 +1230,7 @@ endpoints:
             "a host-network pod's node address"
         );
         assert_eq!(by_ip("10.244.1.9"), None, "no such pod");
+        assert_eq!(by_ip("10.244.1.10"), None, "another namespace's pod");
     }
 
     /// A cluster's view, comparable across clusters: each workload's addresses (sorted), who
@@ -1227,7 +1239,7 @@ endpoints:
         let mut lines: Vec<String> = snap
             .workloads()
             .map(|w| {
-                let mut ips = w.ips.clone();
+                let mut ips = w.ips.to_vec();
                 ips.sort();
                 for ip in &ips {
                     let holder = snap.workload_by_ip(*ip).unwrap();

@@ -756,7 +756,7 @@ mod tests {
             workload_name: owner.into(),
             workload_type: crate::state::WorkloadType::Pod,
             node: "n1".into(),
-            ips: vec!["10.244.1.2".parse().unwrap()],
+            ips: crate::state::Ips::One("10.244.1.2".parse().unwrap()),
             labels: labels.iter().copied().collect::<Labels>(),
             enrollment: None,
             peer_authentication: None,

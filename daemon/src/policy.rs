@@ -99,7 +99,7 @@ mod tests {
             workload_name: "server".into(),
             workload_type: crate::state::WorkloadType::Pod,
             node: "n1".into(),
-            ips: vec!["10.0.0.1".parse().unwrap()],
+            ips: crate::state::Ips::One("10.0.0.1".parse().unwrap()),
             labels: [("app", "server")].into_iter().collect(),
             enrollment: Some(true),
             peer_authentication: own,

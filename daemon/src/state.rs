@@ -53,7 +53,7 @@ pub struct Workload {
     /// What kind of owner [`Self::workload_name`] names, as Istio's workload API types it.
     pub workload_type: WorkloadType,
     pub node: Arc<str>,
-    pub ips: Vec<IpAddr>,
+    pub ips: Ips,
     /// The pod's labels, which policy selectors match.
     #[serde(skip_serializing_if = "Labels::is_empty")]
     pub labels: Labels,
@@ -63,6 +63,52 @@ pub struct Workload {
     /// Overrides the mesh-wide mode for this workload.
     pub peer_authentication: Option<PeerAuthentication>,
     pub identity: Id,
+}
+
+/// A workload's addresses. A pod has one, or one per family: a single one is held inline, so
+/// the million pods of a large cluster allocate nothing for it.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum Ips {
+    One(IpAddr),
+    Many(Box<[IpAddr]>),
+}
+
+impl Default for Ips {
+    fn default() -> Self {
+        Self::Many(Box::default())
+    }
+}
+
+impl std::ops::Deref for Ips {
+    type Target = [IpAddr];
+
+    fn deref(&self) -> &[IpAddr] {
+        match self {
+            Self::One(ip) => std::slice::from_ref(ip),
+            Self::Many(ips) => ips,
+        }
+    }
+}
+
+impl From<Vec<IpAddr>> for Ips {
+    fn from(ips: Vec<IpAddr>) -> Self {
+        match *ips {
+            [ip] => Self::One(ip),
+            _ => Self::Many(ips.into_boxed_slice()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Ips {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for Ips {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter())
+    }
 }
 
 /// The labels that name a workload's service for telemetry, in order of precedence.
@@ -689,7 +735,7 @@ mod tests {
             workload_name: name.into(),
             workload_type: WorkloadType::Pod,
             node: "n1".into(),
-            ips: vec![ip.parse().unwrap()],
+            ips: Ips::One(ip.parse().unwrap()),
             labels: Labels::default(),
             enrollment: Some(true),
             peer_authentication: None,

@@ -18,8 +18,8 @@ static ALLOC: dhat::Alloc = dhat::Alloc;
 
 /// Live heap bytes per pod the view may hold: records, interned strings, the index and one
 /// snapshot (which shares the index: a few bytes more), in a cluster of Deployments of 15 pods
-/// with a Service each. 563 when set; a change that makes pods heavier has to say why here.
-const BYTES_PER_POD: usize = 640;
+/// with a Service each. 532 when set; a change that makes pods heavier has to say why here.
+const BYTES_PER_POD: usize = 560;
 
 fn live() -> usize {
     dhat::HeapStats::get().curr_bytes

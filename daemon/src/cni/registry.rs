@@ -428,7 +428,7 @@ impl Registry {
         let mut local: Vec<_> = snapshot
             .workloads()
             .filter(|w| snapshot.enrolled(w) && *w.node == *self.deps.node)
-            .map(|w| (w.namespace.to_string(), w.name.to_string(), w.ips.clone()))
+            .map(|w| (w.namespace.to_string(), w.name.to_string(), w.ips.to_vec()))
             .collect();
         local.sort();
         local
@@ -472,7 +472,7 @@ impl Registry {
             });
         }
         let ips = if req.ips.is_empty() {
-            workload.ips.clone()
+            workload.ips.to_vec()
         } else {
             req.ips.clone()
         };

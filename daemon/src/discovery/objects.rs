@@ -20,7 +20,7 @@ use tracing::warn;
 
 use super::view::{Key, View};
 use super::{Collection, Collections, ENROLLED, Known, NOT_ENROLLED, SERVICE_NAME_LABEL};
-use crate::state::{Interner, Locality, Workload, WorkloadType};
+use crate::state::{Interner, Ips, Locality, Workload, WorkloadType};
 
 /// A watched kind: its lean object and how it becomes a record.
 pub trait Record: Sized + PartialEq + Send + 'static {
@@ -285,9 +285,11 @@ impl Record for PodRecord {
         let ips = match status {
             Some(status) if !host_network => {
                 let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
-                parse_ips(listed.chain(status.pod_ip.as_deref())).into_vec()
+                parse_ips(listed.chain(status.pod_ip.as_deref()))
+                    .into_vec()
+                    .into()
             }
-            _ => Vec::new(),
+            _ => Ips::default(),
         };
         let enrollment = if host_network {
             Some(false)
@@ -551,9 +553,10 @@ pub struct EndpointRecord {
     pub ready: bool,
     /// Whether its `nodeName` is this node.
     pub local: bool,
-    /// The pod it names (`targetRef`): namespace and name (shared with the pod's record when
-    /// the pod is known first).
-    pub pod: Option<(Arc<str>, Arc<str>)>,
+    /// The pod of the slice's namespace it names (`targetRef`), by name (shared with the
+    /// pod's record when the pod is known first). A pod of another namespace is not named: a
+    /// slice may not give an address to another namespace's pod.
+    pub pod: Option<Arc<str>>,
 }
 
 impl Record for SliceRecord {
@@ -567,7 +570,7 @@ impl Record for SliceRecord {
         known: &Known<'_>,
     ) -> Option<Self> {
         let service = interner.str(label(&slice.metadata, SERVICE_NAME_LABEL)?);
-        let own_namespace = slice.metadata.namespace.as_deref()?;
+        let namespace = interner.str(slice.metadata.namespace.as_deref()?);
         let ports = slice
             .ports
             .iter()
@@ -584,14 +587,11 @@ impl Record for SliceRecord {
                     ready: e.conditions.as_ref().and_then(|c| c.ready) != Some(false),
                     local: !known.node.is_empty() && e.node_name.as_deref() == Some(known.node),
                     pod: e.target_ref.as_ref().and_then(|t| {
-                        let name = t
-                            .name
-                            .as_deref()
-                            .filter(|_| t.kind.as_deref() == Some("Pod"))?;
-                        let namespace =
-                            interner.str(t.namespace.as_deref().unwrap_or(own_namespace));
-                        let name = known.pod_name(&namespace, name);
-                        Some((namespace, name))
+                        let same_namespace =
+                            t.namespace.as_deref().is_none_or(|n| *n == *namespace);
+                        let pod = t.kind.as_deref() == Some("Pod") && same_namespace;
+                        let name = t.name.as_deref().filter(|_| pod)?;
+                        Some(known.pod_name(&namespace, name))
                     }),
                 })
             })

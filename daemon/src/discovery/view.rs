@@ -147,8 +147,8 @@ impl View {
             }
             services.push(service);
             for e in &old.endpoints {
-                if let Some(named) = &e.pod {
-                    self.unadopt(e.address, named);
+                if let Some(name) = &e.pod {
+                    self.unadopt(e.address, &(key.0.clone(), name.clone()));
                     ips.push(e.address);
                 }
             }
@@ -161,9 +161,10 @@ impl View {
                 .push(key.1.clone());
             services.push(service);
             for e in &new.endpoints {
-                let Some(named) = &e.pod else { continue };
-                if !claims(c, named, e.address) {
-                    self.adopt(e.address, named.clone());
+                let Some(name) = &e.pod else { continue };
+                let named = (key.0.clone(), name.clone());
+                if !claims(c, &named, e.address) {
+                    self.adopt(e.address, named);
                     ips.push(e.address);
                 }
             }
@@ -311,15 +312,15 @@ impl View {
             .filter(holds)
             .collect();
         // The record's own workload unless the addresses differ: no copy per pod.
-        let workload = if ips == *own {
+        let workload = if ips[..] == own[..] {
             record.workload.clone()
         } else {
             Arc::new(Workload {
-                ips,
+                ips: ips.into(),
                 ..(*record.workload).clone()
             })
         };
-        for &ip in &workload.ips {
+        for &ip in workload.ips.iter() {
             self.index.put_ip(ip, workload.clone());
         }
         self.index.put_workload(workload);

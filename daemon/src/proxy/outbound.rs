@@ -179,7 +179,7 @@ mod tests {
             workload_name: name.into(),
             workload_type: crate::state::WorkloadType::Pod,
             node: "n1".into(),
-            ips: vec![ip.parse().unwrap()],
+            ips: crate::state::Ips::One(ip.parse().unwrap()),
             labels: Default::default(),
             enrollment: Some(enrolled),
             peer_authentication: None,

@@ -166,7 +166,7 @@ fn snapshot(net: u8, workloads: &[Spec<'_>], enrolled_namespaces: &[&str]) -> Sn
             workload_name: name.into(),
             workload_type: crate::state::WorkloadType::Pod,
             node: node.into(),
-            ips: vec![Ipv4Addr::new(127, net, 0, host).into()],
+            ips: crate::state::Ips::One(Ipv4Addr::new(127, net, 0, host).into()),
             labels: Default::default(),
             enrollment,
             peer_authentication: None,
