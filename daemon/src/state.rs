@@ -90,6 +90,15 @@ impl std::ops::Deref for Ips {
     }
 }
 
+impl<'a> IntoIterator for &'a Ips {
+    type Item = &'a IpAddr;
+    type IntoIter = std::slice::Iter<'a, IpAddr>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
 impl From<Vec<IpAddr>> for Ips {
     fn from(ips: Vec<IpAddr>) -> Self {
         match *ips {

@@ -320,7 +320,7 @@ impl View {
                 ..(*record.workload).clone()
             })
         };
-        for &ip in workload.ips.iter() {
+        for &ip in &workload.ips {
             self.index.put_ip(ip, workload.clone());
         }
         self.index.put_workload(workload);
