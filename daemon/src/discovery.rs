@@ -277,19 +277,21 @@ impl Cluster {
         self
     }
 
-    /// Applies one watch event.
-    pub async fn apply<R: Record>(&self, event: watcher::Event<R::Object>) {
+    /// Applies one watch event; whether it changed a record (a completed relist counts as a
+    /// change). An update to a field no record keeps (a node's heartbeat, a pod's condition)
+    /// changes nothing.
+    pub async fn apply<R: Record>(&self, event: watcher::Event<R::Object>) -> bool {
         let mut inner = self.inner.lock().await;
-        self.apply_to::<R>(&mut inner, event);
+        self.apply_to::<R>(&mut inner, event)
     }
 
     /// [`Self::apply`] outside the runtime (tests, benches).
-    pub fn apply_blocking<R: Record>(&self, event: watcher::Event<R::Object>) {
+    pub fn apply_blocking<R: Record>(&self, event: watcher::Event<R::Object>) -> bool {
         let mut inner = self.inner.blocking_lock();
-        self.apply_to::<R>(&mut inner, event);
+        self.apply_to::<R>(&mut inner, event)
     }
 
-    fn apply_to<R: Record>(&self, inner: &mut Inner, event: watcher::Event<R::Object>) {
+    fn apply_to<R: Record>(&self, inner: &mut Inner, event: watcher::Event<R::Object>) -> bool {
         let Inner {
             interner,
             collections,
@@ -301,7 +303,7 @@ impl Cluster {
             watcher::Event::InitApply(object) => (object, false, true),
             watcher::Event::Init => {
                 R::collection(collections).next = Some(Default::default());
-                return;
+                return false;
             }
             watcher::Event::InitDone => {
                 let changes = R::collection(collections).finish_relist();
@@ -309,12 +311,12 @@ impl Cluster {
                     R::changed(view, collections, key, old.as_ref());
                 }
                 interner.purge_if_grown();
-                return;
+                return true;
             }
         };
         let meta = object.meta();
         let Some(name) = meta.name.as_deref() else {
-            return;
+            return false;
         };
         let namespace = interner.str(meta.namespace.as_deref().unwrap_or_default());
         let record = if deleted {
@@ -329,13 +331,16 @@ impl Cluster {
             R::decode(&object, interner, &self.trust_domain, &known)
         };
         let collection = R::collection(collections);
+        let mut changed = false;
         if relisting {
             collection.put_next(namespace, name, record);
         } else if let Some(old) = collection.put(namespace.clone(), name, record) {
             let key = (namespace.clone(), collection.shared_name(&namespace, name));
             R::changed(view, collections, key, old.as_ref());
+            changed = true;
         }
         interner.purge_if_grown();
+        changed
     }
 
     /// How many records of each kind: pods, namespaces, services, slices.
@@ -610,14 +615,17 @@ fn spawn_records<R: Record>(
                     if !matches!(event, watcher::Event::Init | watcher::Event::InitDone) {
                         metrics.event();
                     }
-                    cluster.apply::<R>(event).await;
+                    let changed_records = cluster.apply::<R>(event).await;
                     if relist {
                         metrics.relisted();
                         info!(%kind, "relisted");
                     }
                     if done {
-                        listed.send_if_modified(|l| !std::mem::replace(l, true));
-                        changed.notify_one();
+                        let first = listed.send_if_modified(|l| !std::mem::replace(l, true));
+                        // A new snapshot only for a change to what the records keep.
+                        if changed_records || first {
+                            changed.notify_one();
+                        }
                     }
                 }
                 Some(Err(e)) => {
